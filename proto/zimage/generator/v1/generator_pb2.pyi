@@ -1,0 +1,164 @@
+from zimage.tensor.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Conditioning(_message.Message):
+    __slots__ = ("text", "embedding_key")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_KEY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    embedding_key: str
+    def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CFG_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: Conditioning
+    negative_prompt: Conditioning
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    cfg_normalization: float
+    cfg_truncation: float
+    model: str
+    max_sequence_length: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step", "total_steps", "elapsed_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    elapsed_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_seconds", "encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds")
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    encode_seconds: float
+    denoise_seconds: float
+    decode_seconds: float
+    total_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+
+class ImageHeader(_message.Message):
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_KEY_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_KEY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    format: str
+    byte_length: int
+    sha256: str
+    timings: Timings
+    model_id: str
+    replica: str
+    prompt_key: str
+    negative_prompt_key: str
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("progress", "image", "image_chunk")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    image: ImageHeader
+    image_chunk: bytes
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., image: _Optional[_Union[ImageHeader, _Mapping]] = ..., image_chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("tensor", "content_key")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    tensor: _tensor_pb2.TensorHeader
+    content_key: str
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., content_key: _Optional[str] = ...) -> None: ...
+
+class UploadEmbeddingRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadEmbeddingResponse(_message.Message):
+    __slots__ = ("embedding_key",)
+    EMBEDDING_KEY_FIELD_NUMBER: _ClassVar[int]
+    embedding_key: str
+    def __init__(self, embedding_key: _Optional[str] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    caption_dim: int
+    dtype: _tensor_pb2.DType
+    device: str
+    encoder_address: str
+    parameter_count: int
+    components: _containers.RepeatedScalarFieldContainer[str]
+    max_pixels: int
+    max_steps: int
+    embedding_cache_hits: int
+    embedding_cache_misses: int
+    embedding_cache_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ...) -> None: ...

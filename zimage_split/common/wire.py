@@ -1,0 +1,149 @@
+"""Tensors on the wire: a checked header plus raw little-endian bytes in chunks of at most 1 MiB."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from zimage.tensor.v1 import tensor_pb2
+from zimage_split.common.errors import DataLoss, InvalidArgument
+
+CHUNK_BYTES = 1 << 20
+# An embedding is at most a few MiB (512 x 2560 x 4 bytes is 5 MiB); anything far above is a mistake.
+MAX_TENSOR_BYTES = 256 << 20
+
+_DTYPES: dict[int, torch.dtype] = {
+    tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    tensor_pb2.DTYPE_FLOAT16: torch.float16,
+    tensor_pb2.DTYPE_FLOAT32: torch.float32,
+}
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("zimage-split's wire format is little-endian; this platform is not.")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver needs to rebuild and check a tensor."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    byte_length: int
+    sha256: str
+
+
+def dtype_to_proto(dtype: torch.dtype) -> int:
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise InvalidArgument(
+            f"Cannot send a {dtype} tensor; use one of {', '.join(DTYPE_NAMES.values())}."
+        ) from None
+
+
+def dtype_from_proto(code: int) -> torch.dtype:
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise InvalidArgument(
+            f"Unsupported tensor dtype code {code}; send bfloat16, float16 or float32 "
+            "(zimage.tensor.v1.DType)."
+        ) from None
+
+
+def payload_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview; copies only if the tensor is not already contiguous on CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
+    """Returns the header fields for `tensor` and the bytes to send after it."""
+    dtype_to_proto(tensor.dtype)  # rejects dtypes the wire does not carry
+    payload = payload_view(tensor)
+    meta = TensorMeta(
+        dtype=tensor.dtype,
+        shape=tuple(tensor.shape),
+        byte_length=payload.nbytes,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    return meta, payload
+
+
+def iter_chunks(payload: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    for start in range(0, payload.nbytes, chunk_bytes):
+        yield bytes(payload[start : start + chunk_bytes])
+
+
+def meta_to_proto(meta: TensorMeta) -> tensor_pb2.TensorHeader:
+    return tensor_pb2.TensorHeader(
+        dtype=dtype_to_proto(meta.dtype),  # type: ignore[arg-type]
+        shape=list(meta.shape),
+        byte_length=meta.byte_length,
+        sha256=meta.sha256,
+    )
+
+
+def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR_BYTES) -> TensorMeta:
+    """Checks a received header: known dtype, sane shape, and a byte count that matches both."""
+    dtype = dtype_from_proto(header.dtype)
+    shape = tuple(int(dim) for dim in header.shape)
+    if not shape or any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"Tensor shape {list(shape)} is invalid; send non-negative dimensions.")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected > max_bytes:
+        raise InvalidArgument(
+            f"Tensor of shape {list(shape)} would take {expected} bytes, over the {max_bytes}-byte limit."
+        )
+    if header.byte_length != expected:
+        raise InvalidArgument(
+            f"Header says {header.byte_length} bytes but shape {list(shape)} in {DTYPE_NAMES[dtype]} "
+            f"needs {expected}; the sender's header is inconsistent."
+        )
+    if len(header.sha256) != 64:
+        raise InvalidArgument("Tensor header needs the payload's hex sha256 (64 characters).")
+    return TensorMeta(dtype=dtype, shape=shape, byte_length=expected, sha256=header.sha256.lower())
+
+
+class TensorAssembler:
+    """Collects one tensor's chunks into a preallocated buffer and checks it when complete."""
+
+    def __init__(self, meta: TensorMeta) -> None:
+        self.meta = meta
+        self._buffer = bytearray(meta.byte_length)
+        self._received = 0
+        self._hash = hashlib.sha256()
+
+    @property
+    def complete(self) -> bool:
+        return self._received == self.meta.byte_length
+
+    def add(self, chunk: bytes) -> None:
+        end = self._received + len(chunk)
+        if end > self.meta.byte_length:
+            raise InvalidArgument(
+                f"Received {end} bytes for a tensor announced as {self.meta.byte_length}; "
+                "the sender sent more data than its header said."
+            )
+        self._buffer[self._received : end] = chunk
+        self._hash.update(chunk)
+        self._received = end
+
+    def finish(self) -> torch.Tensor:
+        if not self.complete:
+            raise InvalidArgument(
+                f"Tensor stream ended after {self._received} of {self.meta.byte_length} bytes; "
+                "the transfer was cut short. Send it again."
+            )
+        if self._hash.hexdigest() != self.meta.sha256:
+            raise DataLoss("Tensor bytes do not match their sha256: the data was corrupted. Send it again.")
+        if self.meta.byte_length == 0:
+            return torch.empty(self.meta.shape, dtype=self.meta.dtype)
+        return torch.frombuffer(self._buffer, dtype=self.meta.dtype).reshape(self.meta.shape)

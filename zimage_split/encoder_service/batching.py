@@ -1,0 +1,80 @@
+"""Collects concurrent encode requests into one forward pass (dynamic micro-batching)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class MicroBatcher(Generic[Item, Result]):
+    """Runs `run_batch(items)` on one worker thread, over up to `max_batch_size` queued items.
+
+    After the first item arrives it waits at most `max_wait_seconds` for more, so a lone request pays
+    little latency while a burst shares one forward pass.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], list[Result]],
+        *,
+        max_batch_size: int,
+        max_wait_seconds: float,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_wait_seconds = max_wait_seconds
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._worker: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self._max_wait_seconds
+            while len(batch) < self._max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
+                        self._queue.get(), remaining))
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+            live = [(item, future) for item, future in batch if not future.cancelled()]
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in live])
+            except Exception as error:
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches_run += 1
+            for (_, future), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)

@@ -1,0 +1,86 @@
+"""Starts the encoder service: load the text encoder, warm it up, then serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from zimage.encoder.v1 import encoder_pb2_grpc
+from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
+from zimage_split.encoder_service.engine import TextEncoder, parse_dtype, pick_device
+from zimage_split.encoder_service.servicer import EncoderServicer
+from zimage_split.model_source import resolve_model
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "zimage.encoder.v1.EncoderService"
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything `zsplit serve encoder` can set, resolved once."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    hidden_layer: int = -2
+    max_sequence_length: int = 512
+    cache_bytes: int = 1 << 30
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 5.0
+
+
+@dataclass
+class EncoderServer:
+    running: RunningServer
+    servicer: EncoderServicer
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.running.stop(grace)
+        await self.servicer.batcher.stop()
+
+
+async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
+    source = resolve_model(config.model)
+    encoder = TextEncoder(
+        source,
+        device=pick_device(config.device),
+        dtype=parse_dtype(config.dtype),
+        hidden_layer=config.hidden_layer,
+    )
+    servicer = EncoderServicer(
+        encoder,
+        max_sequence_length=config.max_sequence_length,
+        cache_bytes=config.cache_bytes,
+        max_batch_size=config.max_batch_size,
+        max_batch_wait_seconds=config.max_batch_wait_ms / 1000,
+    )
+    servicer.batcher.start()
+    running = await start_server(
+        lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server),
+        (SERVICE_NAME,),
+        config.host,
+        config.port,
+    )
+    # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
+    encoder.encode([encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)])
+    await running.set_serving()
+    logger.info(
+        "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d",
+        source.model_id, encoder.device, config.dtype, encoder.hidden_layer, encoder.layers_loaded,
+        config.host, running.port,
+    )
+    return EncoderServer(running, servicer)
+
+
+async def serve_encoder(config: EncoderConfig) -> None:
+    server = await start_encoder_server(config)
+    await wait_for_shutdown_signal()
+    await server.stop()

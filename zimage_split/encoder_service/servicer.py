@@ -1,0 +1,130 @@
+"""gRPC face of the text encoder: validates requests, serves the cache, streams embeddings in chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from grpc import aio
+
+from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage_split.common import wire
+from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.lru import ByteBoundedLRU
+from zimage_split.encoder_service.batching import MicroBatcher
+from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
+
+MAX_PROMPTS_PER_CALL = 64
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    prompt: TokenizedPrompt
+    embedding: torch.Tensor
+    cache_hit: bool
+    encode_seconds: float
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        *,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        cache_bytes: int = 1 << 30,
+        max_batch_size: int = 16,
+        max_batch_wait_seconds: float = 0.005,
+    ) -> None:
+        self.encoder = encoder
+        self.max_sequence_length = max_sequence_length
+        self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(cache_bytes, tensor_bytes)
+        self.batcher: MicroBatcher[TokenizedPrompt, torch.Tensor] = MicroBatcher(
+            self._forward, max_batch_size=max_batch_size, max_wait_seconds=max_batch_wait_seconds
+        )
+        self._in_flight: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self.prompts_encoded = 0
+
+    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+        self.prompts_encoded += len(prompts)
+        return self.encoder.encode(prompts)
+
+    def _tokenize_request(self, request: encoder_pb2.EncodeRequest) -> list[TokenizedPrompt]:
+        if not request.prompts:
+            raise InvalidArgument("EncodeRequest.prompts is empty; send at least one prompt ('' is allowed).")
+        if len(request.prompts) > MAX_PROMPTS_PER_CALL:
+            raise InvalidArgument(
+                f"{len(request.prompts)} prompts in one call; send at most {MAX_PROMPTS_PER_CALL} per call."
+            )
+        options = request.options
+        max_length = (
+            options.max_sequence_length if options.HasField("max_sequence_length") else self.max_sequence_length
+        )
+        if not 1 <= max_length <= 4096:
+            raise InvalidArgument(f"max_sequence_length must be between 1 and 4096 (got {max_length}); default 512.")
+        layer = options.hidden_layer if options.HasField("hidden_layer") else self.encoder.hidden_layer
+        layer = self.encoder.check_layer(layer)
+        return [
+            self.encoder.tokenize(text, hidden_layer=layer, max_sequence_length=max_length)
+            for text in request.prompts
+        ]
+
+    async def encode_prompt(self, prompt: TokenizedPrompt) -> EncodedPrompt:
+        """Cache, then an identical in-flight request, then a batched forward pass."""
+        cached = self.cache.get(prompt.content_key)
+        if cached is not None:
+            return EncodedPrompt(prompt, cached, cache_hit=True, encode_seconds=0.0)
+        started = time.perf_counter()
+        pending = self._in_flight.get(prompt.content_key)
+        if pending is None:
+            pending = asyncio.ensure_future(self.batcher.submit(prompt))
+            self._in_flight[prompt.content_key] = pending
+            pending.add_done_callback(lambda _: self._in_flight.pop(prompt.content_key, None))
+        embedding = await asyncio.shield(pending)
+        self.cache.put(prompt.content_key, embedding)
+        return EncodedPrompt(prompt, embedding, cache_hit=False, encode_seconds=time.perf_counter() - started)
+
+    async def Encode(
+        self, request: encoder_pb2.EncodeRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[encoder_pb2.EncodeResponse]:
+        prompts = self._tokenize_request(request)
+        encoded = await asyncio.gather(*(self.encode_prompt(prompt) for prompt in prompts))
+        for index, item in enumerate(encoded):
+            meta, payload = wire.describe(item.embedding)
+            yield encoder_pb2.EncodeResponse(
+                header=encoder_pb2.EmbeddingHeader(
+                    prompt_index=index,
+                    content_key=item.prompt.content_key,
+                    tensor=wire.meta_to_proto(meta),
+                    token_count=len(item.prompt.input_ids),
+                    truncated=item.prompt.truncated,
+                    cache_hit=item.cache_hit,
+                    encode_seconds=item.encode_seconds,
+                )
+            )
+            for chunk in wire.iter_chunks(payload):
+                yield encoder_pb2.EncodeResponse(chunk=chunk)
+
+    async def Info(self, request: encoder_pb2.InfoRequest, context: aio.ServicerContext) -> encoder_pb2.InfoResponse:
+        return encoder_pb2.InfoResponse(
+            model_id=self.encoder.model_id,
+            hidden_size=self.encoder.hidden_size,
+            dtype=wire.dtype_to_proto(self.encoder.dtype),  # type: ignore[arg-type]
+            hidden_layer=self.encoder.hidden_layer,
+            max_sequence_length=self.max_sequence_length,
+            device=str(self.encoder.device),
+            layers_loaded=self.encoder.layers_loaded,
+            cache_hits=self.cache.hits,
+            cache_misses=self.cache.misses,
+            prompts_encoded=self.prompts_encoded,
+            forward_passes=self.batcher.batches_run,
+            parameter_count=self.encoder.parameter_count,
+            components=["tokenizer", "text_encoder"],
+        )

@@ -1,0 +1,225 @@
+"""Builds a random-weight Z-Image model folder that loads exactly like Tongyi-MAI/Z-Image-Turbo.
+
+The folder is a complete diffusers layout (model_index.json, text_encoder/, tokenizer/, transformer/,
+vae/, scheduler/), so tests and the offline demo go through the same `from_pretrained` code as the
+real model. Building needs no network and is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Qwen3's template reduced to what Z-Image uses: user turns, the generation prompt, and the
+# enable_thinking switch (False adds the empty think block, as the real template does).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Sizes of a random Z-Image model. `TINY` is for tests; `BENCH` is slow enough to time."""
+
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    dit_dim: int
+    dit_layers: int
+    dit_refiner_layers: int
+    dit_heads: int
+    axes_dims: tuple[int, int, int]
+    vae_channels: tuple[int, ...]
+
+
+TINY = TinyModelSpec(
+    text_hidden_size=16,
+    text_layers=2,
+    text_heads=2,
+    dit_dim=32,
+    dit_layers=2,
+    dit_refiner_layers=1,
+    dit_heads=2,
+    axes_dims=(8, 4, 4),
+    vae_channels=(32, 64),
+)
+
+# Sized so that one 256x256, 8-step image takes over a second on a 2-core CPU.
+BENCH = TinyModelSpec(
+    text_hidden_size=512,
+    text_layers=8,
+    text_heads=8,
+    dit_dim=384,
+    dit_layers=6,
+    dit_refiner_layers=1,
+    dit_heads=6,
+    axes_dims=(16, 24, 24),
+    vae_channels=(64, 128),
+)
+
+SPECS = {"tiny": TINY, "bench": BENCH}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte-to-printable-character map, which byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def save_tokenizer(directory: Path) -> None:
+    """Writes a byte-level BPE Qwen2Tokenizer with Qwen3's special tokens and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {char: index for index, char in enumerate(sorted(_bytes_to_unicode().values()))}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    # No merges: every byte is one token. Still a real byte-level BPE with Qwen's pre-tokenizer.
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=131072,
+    )
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+
+
+def _build_into(root: Path, spec: TinyModelSpec, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    save_tokenizer(root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+
+    torch.manual_seed(seed)
+    text_config = Qwen3Config(
+        hidden_size=spec.text_hidden_size,
+        intermediate_size=spec.text_hidden_size * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        head_dim=spec.text_hidden_size // spec.text_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3Model(text_config).save_pretrained(str(root / "text_encoder"))
+
+    torch.manual_seed(seed + 1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=spec.dit_dim,
+        n_layers=spec.dit_layers,
+        n_refiner_layers=spec.dit_refiner_layers,
+        n_heads=spec.dit_heads,
+        n_kv_heads=spec.dit_heads,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=spec.text_hidden_size,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=list(spec.axes_dims),
+        axes_lens=[1536, 512, 512],
+    )
+    transformer.save_pretrained(str(root / "transformer"))
+
+    torch.manual_seed(seed + 2)
+    channels = list(spec.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+    vae.save_pretrained(str(root / "vae"))
+
+    FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, use_dynamic_shifting=False, shift=3.0
+    ).save_pretrained(str(root / "scheduler"))
+
+    model_index = {
+        "_class_name": "ZImagePipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+def build_tiny_model(directory: str | os.PathLike[str], *, size: str = "tiny", seed: int = 0) -> Path:
+    """Builds the random model into `directory` (which must not exist yet) and returns its path.
+
+    The folder appears atomically: it is built beside the target and renamed into place, so an
+    interrupted build never leaves a half-written model behind.
+    """
+    if size not in SPECS:
+        raise ValueError(f"Unknown tiny model size {size!r}; choose one of {sorted(SPECS)}.")
+    target = Path(directory).expanduser().resolve()
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; remove it or pick another directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _build_into(staging, SPECS[size], seed)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def cached_tiny_model(size: str = "tiny") -> Path:
+    """Returns the cached random model of this size, building it on first use."""
+    cache_home = os.environ.get("ZSPLIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-split"
+    )
+    path = Path(cache_home) / f"{size}-model-v1"
+    if not (path / "model_index.json").exists():
+        try:
+            build_tiny_model(path, size=size)
+        except FileExistsError:
+            pass  # another process finished the same build first
+    return path
