@@ -43,7 +43,9 @@ def resolve_model(model: str) -> ModelSource:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():
-            raise NotFound(f"{path} is not a diffusers model folder (no model_index.json). {how_to_get(model)}")
+            raise NotFound(
+                f"{path} is not a diffusers model folder (no model_index.json). {how_to_get(model)}"
+            )
         return ModelSource(location=str(path.resolve()), model_id=str(path.resolve()))
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:

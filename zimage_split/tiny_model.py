@@ -7,6 +7,7 @@ real model. Building needs no network and is deterministic for a given seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -218,8 +219,6 @@ def cached_tiny_model(size: str = "tiny") -> Path:
     )
     path = Path(cache_home) / f"{size}-model-v1"
     if not (path / "model_index.json").exists():
-        try:
+        with contextlib.suppress(FileExistsError):  # another process finished the same build first
             build_tiny_model(path, size=size)
-        except FileExistsError:
-            pass  # another process finished the same build first
     return path

@@ -74,6 +74,8 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                 await _abort(error, context, method)
 
         factory = (
-            grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
         )
         return factory(unary, handler.request_deserializer, handler.response_serializer)

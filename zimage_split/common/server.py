@@ -59,7 +59,9 @@ async def start_server(
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as error:
-        raise Unavailable(f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port.")
+        raise Unavailable(
+            f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port."
+        ) from error
     await server.start()
     return RunningServer(server=server, port=bound, health=health, service_names=service_names)
 

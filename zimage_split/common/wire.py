@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
 from zimage.tensor.v1 import tensor_pb2
+
 from zimage_split.common.errors import DataLoss, InvalidArgument
 
 CHUNK_BYTES = 1 << 20
@@ -61,7 +61,7 @@ def dtype_from_proto(code: int) -> torch.dtype:
 def payload_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat memoryview; copies only if the tensor is not already contiguous on CPU."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:

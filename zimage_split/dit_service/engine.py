@@ -17,8 +17,6 @@ from PIL import Image
 from zimage_split.common.errors import Cancelled, InvalidArgument
 from zimage_split.model_source import ModelSource, load_component
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -98,10 +96,14 @@ class DiTEngine:
             lambda loc, sub: ZImageTransformer2DModel.from_pretrained(loc, subfolder=sub, torch_dtype=dtype),
         )
         vae = load_component(
-            source, "vae", lambda loc, sub: AutoencoderKL.from_pretrained(loc, subfolder=sub, torch_dtype=dtype)
+            source,
+            "vae",
+            lambda loc, sub: AutoencoderKL.from_pretrained(loc, subfolder=sub, torch_dtype=dtype),
         )
         scheduler = load_component(
-            source, "scheduler", lambda loc, sub: FlowMatchEulerDiscreteScheduler.from_pretrained(loc, subfolder=sub)
+            source,
+            "scheduler",
+            lambda loc, sub: FlowMatchEulerDiscreteScheduler.from_pretrained(loc, subfolder=sub),
         )
         self.pipe = ZImagePipeline(
             scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
@@ -114,7 +116,9 @@ class DiTEngine:
 
     @property
     def parameter_count(self) -> int:
-        return sum(p.numel() for module in (self.pipe.transformer, self.pipe.vae) for p in module.parameters())
+        return sum(
+            p.numel() for module in (self.pipe.transformer, self.pipe.vae) for p in module.parameters()
+        )
 
     @property
     def components(self) -> list[str]:
@@ -137,7 +141,9 @@ class DiTEngine:
             raise InvalidArgument("A batch mixes sizes, steps or guidance; batch only compatible requests.")
         for job in jobs:
             if params.uses_guidance and job.negative_prompt_embeds is None:
-                raise InvalidArgument("Guidance is on but a job has no negative embedding; pass one ('' encoded).")
+                raise InvalidArgument(
+                    "Guidance is on but a job has no negative embedding; pass one ('' encoded)."
+                )
 
         def on_step_end(pipe: object, step: int, timestep: object, callback_kwargs: dict) -> dict:
             for job in jobs:

@@ -60,15 +60,20 @@ class MicroBatcher(Generic[Item, Result]):
             while len(batch) < self._max_batch_size:
                 remaining = deadline - time.monotonic()
                 try:
-                    batch.append(self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
-                        self._queue.get(), remaining))
+                    batch.append(
+                        self._queue.get_nowait()
+                        if remaining <= 0
+                        else await asyncio.wait_for(self._queue.get(), remaining)
+                    )
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
             live = [(item, future) for item, future in batch if not future.cancelled()]
             if not live:
                 continue
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in live])
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, [item for item, _ in live]
+                )
             except Exception as error:
                 for _, future in live:
                     if not future.done():

@@ -14,31 +14,6 @@ from zimage_split.model_source import ModelSource, load_component
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """`auto` means cuda, then mps, then cpu."""
-    if requested != "auto":
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgument(f"--device {requested}: CUDA is not available on this host; use cpu or auto.")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise InvalidArgument(f"--device {requested}: MPS is not available on this host; use cpu or auto.")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise InvalidArgument(f"Unknown dtype {name!r}; use one of {', '.join(DTYPES)}.") from None
-
 
 @dataclass(frozen=True)
 class TokenizedPrompt:
@@ -94,7 +69,9 @@ class TextEncoder:
         self.hidden_size = int(model.config.hidden_size)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
-            raise InvalidArgument(f"The tokenizer of {self.model_id} has no pad token; it is not a Qwen3 tokenizer.")
+            raise InvalidArgument(
+                f"The tokenizer of {self.model_id} has no pad token; it is not a Qwen3 tokenizer."
+            )
 
     @staticmethod
     def _check_layer(hidden_layer: int, total_layers: int) -> int:
@@ -125,13 +102,21 @@ class TextEncoder:
 
     def format(self, prompt: str) -> str:
         messages = [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
         )
 
     def content_key(self, formatted_text: str, hidden_layer: int, max_sequence_length: int) -> str:
         digest = hashlib.sha256()
-        for part in (self.model_id, formatted_text, str(hidden_layer), str(max_sequence_length), self.dtype_name):
+        for part in (
+            self.model_id,
+            formatted_text,
+            str(hidden_layer),
+            str(max_sequence_length),
+            self.dtype_name,
+        ):
             encoded = part.encode("utf-8")
             digest.update(len(encoded).to_bytes(8, "little"))
             digest.update(encoded)

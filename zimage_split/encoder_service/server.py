@@ -6,8 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from zimage.encoder.v1 import encoder_pb2_grpc
+
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
-from zimage_split.encoder_service.engine import TextEncoder, parse_dtype, pick_device
+from zimage_split.devices import parse_dtype, pick_device
+from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import EncoderServicer
 from zimage_split.model_source import resolve_model
 
@@ -49,10 +51,11 @@ class EncoderServer:
 
 async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     source = resolve_model(config.model)
+    device = pick_device(config.device)
     encoder = TextEncoder(
         source,
-        device=pick_device(config.device),
-        dtype=parse_dtype(config.dtype),
+        device=device,
+        dtype=parse_dtype(config.dtype, device),
         hidden_layer=config.hidden_layer,
     )
     servicer = EncoderServicer(
@@ -74,8 +77,13 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     await running.set_serving()
     logger.info(
         "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d",
-        source.model_id, encoder.device, config.dtype, encoder.hidden_layer, encoder.layers_loaded,
-        config.host, running.port,
+        source.model_id,
+        encoder.device,
+        config.dtype,
+        encoder.hidden_layer,
+        encoder.layers_loaded,
+        config.host,
+        running.port,
     )
     return EncoderServer(running, servicer)
 

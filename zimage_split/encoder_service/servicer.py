@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from grpc import aio
-
 from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.lru import ByteBoundedLRU
@@ -65,10 +65,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
         options = request.options
         max_length = (
-            options.max_sequence_length if options.HasField("max_sequence_length") else self.max_sequence_length
+            options.max_sequence_length
+            if options.HasField("max_sequence_length")
+            else self.max_sequence_length
         )
         if not 1 <= max_length <= 4096:
-            raise InvalidArgument(f"max_sequence_length must be between 1 and 4096 (got {max_length}); default 512.")
+            raise InvalidArgument(
+                f"max_sequence_length must be between 1 and 4096 (got {max_length}); default 512."
+            )
         layer = options.hidden_layer if options.HasField("hidden_layer") else self.encoder.hidden_layer
         layer = self.encoder.check_layer(layer)
         return [
@@ -112,7 +116,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             for chunk in wire.iter_chunks(payload):
                 yield encoder_pb2.EncodeResponse(chunk=chunk)
 
-    async def Info(self, request: encoder_pb2.InfoRequest, context: aio.ServicerContext) -> encoder_pb2.InfoResponse:
+    async def Info(
+        self, request: encoder_pb2.InfoRequest, context: aio.ServicerContext
+    ) -> encoder_pb2.InfoResponse:
         return encoder_pb2.InfoResponse(
             model_id=self.encoder.model_id,
             hidden_size=self.encoder.hidden_size,

@@ -1,0 +1,32 @@
+"""The zimage-split SDK: `Client` (blocking) and `AsyncClient` (asyncio), with typed errors."""
+
+from zimage_split.client.aio import AsyncClient
+from zimage_split.client.embeddings import Embeddings, PromptEmbedding
+from zimage_split.client.sync import Client
+from zimage_split.common.errors import (
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    ZSplitError,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "Embeddings",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PromptEmbedding",
+    "ResourceExhausted",
+    "Unavailable",
+    "ZSplitError",
+]

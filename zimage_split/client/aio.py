@@ -1,0 +1,313 @@
+"""AsyncClient: the SDK's one implementation. `Client` (sync) runs it on a private event loop."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import torch
+from google.protobuf.json_format import MessageToDict
+from grpc import aio
+from PIL import Image
+from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+
+from zimage_split.client.embeddings import Embeddings, PromptEmbedding
+from zimage_split.client.errors import from_rpc_error
+from zimage_split.common import wire
+from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ZSplitError
+from zimage_split.common.server import GRPC_OPTIONS
+
+DEFAULT_TIMEOUT_SECONDS = 600.0
+ProgressCallback = Callable[[int, int], None]
+EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
+
+
+def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
+    if isinstance(value, Embeddings):
+        if len(value) != 1:
+            raise InvalidArgument(f"{what} holds {len(value)} prompts; pass one, e.g. embeddings[0].")
+        value = value[0]
+    if isinstance(value, PromptEmbedding):
+        return value.tensor, value.content_key
+    if isinstance(value, torch.Tensor):
+        return value, ""
+    raise InvalidArgument(f"{what} must be a PromptEmbedding, a one-prompt Embeddings or a tensor.")
+
+
+class AsyncClient:
+    """Asyncio client for the generator and encoder services.
+
+    Example:
+        >>> import asyncio
+        >>> from zimage_split.client import AsyncClient
+        >>> async def main():
+        ...     async with AsyncClient(generator="localhost:50052") as client:
+        ...         image = await client.generate("a red fox in snow", seed=42, width=512, height=512)
+        ...         image.save("fox.png")
+        >>> asyncio.run(main())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        generator: str | None = "localhost:50052",
+        encoder: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        if generator is None and encoder is None:
+            raise InvalidArgument(
+                "Give at least one address: generator='host:port' and/or encoder='host:port'."
+            )
+        self.generator_address = generator
+        self.encoder_address = encoder
+        self.timeout = timeout
+        self._channels: dict[str, aio.Channel] = {}
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    def _channel(self, address: str | None, role: str) -> aio.Channel:
+        if address is None:
+            raise InvalidArgument(
+                f"This client has no {role} address; pass {role}='host:port' to the client."
+            )
+        if address not in self._channels:
+            self._channels[address] = aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
+        return generator_pb2_grpc.GeneratorServiceStub(self._channel(self.generator_address, "generator"))
+
+    def _encoder(self) -> encoder_pb2_grpc.EncoderServiceStub:
+        return encoder_pb2_grpc.EncoderServiceStub(self._channel(self.encoder_address, "encoder"))
+
+    async def encode(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        max_sequence_length: int | None = None,
+        hidden_layer: int | None = None,
+        timeout: float | None = None,
+    ) -> Embeddings:
+        """Encodes prompts on the encoder service; returns one PromptEmbedding per prompt."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        options = encoder_pb2.EncodeOptions(
+            max_sequence_length=max_sequence_length, hidden_layer=hidden_layer
+        )
+        request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
+        target = f"encoder {self.encoder_address}"
+        try:
+            stream = self._encoder().Encode(request, timeout=timeout or self.timeout)
+            items = await read_embedding_stream(stream, texts)
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, target) from None
+        return Embeddings(items)
+
+    async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            reply = await self._encoder().Info(encoder_pb2.InfoRequest(), timeout=timeout or self.timeout)
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"encoder {self.encoder_address}") from None
+        return MessageToDict(reply, preserving_proto_field_name=True)
+
+    async def generator_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            reply = await self._generator().Info(generator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        return MessageToDict(reply, preserving_proto_field_name=True)
+
+    async def upload(self, embedding: EmbeddingLike, *, timeout: float | None = None) -> str:
+        """Sends one embedding to the generator in chunks; returns the key Generate accepts."""
+        tensor, content_key = _single_tensor(embedding, "embedding")
+        meta, payload = wire.describe(tensor)
+
+        async def messages() -> AsyncIterator[generator_pb2.UploadEmbeddingRequest]:
+            header = generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta), content_key=content_key)
+            yield generator_pb2.UploadEmbeddingRequest(header=header)
+            for chunk in wire.iter_chunks(payload):
+                yield generator_pb2.UploadEmbeddingRequest(chunk=chunk)
+
+        try:
+            reply = await self._generator().UploadEmbedding(messages(), timeout=timeout or self.timeout)
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        return reply.embedding_key
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        embeddings: EmbeddingLike | None = None,
+        negative_prompt: str | None = None,
+        negative_embeddings: EmbeddingLike | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        cfg_normalization: float = 0.0,
+        cfg_truncation: float | None = None,
+        max_sequence_length: int | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> Image.Image:
+        """Generates one image; unset parameters take the server's Turbo defaults (1024², 8 steps, no CFG).
+
+        Give `prompt` text, or `embeddings` from `encode()`. The returned PIL image's `.info` holds the
+        seed, size, steps, guidance, timings, request id, model and replica.
+        """
+        if (prompt is None) == (embeddings is None):
+            raise InvalidArgument("Pass exactly one of `prompt` (text) or `embeddings` (from encode()).")
+        if negative_prompt is not None and negative_embeddings is not None:
+            raise InvalidArgument("Pass at most one of `negative_prompt` or `negative_embeddings`.")
+        request = generator_pb2.GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            seed=seed,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            cfg_normalization=cfg_normalization,
+            cfg_truncation=cfg_truncation,
+            model=model,
+            max_sequence_length=max_sequence_length,
+        )
+        if negative_prompt is not None:
+            request.negative_prompt.text = negative_prompt
+        if prompt is not None:
+            request.prompt.text = prompt
+        # An uploaded embedding may be evicted before Generate runs: upload again once and retry.
+        for attempt in range(2):
+            if embeddings is not None:
+                request.prompt.embedding_key = await self.upload(embeddings, timeout=timeout)
+            if negative_embeddings is not None:
+                request.negative_prompt.embedding_key = await self.upload(
+                    negative_embeddings, timeout=timeout
+                )
+            try:
+                return await self._generate_once(request, on_progress, timeout)
+            except NotFound as error:
+                uploaded = embeddings is not None or negative_embeddings is not None
+                if attempt or not uploaded or "embedding_key" not in error.message:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _generate_once(
+        self,
+        request: generator_pb2.GenerateRequest,
+        on_progress: ProgressCallback | None,
+        timeout: float | None,
+    ) -> Image.Image:
+        header: generator_pb2.ImageHeader | None = None
+        data = bytearray()
+        try:
+            async for response in self._generator().Generate(request, timeout=timeout or self.timeout):
+                kind = response.WhichOneof("event")
+                if kind == "progress":
+                    if on_progress is not None:
+                        on_progress(response.progress.step, response.progress.total_steps)
+                elif kind == "image":
+                    header = response.image
+                elif kind == "image_chunk":
+                    data += response.image_chunk
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        if header is None or len(data) != header.byte_length:
+            raise DataLoss(
+                f"The image stream from {self.generator_address} ended early "
+                f"({len(data)} of {header.byte_length if header else '?'} bytes). Retry the request."
+            )
+        if hashlib.sha256(data).hexdigest() != header.sha256:
+            raise DataLoss(
+                "The image bytes do not match their sha256; they were corrupted. Retry the request."
+            )
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+        image.info.update(image_metadata(header))
+        return image
+
+
+def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
+    timings = header.timings
+    return {
+        "request_id": header.request_id,
+        "seed": header.seed,
+        "width": header.width,
+        "height": header.height,
+        "steps": header.steps,
+        "guidance_scale": header.guidance_scale,
+        "model_id": header.model_id,
+        "replica": header.replica,
+        "sha256": header.sha256,
+        "prompt_key": header.prompt_key,
+        "timings": {
+            "queue": timings.queue_seconds,
+            "encode": timings.encode_seconds,
+            "denoise": timings.denoise_seconds,
+            "decode": timings.decode_seconds,
+            "total": timings.total_seconds,
+        },
+    }
+
+
+async def read_embedding_stream(
+    stream: AsyncIterator[encoder_pb2.EncodeResponse], texts: Sequence[str]
+) -> list[PromptEmbedding]:
+    """Reassembles an Encode stream (header, chunks, header, chunks, ...) and checks every tensor."""
+    items: list[PromptEmbedding] = []
+    current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
+
+    def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
+        items.append(
+            PromptEmbedding(
+                text=texts[header.prompt_index],
+                content_key=header.content_key,
+                tensor=assembler.finish(),
+                token_count=header.token_count,
+                truncated=header.truncated,
+                cache_hit=header.cache_hit,
+            )
+        )
+
+    try:
+        async for response in stream:
+            if response.WhichOneof("item") == "header":
+                if current is not None:
+                    finish(*current)
+                header = response.header
+                if header.prompt_index >= len(texts):
+                    raise DataLoss(
+                        f"Encoder sent prompt_index {header.prompt_index} for {len(texts)} prompts."
+                    )
+                current = (header, wire.TensorAssembler(wire.meta_from_proto(header.tensor)))
+            elif current is None:
+                raise DataLoss("Encoder sent embedding bytes before any header.")
+            else:
+                current[1].add(response.chunk)
+        if current is not None:
+            finish(*current)
+    except InvalidArgument as error:  # a malformed stream is the encoder's fault, not the caller's
+        raise DataLoss(f"The encoder sent a malformed embedding: {error.message}") from None
+    if len(items) != len(texts):
+        raise DataLoss(
+            f"Encoder returned {len(items)} embeddings for {len(texts)} prompts. Retry the request."
+        )
+    return items
+
+
+__all__ = ["AsyncClient", "ZSplitError", "read_embedding_stream"]

@@ -1,0 +1,25 @@
+"""Maps gRPC failures to the typed errors of zimage_split.common.errors."""
+
+from __future__ import annotations
+
+import grpc
+from grpc import aio
+
+from zimage_split.common.errors import ZSplitError, error_for_code
+from zimage_split.common.interceptors import RETRY_AFTER_KEY
+
+
+def from_rpc_error(error: aio.AioRpcError, target: str) -> ZSplitError:
+    code = error.code()
+    details = error.details() or ""
+    retry_after = None
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            retry_after = int(value) / 1000
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"{target} is unavailable ({details}). Is the service running and reachable?"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = (
+            f"{target} did not answer in time ({details}). Raise the timeout or check the server's load."
+        )
+    return error_for_code(code.name, details, retry_after)

@@ -1,0 +1,71 @@
+"""Client: the blocking face of AsyncClient, run on a private event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _blocking(method: Callable[..., Coroutine[Any, Any, R]]) -> Callable[..., R]:
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> R:
+        return self._run(method(self._async, *args, **kwargs))
+
+    return call
+
+
+class Client:
+    """Blocking client for the generator and encoder services; same methods as AsyncClient.
+
+    Example:
+        >>> from zimage_split.client import Client
+        >>> with Client(generator="localhost:50052", encoder="localhost:50051") as client:
+        ...     image = client.generate("a lighthouse at dusk", seed=7, width=512, height=512)
+        ...     image.save("lighthouse.png")
+        ...     embeddings = client.encode(["a lighthouse at dusk"])
+        ...     same = client.generate(embeddings=embeddings[0], seed=7, width=512, height=512)
+        ...     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        generator: str | None = "localhost:50052",
+        encoder: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self._async = AsyncClient(generator, encoder, timeout=timeout)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="zsplit-client", daemon=True)
+        self._thread.start()
+
+    def _run(self, coroutine: Coroutine[Any, Any, R]) -> R:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    encode = _blocking(AsyncClient.encode)
+    upload = _blocking(AsyncClient.upload)
+    generate = _blocking(AsyncClient.generate)
+    encoder_info = _blocking(AsyncClient.encoder_info)
+    generator_info = _blocking(AsyncClient.generator_info)

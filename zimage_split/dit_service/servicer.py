@@ -1,0 +1,179 @@
+"""gRPC face of the generator: converts messages, resolves embeddings, streams progress and the PNG."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+from grpc import aio
+from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+
+from zimage_split.common import wire
+from zimage_split.common.errors import InvalidArgument, NotFound
+from zimage_split.dit_service.embedding_store import EmbeddingStore
+from zimage_split.dit_service.engine import GenerationJob
+from zimage_split.dit_service.validation import Limits, validate_params
+from zimage_split.dit_service.worker import LocalWorker
+
+_DONE = object()
+
+
+def _conditioning(message: generator_pb2.Conditioning, what: str) -> tuple[str, str]:
+    kind = message.WhichOneof("source")
+    if kind is None:
+        raise InvalidArgument(f"{what} is empty; set its `text` or an `embedding_key` from UploadEmbedding.")
+    return kind, getattr(message, kind)
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
+    def __init__(
+        self, worker: LocalWorker, store: EmbeddingStore, limits: Limits, encoder_address: str = ""
+    ) -> None:
+        self.worker = worker
+        self.engine = worker.engine
+        self.store = store
+        self.limits = limits
+        self.encoder_address = encoder_address
+
+    def _job_parts(self, request: generator_pb2.GenerateRequest):  # type: ignore[no-untyped-def]
+        if request.model and request.model != self.engine.model_id:
+            raise NotFound(
+                f"This generator serves {self.engine.model_id!r}, not {request.model!r}. "
+                "Send the request to a generator started with that --model, or leave `model` empty."
+            )
+        params = validate_params(
+            self.limits,
+            width=request.width if request.HasField("width") else None,
+            height=request.height if request.HasField("height") else None,
+            steps=request.steps if request.HasField("steps") else None,
+            guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+            cfg_normalization=request.cfg_normalization,
+            cfg_truncation=request.cfg_truncation if request.HasField("cfg_truncation") else None,
+            seed=request.seed if request.HasField("seed") else random.getrandbits(63),
+        )
+        if request.HasField("max_sequence_length") and not 1 <= request.max_sequence_length <= 4096:
+            raise InvalidArgument(
+                f"max_sequence_length must be between 1 and 4096 (got {request.max_sequence_length}); default 512."
+            )
+        prompt = _conditioning(request.prompt, "GenerateRequest.prompt")
+        negative = None
+        if params.uses_guidance:
+            negative = (
+                _conditioning(request.negative_prompt, "GenerateRequest.negative_prompt")
+                if request.HasField("negative_prompt")
+                else ("text", "")
+            )
+        max_length = request.max_sequence_length if request.HasField("max_sequence_length") else None
+        return params, prompt, negative, max_length
+
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        received = time.perf_counter()
+        params, prompt, negative, max_length = self._job_parts(request)
+        positive_embedding, negative_embedding = await self.store.resolve_pair(prompt, negative, max_length)
+        encode_seconds = max(
+            positive_embedding.encode_seconds, getattr(negative_embedding, "encode_seconds", 0.0)
+        )
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, int] | object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (step, total))
+
+        job = GenerationJob(
+            params=params,
+            prompt_embeds=positive_embedding.tensor,
+            negative_prompt_embeds=negative_embedding.tensor if negative_embedding else None,
+            on_step=on_step,
+            is_cancelled=cancelled.is_set,
+        )
+        task = asyncio.ensure_future(self.worker.run(job))
+        task.add_done_callback(lambda _: events.put_nowait(_DONE))
+        try:
+            while (event := await events.get()) is not _DONE:
+                step, total = cast(tuple[int, int], event)
+                yield generator_pb2.GenerateResponse(
+                    progress=generator_pb2.Progress(
+                        step=step, total_steps=total, elapsed_seconds=time.perf_counter() - received
+                    )
+                )
+            result = await task
+        finally:
+            # Reached on client cancel, deadline or error: the engine stops before its next step.
+            cancelled.set()
+
+        image = result.image
+        png = memoryview(image.png)
+        yield generator_pb2.GenerateResponse(
+            image=generator_pb2.ImageHeader(
+                request_id=request.request_id,
+                seed=params.seed,
+                width=image.width,
+                height=image.height,
+                steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                format="png",
+                byte_length=len(image.png),
+                sha256=hashlib.sha256(png).hexdigest(),
+                timings=generator_pb2.Timings(
+                    queue_seconds=result.queue_seconds,
+                    encode_seconds=encode_seconds,
+                    denoise_seconds=image.denoise_seconds,
+                    decode_seconds=image.decode_seconds,
+                    total_seconds=time.perf_counter() - received,
+                ),
+                model_id=self.engine.model_id,
+                replica=result.replica,
+                prompt_key=positive_embedding.key,
+                negative_prompt_key=negative_embedding.key if negative_embedding else "",
+            )
+        )
+        for chunk in wire.iter_chunks(png):
+            yield generator_pb2.GenerateResponse(image_chunk=chunk)
+
+    async def UploadEmbedding(
+        self,
+        request_iterator: AsyncIterator[generator_pb2.UploadEmbeddingRequest],
+        context: aio.ServicerContext,
+    ) -> generator_pb2.UploadEmbeddingResponse:
+        assembler: wire.TensorAssembler | None = None
+        async for message in request_iterator:
+            if message.WhichOneof("item") == "header":
+                if assembler is not None:
+                    raise InvalidArgument("UploadEmbedding takes one header; upload one embedding per call.")
+                assembler = wire.TensorAssembler(wire.meta_from_proto(message.header.tensor))
+            elif assembler is None:
+                raise InvalidArgument("UploadEmbedding must start with a header message, then the chunks.")
+            else:
+                assembler.add(message.chunk)
+        if assembler is None:
+            raise InvalidArgument("UploadEmbedding received no header; send a header, then the chunks.")
+        key = self.store.add_upload(assembler.finish())
+        return generator_pb2.UploadEmbeddingResponse(embedding_key=key)
+
+    async def Info(
+        self, request: generator_pb2.InfoRequest, context: aio.ServicerContext
+    ) -> generator_pb2.InfoResponse:
+        cache = self.store.cache
+        return generator_pb2.InfoResponse(
+            model_id=self.engine.model_id,
+            caption_dim=self.engine.caption_dim,
+            dtype=wire.dtype_to_proto(self.engine.dtype),  # type: ignore[arg-type]
+            device=str(self.engine.device),
+            encoder_address=self.encoder_address,
+            parameter_count=self.engine.parameter_count,
+            components=self.engine.components,
+            max_pixels=self.limits.max_pixels,
+            max_steps=self.limits.max_steps,
+            embedding_cache_hits=cache.hits,
+            embedding_cache_misses=cache.misses,
+            embedding_cache_bytes=cache.bytes,
+        )

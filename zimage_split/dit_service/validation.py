@@ -1,0 +1,101 @@
+"""Checks every generation parameter and embedding before any DiT work, with errors that say the fix."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zimage_split.common.errors import InvalidArgument
+from zimage_split.dit_service.engine import GenerationParams
+
+DEFAULTS = GenerationParams()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this generator (`zsplit serve generator --max-pixels ...`)."""
+
+    size_multiple: int = 16
+    min_side: int = 64
+    max_side: int = 4096
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 100
+    max_guidance_scale: float = 30.0
+
+
+def validate_params(
+    limits: Limits,
+    *,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance_scale: float | None,
+    cfg_normalization: float,
+    cfg_truncation: float | None,
+    seed: int,
+) -> GenerationParams:
+    """Returns the request's parameters with Turbo defaults filled in, or raises InvalidArgument."""
+    width = DEFAULTS.width if width is None else width
+    height = DEFAULTS.height if height is None else height
+    for name, value in (("width", width), ("height", height)):
+        if value % limits.size_multiple:
+            lower = max(limits.size_multiple, value - value % limits.size_multiple)
+            raise InvalidArgument(
+                f"{name.capitalize()} must be divisible by {limits.size_multiple} (got {value}). "
+                f"Use {lower} or {lower + limits.size_multiple}."
+            )
+        if not limits.min_side <= value <= limits.max_side:
+            raise InvalidArgument(
+                f"{name.capitalize()} must be between {limits.min_side} and {limits.max_side} pixels (got {value})."
+            )
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(
+            f"{width}x{height} is {width * height} pixels, over this server's limit of {limits.max_pixels} "
+            f"(about {math.isqrt(limits.max_pixels)}² ); ask for a smaller image or raise --max-pixels."
+        )
+    steps = DEFAULTS.steps if steps is None else steps
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(
+            f"steps must be between 1 and {limits.max_steps} (got {steps}); Z-Image-Turbo is made for 8."
+        )
+    guidance_scale = DEFAULTS.guidance_scale if guidance_scale is None else guidance_scale
+    if not (math.isfinite(guidance_scale) and 0 <= guidance_scale <= limits.max_guidance_scale):
+        raise InvalidArgument(
+            f"guidance_scale must be between 0 and {limits.max_guidance_scale} (got {guidance_scale}); "
+            "Turbo uses 0 (no guidance)."
+        )
+    if not (math.isfinite(cfg_normalization) and cfg_normalization >= 0):
+        raise InvalidArgument(f"cfg_normalization must be >= 0 (got {cfg_normalization}); 0 turns it off.")
+    cfg_truncation = DEFAULTS.cfg_truncation if cfg_truncation is None else cfg_truncation
+    if not (math.isfinite(cfg_truncation) and 0 <= cfg_truncation <= 1):
+        raise InvalidArgument(
+            f"cfg_truncation must be between 0 and 1 (got {cfg_truncation}); 1 never truncates."
+        )
+    return GenerationParams(
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=float(guidance_scale),
+        cfg_normalization=float(cfg_normalization),
+        cfg_truncation=float(cfg_truncation),
+        seed=seed,
+    )
+
+
+def validate_embedding(tensor: torch.Tensor, *, caption_dim: int, max_tokens: int, what: str) -> torch.Tensor:
+    """An embedding must be [tokens, caption_dim] with 1..max_tokens rows and only finite values."""
+    if tensor.dim() != 2:
+        raise InvalidArgument(f"{what} must have shape [tokens, {caption_dim}] (got {list(tensor.shape)}).")
+    tokens, hidden = tensor.shape
+    if hidden != caption_dim:
+        raise InvalidArgument(
+            f"{what} has hidden size {hidden}, but this generator's DiT takes {caption_dim}: it was made by "
+            "a different text encoder. Encode with the encoder that matches this model."
+        )
+    if not 1 <= tokens <= max_tokens:
+        raise InvalidArgument(f"{what} has {tokens} tokens; send between 1 and {max_tokens}.")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidArgument(f"{what} contains NaN or infinite values; re-encode the prompt.")
+    return tensor

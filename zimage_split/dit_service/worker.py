@@ -1,0 +1,66 @@
+"""Runs DiTEngine jobs one at a time on a dedicated thread, with a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from zimage_split.common.errors import Cancelled, ResourceExhausted
+from zimage_split.dit_service.engine import DiTEngine, GeneratedImage, GenerationJob
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    image: GeneratedImage
+    queue_seconds: float
+    replica: str
+
+
+class LocalWorker:
+    """One model replica in this process. The next issue's Ray workers wrap the same DiTEngine."""
+
+    def __init__(self, engine: DiTEngine, *, max_queue: int = 32) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (got {max_queue}).")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.name = f"{socket.gethostname()}/pid{os.getpid()}/{engine.device}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
+        self._outstanding = 0
+        self._recent_seconds = 1.0
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def _run(self, job: GenerationJob, submitted: float) -> tuple[GeneratedImage, float]:
+        queue_seconds = time.perf_counter() - submitted
+        started = time.perf_counter()
+        image = self.engine.generate([job])[0]
+        self._recent_seconds = time.perf_counter() - started
+        if image is None:  # cancelled during decode
+            raise Cancelled("The request was cancelled.")
+        return image, queue_seconds
+
+    async def run(self, job: GenerationJob) -> WorkerResult:
+        if self._outstanding >= self.max_queue:
+            raise ResourceExhausted(
+                f"The generator queue is full ({self._outstanding} requests waiting or running); retry later.",
+                retry_after_seconds=self._recent_seconds * self._outstanding,
+            )
+        self._outstanding += 1
+        try:
+            loop = asyncio.get_running_loop()
+            image, queue_seconds = await loop.run_in_executor(
+                self._executor, self._run, job, time.perf_counter()
+            )
+        finally:
+            self._outstanding -= 1
+        return WorkerResult(image=image, queue_seconds=queue_seconds, replica=self.name)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
