@@ -71,7 +71,8 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     device = pick_device(config.device)
     engine = DiTEngine(source, device=device, dtype=parse_dtype(config.dtype, device))
     limits = Limits(
-        size_multiple=engine.size_multiple,
+        # The API promises multiples of 16 (the real model's need) even where a tiny VAE would take less.
+        size_multiple=max(config.limits.size_multiple, engine.size_multiple),
         min_side=config.limits.min_side,
         max_side=config.limits.max_side,
         max_pixels=config.limits.max_pixels,

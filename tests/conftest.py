@@ -1,0 +1,95 @@
+"""Shared fixtures: the tiny model, and real gRPC servers on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zimage_split.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+class LoopThread:
+    """An asyncio loop on a background thread, so sync tests can host grpc.aio servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def start_encoder(loop_thread: LoopThread, model: Path, **overrides: Any):  # type: ignore[no-untyped-def]
+    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+
+    config = EncoderConfig(model=str(model), port=0, device="cpu", **overrides)
+    return loop_thread.run(start_encoder_server(config))
+
+
+def start_generator(loop_thread: LoopThread, model: Path, encoder_port: int | None, **overrides: Any):  # type: ignore[no-untyped-def]
+    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
+
+    encoder = f"127.0.0.1:{encoder_port}" if encoder_port else None
+    config = GeneratorConfig(model=str(model), encoder=encoder, port=0, device="cpu", **overrides)
+    return loop_thread.run(start_generator_server(config))
+
+
+@pytest.fixture(scope="session")
+def encoder_fp32(loop_thread: LoopThread, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    server = start_encoder(loop_thread, tiny_model_dir, dtype="float32")
+    yield server
+    loop_thread.run(server.stop(grace=0))
+
+
+@pytest.fixture(scope="session")
+def generator(loop_thread: LoopThread, tiny_model_dir: Path, encoder_fp32):  # type: ignore[no-untyped-def]
+    server = start_generator(loop_thread, tiny_model_dir, encoder_fp32.port)
+    yield server
+    loop_thread.run(server.stop(grace=0))
+
+
+@pytest.fixture
+def client(generator, encoder_fp32):  # type: ignore[no-untyped-def]
+    from zimage_split.client import Client
+
+    with Client(generator=f"127.0.0.1:{generator.port}", encoder=f"127.0.0.1:{encoder_fp32.port}", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """diffusers' own ZImagePipeline on the same folder: the reference our images must equal."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

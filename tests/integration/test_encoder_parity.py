@@ -1,0 +1,107 @@
+"""The encoder service's embeddings match diffusers' encode_prompt on the same model folder."""
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.conftest import start_encoder
+from zimage_split.client import AsyncClient, Client
+
+PROMPTS = [
+    "a watercolor painting of a fox",
+    "一只在雪地里奔跑的红狐狸，水彩画风格",
+    "",
+    "long " * 200,  # > 512 tokens after the chat template: truncated as diffusers truncates
+]
+
+
+def reference(pipe, prompts):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False)[0]
+
+
+def test_float32_matches_diffusers(encoder_fp32, reference_pipeline) -> None:  # type: ignore[no-untyped-def]
+    expected = reference(reference_pipeline, PROMPTS)
+    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client:
+        embeddings = client.encode(PROMPTS)
+    for item, want in zip(embeddings, expected, strict=True):
+        assert item.tensor.dtype == torch.float32
+        assert item.token_count == want.shape[0] == item.tensor.shape[0]
+        assert (item.tensor - want).abs().max().item() <= 1e-5
+    assert [item.truncated for item in embeddings] == [False, False, False, True]
+    assert embeddings[3].token_count == 512
+
+
+def test_bfloat16_matches_diffusers(loop_thread, tiny_model_dir, reference_pipeline) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.bfloat16)
+    expected = reference(pipe, PROMPTS)
+    server = start_encoder(loop_thread, tiny_model_dir)  # default dtype: bfloat16
+    try:
+        with Client(generator=None, encoder=f"127.0.0.1:{server.port}") as client:
+            embeddings = client.encode(PROMPTS)
+            info = client.encoder_info()
+    finally:
+        loop_thread.run(server.stop(grace=0))
+    assert info["dtype"] == "DTYPE_BFLOAT16"
+    for item, want in zip(embeddings, expected, strict=True):
+        assert item.tensor.dtype == torch.bfloat16 and item.token_count == want.shape[0]
+        cosine = torch.nn.functional.cosine_similarity(item.tensor.float().flatten(), want.float().flatten(), dim=0)
+        assert cosine.item() >= 0.9999
+
+
+def test_repeated_prompts_hit_the_cache_and_keys_are_stable(encoder_fp32) -> None:  # type: ignore[no-untyped-def]
+    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client:
+        before = client.encoder_info()
+        first = client.encode(["cache me please"])[0]
+        second = client.encode(["cache me please"])[0]
+        after = client.encoder_info()
+        other = client.encode(["cache me please"], max_sequence_length=64)[0]
+    assert not first.cache_hit and second.cache_hit
+    assert first.content_key == second.content_key != other.content_key
+    assert torch.equal(first.tensor, second.tensor)
+    assert int(after.get("cache_hits", 0)) == int(before.get("cache_hits", 0)) + 1
+    assert int(after["prompts_encoded"]) == int(before.get("prompts_encoded", 0)) + 1
+
+
+def test_concurrent_requests_are_batched(loop_thread, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    server = start_encoder(loop_thread, tiny_model_dir, dtype="float32", max_batch_wait_ms=200)
+    address = f"127.0.0.1:{server.port}"
+
+    async def burst() -> list:
+        async with AsyncClient(generator=None, encoder=address) as client:
+            return await asyncio.gather(*(client.encode([f"prompt number {i}"]) for i in range(8)))
+
+    try:
+        results = asyncio.run(burst())
+        with Client(generator=None, encoder=address) as client:
+            info = client.encoder_info()
+            alone = client.encode(["prompt number 3"], max_sequence_length=511)[0]  # new key: computed alone
+    finally:
+        loop_thread.run(server.stop(grace=0))
+    assert len(results) == 8 and int(info["prompts_encoded"]) == 8
+    assert int(info["forward_passes"]) < 8
+    batched = results[3][0].tensor
+    assert (batched - alone.tensor).abs().max().item() <= 1e-5
+
+
+def test_layers_after_the_returned_one_are_not_loaded(encoder_fp32, reference_pipeline) -> None:  # type: ignore[no-untyped-def]
+    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client:
+        info = client.encoder_info()
+    total = reference_pipeline.text_encoder.config.num_hidden_layers
+    assert int(info["layers_loaded"]) == total - 1
+    assert info["components"] == ["tokenizer", "text_encoder"]
+    full = sum(p.numel() for p in reference_pipeline.text_encoder.parameters())
+    assert 0 < int(info["parameter_count"]) < full
+
+
+@pytest.mark.parametrize("layer", [-3, -1, 1])
+def test_unservable_layers_are_refused(encoder_fp32, layer) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.client import InvalidArgument
+
+    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client, pytest.raises(
+        InvalidArgument, match="hidden_layer"
+    ):
+        client.encode(["x"], hidden_layer=layer)
