@@ -13,12 +13,35 @@ def test_generated_code_is_in_sync_with_the_protos(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     (copy / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "gen_proto.py", copy / "scripts")
-    shutil.copytree(ROOT / "proto", copy / "proto", ignore=shutil.ignore_patterns("*_pb2*.py*", "__pycache__"))
+    shutil.copytree(
+        ROOT / "proto", copy / "proto", ignore=shutil.ignore_patterns("*_pb2*.py*", "__pycache__")
+    )
     subprocess.run([sys.executable, "scripts/gen_proto.py"], cwd=copy, check=True)
     generated = sorted(p.relative_to(copy / "proto") for p in (copy / "proto").rglob("*") if p.is_file())
     committed = sorted(
-        p.relative_to(ROOT / "proto") for p in (ROOT / "proto").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        p.relative_to(ROOT / "proto")
+        for p in (ROOT / "proto").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     )
     assert generated == committed, "run `python scripts/gen_proto.py` and commit the result"
-    stale = [str(p) for p in generated if not filecmp.cmp(copy / "proto" / p, ROOT / "proto" / p, shallow=False)]
+    stale = [
+        str(p) for p in generated if not filecmp.cmp(copy / "proto" / p, ROOT / "proto" / p, shallow=False)
+    ]
     assert not stale, f"generated code is out of date: {stale}; run `python scripts/gen_proto.py`"
+
+
+def test_every_rpc_message_and_field_is_commented() -> None:
+    import re
+
+    declaration = re.compile(
+        r"^\s*(rpc |message |enum |service |(optional |repeated )?[\w.]+ \w+ = \d+;|\w+ = \d+;)"
+    )
+    missing = []
+    for path in (ROOT / "proto").rglob("*.proto"):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if declaration.match(line):
+                above = lines[number - 1].strip() if number else ""
+                if not above.startswith("//"):
+                    missing.append(f"{path.name}:{number + 1}: {line.strip()}")
+    assert not missing, "uncommented declarations:\n" + "\n".join(missing)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class EncoderServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Encodes prompts with Qwen3 and streams the hidden states back.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class EncoderServiceStub:
 
 
 class EncoderServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Encodes prompts with Qwen3 and streams the hidden states back.
+    """
 
     def Encode(self, request, context):
         """Encodes prompts. For each prompt, in order, the stream carries one `header` and then the
@@ -86,7 +88,8 @@ def add_EncoderServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EncoderService:
-    """Missing associated documentation comment in .proto file."""
+    """Encodes prompts with Qwen3 and streams the hidden states back.
+    """
 
     @staticmethod
     def Encode(request,

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GeneratorServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Generates images from prompt text (via the encoder service) or from uploaded embeddings.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +53,8 @@ class GeneratorServiceStub:
 
 
 class GeneratorServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Generates images from prompt text (via the encoder service) or from uploaded embeddings.
+    """
 
     def Generate(self, request, context):
         """Generates one image. The stream carries `progress` events (one per denoising step), then one
@@ -105,7 +107,8 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GeneratorService:
-    """Missing associated documentation comment in .proto file."""
+    """Generates images from prompt text (via the encoder service) or from uploaded embeddings.
+    """
 
     @staticmethod
     def Generate(request,
