@@ -81,7 +81,9 @@ def generator(loop_thread: LoopThread, tiny_model_dir: Path, encoder_fp32):  # t
 def client(generator, encoder_fp32):  # type: ignore[no-untyped-def]
     from zimage_split.client import Client
 
-    with Client(generator=f"127.0.0.1:{generator.port}", encoder=f"127.0.0.1:{encoder_fp32.port}", timeout=60) as c:
+    with Client(
+        generator=f"127.0.0.1:{generator.port}", encoder=f"127.0.0.1:{encoder_fp32.port}", timeout=60
+    ) as c:
         yield c
 
 

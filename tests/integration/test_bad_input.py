@@ -22,7 +22,10 @@ def stub(generator):  # type: ignore[no-untyped-def]
 
 def assert_still_serving(stub, client) -> None:  # type: ignore[no-untyped-def]
     _, health = stub
-    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="")).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     assert client.generate("still alive", seed=0, width=64, height=64, steps=1).size == (64, 64)
 
 
@@ -38,15 +41,27 @@ def generate_error(stub, **fields) -> grpc.RpcError:  # type: ignore[no-untyped-
 @pytest.mark.parametrize(
     ("fields", "code", "message"),
     [
-        ({"width": 1000, "height": 64}, "INVALID_ARGUMENT", "Width must be divisible by 16 (got 1000). Use 992 or 1008"),
+        (
+            {"width": 1000, "height": 64},
+            "INVALID_ARGUMENT",
+            "Width must be divisible by 16 (got 1000). Use 992 or 1008",
+        ),
         ({"steps": 0}, "INVALID_ARGUMENT", "steps must be between 1 and 100 (got 0)"),
         ({"steps": 10_000}, "INVALID_ARGUMENT", "steps must be between 1 and 100 (got 10000)"),
         ({"width": 100_000, "height": 100_000}, "INVALID_ARGUMENT", "between 64 and 4096"),
         ({"width": 4096, "height": 4096}, "INVALID_ARGUMENT", "raise --max-pixels"),
         ({"guidance_scale": math.inf}, "INVALID_ARGUMENT", "guidance_scale must be between 0 and 30"),
         ({"model": "someone/other-model"}, "NOT_FOUND", "This generator serves"),
-        ({"prompt": generator_pb2.Conditioning(embedding_key="0" * 64)}, "NOT_FOUND", "Upload the embedding again"),
-        ({"prompt": generator_pb2.Conditioning()}, "INVALID_ARGUMENT", "set its `text` or an `embedding_key`"),
+        (
+            {"prompt": generator_pb2.Conditioning(embedding_key="0" * 64)},
+            "NOT_FOUND",
+            "Upload the embedding again",
+        ),
+        (
+            {"prompt": generator_pb2.Conditioning()},
+            "INVALID_ARGUMENT",
+            "set its `text` or an `embedding_key`",
+        ),
     ],
 )
 def test_bad_generate_parameters(stub, client, fields, code, message) -> None:  # type: ignore[no-untyped-def]
@@ -65,7 +80,9 @@ def upload(stub, messages):  # type: ignore[no-untyped-def]
 
 def header_for(tensor: torch.Tensor) -> generator_pb2.UploadEmbeddingRequest:
     meta, _ = wire.describe(tensor)
-    return generator_pb2.UploadEmbeddingRequest(header=generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta)))
+    return generator_pb2.UploadEmbeddingRequest(
+        header=generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta))
+    )
 
 
 def test_embedding_with_the_wrong_hidden_size(client, stub) -> None:  # type: ignore[no-untyped-def]
@@ -142,7 +159,9 @@ def test_hub_id_that_cannot_be_fetched_says_how_to_download(tiny_model_dir) -> N
     from zimage_split.model_source import resolve_model
 
     with pytest.raises(NotFound, match="hf download Tongyi-MAI/Z-Image-Turbo.*--model tiny"):
-        DiTEngine(resolve_model("Tongyi-MAI/Z-Image-Turbo"), device=_torch.device("cpu"), dtype=_torch.float32)
+        DiTEngine(
+            resolve_model("Tongyi-MAI/Z-Image-Turbo"), device=_torch.device("cpu"), dtype=_torch.float32
+        )
 
 
 def test_encoder_down_is_unavailable_with_a_hint(loop_thread, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]

@@ -48,7 +48,9 @@ def test_bfloat16_matches_diffusers(loop_thread, tiny_model_dir, reference_pipel
     assert info["dtype"] == "DTYPE_BFLOAT16"
     for item, want in zip(embeddings, expected, strict=True):
         assert item.tensor.dtype == torch.bfloat16 and item.token_count == want.shape[0]
-        cosine = torch.nn.functional.cosine_similarity(item.tensor.float().flatten(), want.float().flatten(), dim=0)
+        cosine = torch.nn.functional.cosine_similarity(
+            item.tensor.float().flatten(), want.float().flatten(), dim=0
+        )
         assert cosine.item() >= 0.9999
 
 
@@ -101,7 +103,8 @@ def test_layers_after_the_returned_one_are_not_loaded(encoder_fp32, reference_pi
 def test_unservable_layers_are_refused(encoder_fp32, layer) -> None:  # type: ignore[no-untyped-def]
     from zimage_split.client import InvalidArgument
 
-    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client, pytest.raises(
-        InvalidArgument, match="hidden_layer"
+    with (
+        Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client,
+        pytest.raises(InvalidArgument, match="hidden_layer"),
     ):
         client.encode(["x"], hidden_layer=layer)

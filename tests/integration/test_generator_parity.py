@@ -20,7 +20,10 @@ def reference_image(pipe, prompt_embeds, negative_embeds, *, seed, width, height
 @pytest.mark.parametrize(("guidance", "seed"), [(0.0, 11), (4.0, 12)])
 def test_uploaded_embeddings_give_the_reference_image(client, reference_pipeline, guidance, seed) -> None:  # type: ignore[no-untyped-def]
     positive, negative = reference_pipeline.encode_prompt(
-        ["a red fox in deep snow"], device="cpu", do_classifier_free_guidance=True, negative_prompt=["blurry, dark"]
+        ["a red fox in deep snow"],
+        device="cpu",
+        do_classifier_free_guidance=True,
+        negative_prompt=["blurry, dark"],
     )
     expected = reference_image(
         reference_pipeline, positive[0], negative[0], seed=seed, width=96, height=64, guidance=guidance
@@ -42,9 +45,17 @@ def test_prompt_text_through_both_services_gives_the_reference_image(client, ref
     prompt, negative_prompt = "一座灯塔 at dusk", "low quality"
     embeddings = client.encode([prompt, negative_prompt])
     expected = reference_image(
-        reference_pipeline, embeddings[0].tensor, embeddings[1].tensor, seed=5, width=64, height=64, guidance=3.0
+        reference_pipeline,
+        embeddings[0].tensor,
+        embeddings[1].tensor,
+        seed=5,
+        width=64,
+        height=64,
+        guidance=3.0,
     )
-    image = client.generate(prompt, negative_prompt=negative_prompt, seed=5, width=64, height=64, guidance_scale=3.0)
+    image = client.generate(
+        prompt, negative_prompt=negative_prompt, seed=5, width=64, height=64, guidance_scale=3.0
+    )
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 

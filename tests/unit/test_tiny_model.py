@@ -32,9 +32,13 @@ def test_tokenizer_is_offline_byte_bpe_with_the_qwen3_template(tiny_model_dir: P
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir / "tokenizer"))
     messages = [{"role": "user", "content": "一只猫 on a mat"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
     assert text == "<|im_start|>user\n一只猫 on a mat<|im_end|>\n<|im_start|>assistant\n"
-    no_think = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    no_think = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert no_think.endswith("<think>\n\n</think>\n\n")
     ids = tokenizer(text).input_ids
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -44,4 +48,7 @@ def test_tokenizer_is_offline_byte_bpe_with_the_qwen3_template(tiny_model_dir: P
 
 def test_loads_through_the_diffusers_pipeline(reference_pipeline) -> None:  # type: ignore[no-untyped-def]
     assert type(reference_pipeline).__name__ == "ZImagePipeline"
-    assert reference_pipeline.transformer.config.cap_feat_dim == reference_pipeline.text_encoder.config.hidden_size
+    assert (
+        reference_pipeline.transformer.config.cap_feat_dim
+        == reference_pipeline.text_encoder.config.hidden_size
+    )

@@ -10,7 +10,15 @@ LIMITS = Limits()
 
 
 def params(**overrides):  # type: ignore[no-untyped-def]
-    values = dict(width=None, height=None, steps=None, guidance_scale=None, cfg_normalization=0.0, cfg_truncation=None, seed=1)
+    values = dict(
+        width=None,
+        height=None,
+        steps=None,
+        guidance_scale=None,
+        cfg_normalization=0.0,
+        cfg_truncation=None,
+        seed=1,
+    )
     values.update(overrides)
     return validate_params(LIMITS, **values)
 

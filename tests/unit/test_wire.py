@@ -6,7 +6,9 @@ from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument
 
 
-def send(tensor: torch.Tensor, chunk_bytes: int = wire.CHUNK_BYTES) -> tuple[tensor_pb2.TensorHeader, list[bytes]]:
+def send(
+    tensor: torch.Tensor, chunk_bytes: int = wire.CHUNK_BYTES
+) -> tuple[tensor_pb2.TensorHeader, list[bytes]]:
     meta, payload = wire.describe(tensor)
     return wire.meta_to_proto(meta), list(wire.iter_chunks(payload, chunk_bytes))
 

@@ -12,9 +12,9 @@ import torch
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 from PIL import Image
+
 from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
-
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
 from zimage_split.common import wire

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from zimage.tensor.v1 import tensor_pb2
 
+from zimage.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
 
 CHUNK_BYTES = 1 << 20

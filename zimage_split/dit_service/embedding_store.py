@@ -80,7 +80,9 @@ class EmbeddingStore:
         digest.update(text.encode("utf-8"))
         return "text-" + digest.hexdigest()
 
-    async def from_text(self, text: str, max_sequence_length: int | None) -> Embedding:
+    async def from_text(
+        self, text: str, max_sequence_length: int | None, timeout: float | None = None
+    ) -> Embedding:
         encoder = self._require_encoder()
         if self._encoder_identity is None:
             await self.check_encoder()
@@ -89,7 +91,7 @@ class EmbeddingStore:
         if cached is not None:
             return Embedding(cached, key)
         started = time.perf_counter()
-        encoded = await encoder.encode([text], max_sequence_length=max_sequence_length)
+        encoded = await encoder.encode([text], max_sequence_length=max_sequence_length, timeout=timeout)
         tensor = self.check(encoded[0].tensor, "The encoder's embedding")
         self.cache.put(key, tensor)
         return Embedding(tensor, key, encode_seconds=time.perf_counter() - started)
@@ -110,14 +112,18 @@ class EmbeddingStore:
         return key
 
     async def resolve_pair(
-        self, prompt: tuple[str, str], negative: tuple[str, str] | None, max_sequence_length: int | None
+        self,
+        prompt: tuple[str, str],
+        negative: tuple[str, str] | None,
+        max_sequence_length: int | None,
+        timeout: float | None = None,
     ) -> tuple[Embedding, Embedding | None]:
-        """Resolves ("text"|"embedding_key", value) pairs concurrently."""
+        """Resolves ("text"|"embedding_key", value) pairs concurrently; `timeout` bounds encoder calls."""
 
         async def resolve(kind: str, value: str) -> Embedding:
-            return (
-                await self.from_text(value, max_sequence_length) if kind == "text" else self.from_key(value)
-            )
+            if kind == "text":
+                return await self.from_text(value, max_sequence_length, timeout)
+            return self.from_key(value)
 
         if negative is None:
             return await resolve(*prompt), None

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from zimage.generator.v1 import generator_pb2_grpc
 
+from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, ZSplitError
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal

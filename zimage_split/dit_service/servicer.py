@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from grpc import aio
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 
+from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.dit_service.embedding_store import EmbeddingStore
@@ -76,7 +76,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
         received = time.perf_counter()
         params, prompt, negative, max_length = self._job_parts(request)
-        positive_embedding, negative_embedding = await self.store.resolve_pair(prompt, negative, max_length)
+        # The caller's deadline also bounds the call to the encoder.
+        positive_embedding, negative_embedding = await self.store.resolve_pair(
+            prompt, negative, max_length, timeout=context.time_remaining()
+        )
         encode_seconds = max(
             positive_embedding.encode_seconds, getattr(negative_embedding, "encode_seconds", 0.0)
         )

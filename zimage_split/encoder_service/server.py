@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 from zimage.encoder.v1 import encoder_pb2_grpc
-
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from grpc import aio
-from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 
+from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.lru import ByteBoundedLRU

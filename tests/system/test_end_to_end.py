@@ -1,0 +1,196 @@
+"""Each service in its own process, driven through the `zsplit` command line, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from safetensors import safe_open
+
+from zimage_split.client import Client
+
+ZSPLIT = [sys.executable, "-m", "zimage_split.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"service exited early: {process.stderr.read() if process.stderr else ''}"
+                )
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"service on port {port} never reported SERVING")
+
+
+def stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=60)
+
+
+def parameter_count(folder: Path) -> int:
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                total += _numel(handle.get_slice(name).get_shape())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    result = 1
+    for dim in shape:
+        result *= dim
+    return result
+
+
+@pytest.fixture(scope="module")
+def services(tiny_model_dir: Path) -> Iterator[tuple[int, int]]:
+    encoder_port, generator_port = free_port(), free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    encoder = subprocess.Popen(
+        [*ZSPLIT, "serve", "encoder", "--model", str(tiny_model_dir), "--port", str(encoder_port)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    generator = None
+    try:
+        wait_until_serving(encoder_port, encoder)
+        generator = subprocess.Popen(
+            [
+                *ZSPLIT,
+                "serve",
+                "generator",
+                "--model",
+                str(tiny_model_dir),
+                "--port",
+                str(generator_port),
+                "--encoder",
+                f"127.0.0.1:{encoder_port}",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until_serving(generator_port, generator)
+        yield encoder_port, generator_port
+    finally:
+        codes = [stop(p) for p in (generator, encoder) if p is not None]
+    assert codes == [0] * len(codes), "services must drain and exit cleanly on SIGTERM"
+
+
+def test_zsplit_generate_writes_a_png_of_the_requested_size(services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, generator_port = services
+    output = tmp_path / "nested" / "fox.png"
+    result = subprocess.run(
+        [
+            *ZSPLIT,
+            "generate",
+            "a red fox",
+            "-o",
+            str(output),
+            "--generator",
+            f"127.0.0.1:{generator_port}",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--seed",
+            "4",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 4" in result.stdout and "denoising" in result.stderr
+    with Image.open(output) as image:
+        image.verify()
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (96, 64)
+        metadata = json.loads(image.text["zimage-split"])
+    assert metadata["seed"] == 4 and metadata["steps"] == 3
+    assert [p.name for p in output.parent.iterdir()] == ["fox.png"], "temporary files left behind"
+
+
+def test_each_process_holds_only_its_own_models(services, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    encoder_port, generator_port = services
+    with Client(generator=f"127.0.0.1:{generator_port}", encoder=f"127.0.0.1:{encoder_port}") as client:
+        generator_info = client.generator_info()
+        encoder_info = client.encoder_info()
+    dit_and_vae = parameter_count(tiny_model_dir / "transformer") + parameter_count(tiny_model_dir / "vae")
+    assert int(generator_info["parameter_count"]) == dit_and_vae
+    assert sorted(generator_info["components"]) == ["scheduler", "transformer", "vae"]
+    text_encoder = parameter_count(tiny_model_dir / "text_encoder")
+    assert 0 < int(encoder_info["parameter_count"]) <= text_encoder
+    assert encoder_info["components"] == ["tokenizer", "text_encoder"]
+
+
+def test_zsplit_generate_without_addresses_runs_both_services_locally(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "local.png"
+    result = subprocess.run(
+        [
+            *ZSPLIT,
+            "generate",
+            "a quiet harbour",
+            "-o",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--width",
+            "64",
+            "--height",
+            "80",
+            "--steps",
+            "2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        assert image.size == (64, 80)
+
+
+def test_unknown_model_fails_fast_with_a_hint(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*ZSPLIT, "serve", "encoder", "--model", str(tmp_path / "missing"), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "NOT_FOUND" in result.stderr and "--model tiny" in result.stderr
