@@ -46,7 +46,11 @@ def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsplit", description=__doc__)
-    parser.add_argument("--log-level", default=_env("ZSPLIT_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING")
+    parser.add_argument(
+        "--log-level",
+        default=_env("ZSPLIT_LOG_LEVEL", None),
+        help="DEBUG, INFO, WARNING (default INFO for services, WARNING for generate)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a service until SIGINT/SIGTERM")
@@ -232,8 +236,9 @@ async def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_level = args.log_level or ("WARNING" if args.command == "generate" else "INFO")
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -53,8 +53,8 @@ def test_cancelling_a_call_frees_the_replica(generator) -> None:  # type: ignore
                 client.generate(
                     embeddings=torch.randn(5, 16),
                     steps=100,
-                    width=512,
-                    height=512,
+                    width=256,
+                    height=256,
                     seed=0,
                     on_progress=lambda step, total: first_step.set(),
                 )

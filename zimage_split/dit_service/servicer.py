@@ -112,6 +112,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             # Reached on client cancel, deadline or error: the engine stops before its next step.
             cancelled.set()
+            # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
         image = result.image
         png = memoryview(image.png)
