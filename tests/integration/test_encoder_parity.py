@@ -108,3 +108,18 @@ def test_unservable_layers_are_refused(encoder_fp32, layer) -> None:  # type: ig
         pytest.raises(InvalidArgument, match="hidden_layer"),
     ):
         client.encode(["x"], hidden_layer=layer)
+
+
+def test_bad_encode_requests_are_refused_with_a_fix(encoder_fp32) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.client import InvalidArgument
+
+    with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client:
+        with pytest.raises(InvalidArgument, match="at most 100000"):
+            client.encode(["x" * 100_001])
+        with pytest.raises(InvalidArgument, match="at most 64 per call"):
+            client.encode(["x"] * 65)
+        with pytest.raises(InvalidArgument, match="send at least one prompt"):
+            client.encode([])
+        with pytest.raises(InvalidArgument, match="max_sequence_length must be between 1 and 4096"):
+            client.encode(["x"], max_sequence_length=0)
+        assert client.encode(["still serving"])[0].token_count > 0

@@ -124,14 +124,14 @@ class TextEncoder:
 
     def tokenize(self, prompt: str, *, hidden_layer: int, max_sequence_length: int) -> TokenizedPrompt:
         formatted = self.format(prompt)
-        # Same call as diffusers (truncation=True, right side), without its padding to max_length.
-        ids = self.tokenizer(formatted, max_length=max_sequence_length, truncation=True).input_ids
-        full_length = len(self.tokenizer(formatted, truncation=False).input_ids)
+        # diffusers truncates on the right and Qwen adds no special tokens, so a prefix is its truncation;
+        # unlike diffusers, no padding to max_length.
+        full = self.tokenizer(formatted).input_ids
         return TokenizedPrompt(
             text=prompt,
             formatted_text=formatted,
-            input_ids=tuple(ids),
-            truncated=full_length > len(ids),
+            input_ids=tuple(full[:max_sequence_length]),
+            truncated=len(full) > max_sequence_length,
             hidden_layer=hidden_layer,
             max_sequence_length=max_sequence_length,
             content_key=self.content_key(formatted, hidden_layer, max_sequence_length),

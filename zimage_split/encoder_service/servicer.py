@@ -18,6 +18,7 @@ from zimage_split.encoder_service.batching import MicroBatcher
 from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
 
 MAX_PROMPTS_PER_CALL = 64
+MAX_PROMPT_CHARACTERS = 100_000
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
 
@@ -62,6 +63,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if len(request.prompts) > MAX_PROMPTS_PER_CALL:
             raise InvalidArgument(
                 f"{len(request.prompts)} prompts in one call; send at most {MAX_PROMPTS_PER_CALL} per call."
+            )
+        longest = max(len(text) for text in request.prompts)
+        if longest > MAX_PROMPT_CHARACTERS:
+            raise InvalidArgument(
+                f"A prompt has {longest} characters; send at most {MAX_PROMPT_CHARACTERS} "
+                f"(only the first max_sequence_length tokens are used anyway)."
             )
         options = request.options
         max_length = (
