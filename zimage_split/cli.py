@@ -174,6 +174,9 @@ def write_png_atomically(image, path: Path, metadata: dict) -> None:  # type: ig
     try:
         with os.fdopen(descriptor, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -53,8 +53,8 @@ def test_cancelling_a_call_frees_the_replica(generator) -> None:  # type: ignore
                 client.generate(
                     embeddings=torch.randn(5, 16),
                     steps=100,
-                    width=256,
-                    height=256,
+                    width=512,
+                    height=512,
                     seed=0,
                     on_progress=lambda step, total: first_step.set(),
                 )
@@ -122,3 +122,40 @@ def test_generator_reuses_cached_prompt_embeddings(client) -> None:  # type: ign
     after = client.encoder_info()
     assert int(after["prompts_encoded"]) - int(before.get("prompts_encoded", 0)) == 1
     assert second.info["timings"]["encode"] == 0.0
+
+
+def test_shutdown_stops_a_running_job(loop_thread, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from tests.conftest import start_generator
+    from zimage_split.client import Unavailable
+
+    server = start_generator(loop_thread, tiny_model_dir, None)
+    calls, handle = count_forwards(server.servicer.engine.pipe.transformer)
+    started = threading.Event()
+    outcome: list[BaseException] = []
+
+    def long_request() -> None:
+        with Client(generator=f"127.0.0.1:{server.port}") as client:
+            try:
+                client.generate(
+                    embeddings=torch.randn(5, 16),
+                    steps=100,
+                    width=512,
+                    height=512,
+                    on_progress=lambda step, total: started.set(),
+                )
+            except BaseException as error:  # noqa: BLE001 - recorded for the assertion below
+                outcome.append(error)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert started.wait(60)
+    begun = time.monotonic()
+    loop_thread.run(server.stop(grace=0.2))
+    stop_seconds = time.monotonic() - begun
+    thread.join(30)
+    handle.remove()  # type: ignore[attr-defined]
+    assert outcome and isinstance(outcome[0], Unavailable | Cancelled), outcome
+    assert len(calls) < 50, f"{len(calls)} of 100 steps ran after shutdown began"
+    assert stop_seconds < 10

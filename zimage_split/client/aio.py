@@ -66,6 +66,7 @@ class AsyncClient:
         self.encoder_address = encoder
         self.timeout = timeout
         self._channels: dict[str, aio.Channel] = {}
+        self._encoder_model_id: str | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -113,7 +114,9 @@ class AsyncClient:
             items = await read_embedding_stream(stream, texts)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, target) from None
-        return Embeddings(items)
+        if self._encoder_model_id is None:
+            self._encoder_model_id = str((await self.encoder_info(timeout=timeout)).get("model_id", ""))
+        return Embeddings(items, model_id=self._encoder_model_id)
 
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:

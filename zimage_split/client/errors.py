@@ -6,16 +6,16 @@ import grpc
 from grpc import aio
 
 from zimage_split.common.errors import ZSplitError, error_for_code
-from zimage_split.common.interceptors import RETRY_AFTER_KEY
+from zimage_split.common.interceptors import ORIGIN_KEY, RETRY_AFTER_KEY
 
 
 def from_rpc_error(error: aio.AioRpcError, target: str) -> ZSplitError:
     code = error.code()
     details = error.details() or ""
-    retry_after = None
-    for key, value in error.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            retry_after = int(value) / 1000
+    metadata = dict(error.trailing_metadata() or ())
+    retry_after = int(metadata[RETRY_AFTER_KEY]) / 1000 if RETRY_AFTER_KEY in metadata else None
+    if ORIGIN_KEY in metadata:  # the service chose this status and wrote its own advice
+        return error_for_code(code.name, details, retry_after)
     if code == grpc.StatusCode.UNAVAILABLE:
         details = f"{target} is unavailable ({details}). Is the service running and reachable?"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:

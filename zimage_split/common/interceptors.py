@@ -14,12 +14,16 @@ from zimage_split.common.errors import ZSplitError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after-ms"
+# Marks a status our own code chose, so clients can tell it from a transport failure.
+ORIGIN_KEY = "zsplit-error"
 
 
 async def _abort(error: Exception, context: aio.ServicerContext, method: str) -> None:
     if isinstance(error, ZSplitError):
+        metadata = [(ORIGIN_KEY, error.code)]
         if error.retry_after_seconds is not None:
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after_seconds * 1000))),))
+            metadata.append((RETRY_AFTER_KEY, str(int(error.retry_after_seconds * 1000))))
+        context.set_trailing_metadata(tuple(metadata))
         await context.abort(grpc.StatusCode[error.code], error.message)
     logger.exception("Unexpected error in %s", method)
     await context.abort(

@@ -51,6 +51,7 @@ class GeneratorServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.running.stop(grace)
+        self.servicer.cancel_all()
         self.servicer.worker.close()
         if self.servicer.store.encoder is not None:
             await self.servicer.store.encoder.close()

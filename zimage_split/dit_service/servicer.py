@@ -39,6 +39,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.store = store
         self.limits = limits
         self.encoder_address = encoder_address
+        self._active: set[threading.Event] = set()
+
+    def cancel_all(self) -> None:
+        """Stops every running job before its next step (used at shutdown, after the grace period)."""
+        for cancelled in list(self._active):
+            cancelled.set()
 
     def _job_parts(self, request: generator_pb2.GenerateRequest):  # type: ignore[no-untyped-def]
         if request.model and request.model != self.engine.model_id:
@@ -87,6 +93,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, int] | object] = asyncio.Queue()
         cancelled = threading.Event()
+        self._active.add(cancelled)
 
         def on_step(step: int, total: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (step, total))
@@ -112,6 +119,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             # Reached on client cancel, deadline or error: the engine stops before its next step.
             cancelled.set()
+            self._active.discard(cancelled)
             # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
 

@@ -89,18 +89,24 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def encode_prompt(self, prompt: TokenizedPrompt) -> EncodedPrompt:
         """Cache, then an identical in-flight request, then a batched forward pass."""
-        cached = self.cache.get(prompt.content_key)
+        key = prompt.content_key
+        cached = self.cache.get(key)
         if cached is not None:
             return EncodedPrompt(prompt, cached, cache_hit=True, encode_seconds=0.0)
         started = time.perf_counter()
-        pending = self._in_flight.get(prompt.content_key)
+        pending = self._in_flight.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self.batcher.submit(prompt))
-            self._in_flight[prompt.content_key] = pending
-            pending.add_done_callback(lambda _: self._in_flight.pop(prompt.content_key, None))
+            self._in_flight[key] = pending
+            pending.add_done_callback(lambda done: self._finish_in_flight(key, done))
+        # Shielded: a caller that goes away does not waste the forward pass others may share.
         embedding = await asyncio.shield(pending)
-        self.cache.put(prompt.content_key, embedding)
         return EncodedPrompt(prompt, embedding, cache_hit=False, encode_seconds=time.perf_counter() - started)
+
+    def _finish_in_flight(self, key: str, done: asyncio.Future[torch.Tensor]) -> None:
+        self._in_flight.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            self.cache.put(key, done.result())
 
     async def Encode(
         self, request: encoder_pb2.EncodeRequest, context: aio.ServicerContext
