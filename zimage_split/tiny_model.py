@@ -8,6 +8,7 @@ real model. Building needs no network and is deterministic for a given seed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -60,7 +61,8 @@ TINY = TinyModelSpec(
     vae_channels=(32, 32, 32, 32),
 )
 
-# Sized so that one 256x256, 8-step image takes over a second on a 2-core CPU.
+# Heavy enough to time: its VAE downsamples 2x, so a 128x128 image gives the DiT the 1024 tokens the real
+# model sees at 512x512, and one 8-step image takes a few seconds on a 2-core CPU.
 BENCH = TinyModelSpec(
     text_hidden_size=512,
     text_layers=8,
@@ -218,7 +220,9 @@ def cached_tiny_model(size: str = "tiny") -> Path:
     cache_home = os.environ.get("ZSPLIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-split"
     )
-    path = Path(cache_home) / f"{size}-model-v2"
+    # Named after the spec, so a changed spec builds a new folder instead of reusing a stale one.
+    spec_hash = hashlib.sha256(repr(SPECS[size]).encode()).hexdigest()[:12]
+    path = Path(cache_home) / f"{size}-{spec_hash}"
     if not (path / "model_index.json").exists():
         with contextlib.suppress(FileExistsError):  # another process finished the same build first
             build_tiny_model(path, size=size)

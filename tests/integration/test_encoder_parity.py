@@ -36,7 +36,7 @@ def test_float32_matches_diffusers(encoder_fp32, reference_pipeline) -> None:  #
 def test_bfloat16_matches_diffusers(loop_thread, tiny_model_dir, reference_pipeline) -> None:  # type: ignore[no-untyped-def]
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.bfloat16)
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
     expected = reference(pipe, PROMPTS)
     server = start_encoder(loop_thread, tiny_model_dir)  # default dtype: bfloat16
     try:

@@ -93,12 +93,12 @@ class DiTEngine:
         transformer = load_component(
             source,
             "transformer",
-            lambda loc, sub: ZImageTransformer2DModel.from_pretrained(loc, subfolder=sub, torch_dtype=dtype),
+            lambda loc, sub: ZImageTransformer2DModel.from_pretrained(loc, subfolder=sub, dtype=dtype),
         )
         vae = load_component(
             source,
             "vae",
-            lambda loc, sub: AutoencoderKL.from_pretrained(loc, subfolder=sub, torch_dtype=dtype),
+            lambda loc, sub: AutoencoderKL.from_pretrained(loc, subfolder=sub, dtype=dtype),
         )
         scheduler = load_component(
             source,

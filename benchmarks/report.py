@@ -1,0 +1,116 @@
+"""What both benchmarks record besides their timings: the machine, summary statistics, the JSON file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """Enough to tell two runs apart: CPU, load at the start, library versions, torch threads."""
+    import diffusers
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        # Other processes on the host skew both sides alike (the rounds interleave), but say so.
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_info(folder: str, name: str) -> dict:
+    """The sizes actually loaded, read from the folder's configs (a spec edit may not have rebuilt it)."""
+
+    def config(component: str) -> dict:
+        return json.loads((Path(folder) / component / "config.json").read_text())
+
+    text, dit, vae = config("text_encoder"), config("transformer"), config("vae")
+    return {
+        "name": name,
+        "folder": folder,
+        "text_encoder": {
+            key: text[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        },
+        "transformer": {
+            key: dit[key] for key in ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim")
+        },
+        "vae_block_out_channels": vae["block_out_channels"],
+        "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+    }
+
+
+def _host_cpu_seconds() -> float:
+    """CPU seconds every process on the host has used since boot (0 where /proc/stat is missing)."""
+    try:
+        with open("/proc/stat") as handle:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, handle.readline().split()[1:8])
+    except (OSError, ValueError):
+        return 0.0
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def clock() -> tuple[float, float, float]:
+    """Now: wall seconds, this process's CPU seconds, the whole host's CPU seconds."""
+    return time.perf_counter(), time.process_time(), _host_cpu_seconds()
+
+
+def since(start: tuple[float, float, float]) -> dict:
+    """Wall and CPU seconds since `start`, and the share of the host's CPUs other processes used meanwhile.
+
+    The hosts are shared: a busy neighbour slows a 2-thread torch badly, so each timing says how busy
+    the rest of the host was (0 = idle, 1 = every core busy with other work).
+    """
+    wall, cpu, host = (now - then for now, then in zip(clock(), start, strict=True))
+    others = min(1.0, max(0.0, host - cpu) / (wall * (os.cpu_count() or 1))) if host else None
+    return {"wall_s": wall, "cpu_s": cpu, "others_cpu_share": others}
+
+
+def summary(seconds: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(seconds),
+        "mean_s": statistics.fmean(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "stdev_s": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+    }
+
+
+def write_json(result: dict, out: str | None, name: str) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
