@@ -62,6 +62,8 @@ def load_component(source: ModelSource, component: str, loader: Callable[[str, s
         return loader(source.location, component)
     except (OSError, ValueError) as error:
         offline = " (offline mode is on: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        if "safetensors" in str(error):
+            offline += " (zimage-split loads .safetensors weights only, never pickled .bin files)"
         raise NotFound(
             f"Could not load {component}/ of {source.model_id!r}{offline}: {error}. {how_to_get(source.model_id)}"
         ) from error

@@ -182,3 +182,20 @@ def test_encoder_down_is_unavailable_with_a_hint(loop_thread, tiny_model_dir) ->
 def test_typed_errors_share_one_base_class() -> None:
     for cls in (InvalidArgument, NotFound, Unavailable):
         assert issubclass(cls, ZSplitError)
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from zimage_split.encoder_service.engine import TextEncoder
+    from zimage_split.model_source import resolve_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(NotFound, match="safetensors weights only"):
+        TextEncoder(resolve_model(str(folder)), device=torch.device("cpu"), dtype=torch.float32)

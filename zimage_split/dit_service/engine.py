@@ -93,12 +93,16 @@ class DiTEngine:
         transformer = load_component(
             source,
             "transformer",
-            lambda loc, sub: ZImageTransformer2DModel.from_pretrained(loc, subfolder=sub, dtype=dtype),
+            lambda loc, sub: ZImageTransformer2DModel.from_pretrained(
+                loc, subfolder=sub, dtype=dtype, use_safetensors=True
+            ),
         )
         vae = load_component(
             source,
             "vae",
-            lambda loc, sub: AutoencoderKL.from_pretrained(loc, subfolder=sub, dtype=dtype),
+            lambda loc, sub: AutoencoderKL.from_pretrained(
+                loc, subfolder=sub, dtype=dtype, use_safetensors=True
+            ),
         )
         scheduler = load_component(
             source,

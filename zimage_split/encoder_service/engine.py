@@ -54,7 +54,7 @@ class TextEncoder:
         model = load_component(
             source,
             "text_encoder",
-            lambda loc, sub: AutoModel.from_pretrained(loc, subfolder=sub, dtype=dtype),
+            lambda loc, sub: AutoModel.from_pretrained(loc, subfolder=sub, dtype=dtype, use_safetensors=True),
         )
         self.total_layers = int(model.config.num_hidden_layers)
         self.hidden_layer = self._check_layer(hidden_layer, self.total_layers)
