@@ -13,7 +13,7 @@ import argparse
 import os
 
 import torch
-from report import clock, machine_info, model_info, since, summary, write_json
+from report import clock, machine_info, model_info, parse_arguments, since, summary, write_json
 
 TARGET_SPEEDUP = 3.0  # diffusers median / ours median
 MAX_ABS_DIFF_FP32 = 1e-5
@@ -167,17 +167,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per dtype (20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (2)")
-    parser.add_argument("--model", default="bench", help="bench, tiny, or a diffusers folder (bench)")
     parser.add_argument("--prompt", default=PROMPT, help="prompt to encode (a 30-word English sentence)")
-    parser.add_argument("--out", default=None, help="JSON file (benchmarks/results/encode.json)")
-    args = parser.parse_args()
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never reach for the hub
-    from zimage_split.tiny_model import cached_tiny_model
+    args, folder = parse_arguments(parser, "encode")
 
     machine = machine_info()
-    folder = str(cached_tiny_model(args.model) if args.model in ("tiny", "bench") else args.model)
     rows = [
         bench_dtype(folder, dtype, args.prompt, args.rounds, args.warmup)
         for dtype in (torch.float32, torch.bfloat16)

@@ -16,7 +16,7 @@ import statistics
 
 import numpy as np
 import torch
-from report import clock, machine_info, model_info, since, summary, write_json
+from report import clock, machine_info, model_info, parse_arguments, since, summary, write_json
 
 TARGET_RATIO = 1.05  # ours / diffusers, per-image median
 STEPS = 8
@@ -200,16 +200,9 @@ def main() -> None:
         default=None,
         help=f"image width and height in pixels (default: {DEFAULT_IMAGE_TOKENS} DiT image tokens, 128 on bench)",
     )
-    parser.add_argument("--model", default="bench", help="bench, tiny, or a diffusers folder (bench)")
-    parser.add_argument("--out", default=None, help="JSON file (benchmarks/results/generate.json)")
-    args = parser.parse_args()
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never reach for the hub
-    from zimage_split.tiny_model import cached_tiny_model
+    args, folder = parse_arguments(parser, "generate")
 
     machine = machine_info()
-    folder = str(cached_tiny_model(args.model) if args.model in ("tiny", "bench") else args.model)
     side, image_tokens, rounds = asyncio.run(run(args, folder))
 
     ours, theirs = side_summary(rounds, "ours"), side_summary(rounds, "diffusers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -114,3 +115,16 @@ def write_json(result: dict, out: str | None, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def parse_arguments(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, str]:
+    """Adds --model and --out, parses, checks --rounds/--warmup, and returns the model folder to load."""
+    parser.add_argument("--model", default="bench", help="bench, tiny, or a diffusers folder (bench)")
+    parser.add_argument("--out", default=None, help=f"JSON file (benchmarks/results/{name}.json)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be >= 1 and --warmup >= 0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never reach for the hub
+    from zimage_split.model_source import resolve_model
+
+    return args, resolve_model(args.model).location
