@@ -77,8 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     generator.add_argument("--max-queue", type=int, default=32, help="requests waiting or running (32)")
     generator.add_argument("--cache-mb", type=int, default=2048, help="embedding cache size in MiB (2048)")
-    generator.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height")
-    generator.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most steps per request")
+    generator.add_argument(
+        "--max-pixels",
+        type=int,
+        default=Limits.max_pixels,
+        help=f"largest width*height ({Limits.max_pixels})",
+    )
+    generator.add_argument(
+        "--max-steps", type=int, default=Limits.max_steps, help=f"most steps per request ({Limits.max_steps})"
+    )
+    ray = generator.add_argument_group("Ray (several replicas, GPUs and hosts)")
+    ray.add_argument(
+        "--ray-address",
+        default=_env("ZSPLIT_RAY_ADDRESS", None),
+        help="run replicas under Ray Serve: 'local' (Ray in this process), 'auto' or HOST:PORT (join a "
+        "cluster started with `ray start`). Unset: one in-process worker (env ZSPLIT_RAY_ADDRESS)",
+    )
+    ray.add_argument(
+        "--replicas",
+        default="1",
+        help="'auto' = one per GPU, growing as GPUs join; or N (CPU replicas on CPU hosts)",
+    )
+    ray.add_argument("--max-batch-size", type=int, default=4, help="requests per batched denoising loop (4)")
+    ray.add_argument("--max-batch-wait-ms", type=float, default=10.0, help="wait for a batch to fill (10)")
+    ray.add_argument("--torch-threads", type=int, default=0, help="torch threads per replica (0 = default)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica (1)")
 
     generate = commands.add_parser("generate", help="make one image")
     generate.add_argument("prompt")
@@ -124,8 +147,29 @@ def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
+def _replicas(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidArgument(f"--replicas takes 'auto' or a positive number (got {value!r}).")
+    return int(value)
+
+
 def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from zimage_split.dit_service.server import GeneratorConfig
+    from zimage_split.dit_service.server import GeneratorConfig, RayOptions
+
+    ray = None
+    if args.ray_address:
+        ray = RayOptions(
+            address=args.ray_address,
+            replicas=_replicas(args.replicas),
+            max_batch_size=args.max_batch_size,
+            max_batch_wait_ms=args.max_batch_wait_ms,
+            torch_threads=args.torch_threads,
+            cpus_per_replica=args.cpus_per_replica,
+        )
+    elif args.replicas != "1":
+        raise InvalidArgument("--replicas needs --ray-address (local, auto or HOST:PORT).")
 
     return GeneratorConfig(
         model=args.model,
@@ -137,6 +181,7 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_queue=args.max_queue,
         cache_bytes=args.cache_mb << 20,
         limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps),
+        ray=ray,
     )
 
 

@@ -19,7 +19,7 @@ def count_forwards(transformer: torch.nn.Module) -> tuple[list[int], object]:
 
 
 def test_engine_stops_within_one_step_of_cancellation(generator) -> None:  # type: ignore[no-untyped-def]
-    engine = generator.servicer.engine
+    engine = generator.servicer.worker.engine
     calls, handle = count_forwards(engine.pipe.transformer)
     cancelled = threading.Event()
 
@@ -42,7 +42,7 @@ def test_engine_stops_within_one_step_of_cancellation(generator) -> None:  # typ
 
 
 def test_cancelling_a_call_frees_the_replica(generator) -> None:  # type: ignore[no-untyped-def]
-    engine = generator.servicer.engine
+    engine = generator.servicer.worker.engine
     calls, handle = count_forwards(engine.pipe.transformer)
     address = f"127.0.0.1:{generator.port}"
 
@@ -131,7 +131,7 @@ def test_shutdown_stops_a_running_job(loop_thread, tiny_model_dir) -> None:  # t
     from zimage_split.client import Unavailable
 
     server = start_generator(loop_thread, tiny_model_dir, None)
-    calls, handle = count_forwards(server.servicer.engine.pipe.transformer)
+    calls, handle = count_forwards(server.servicer.worker.engine.pipe.transformer)
     started = threading.Event()
     outcome: list[BaseException] = []
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from google.protobuf.json_format import MessageToDict
@@ -18,10 +20,11 @@ from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
 from zimage_split.common import wire
-from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ZSplitError
+from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, ZSplitError
 from zimage_split.common.server import GRPC_OPTIONS
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
+T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
 
@@ -57,7 +60,9 @@ class AsyncClient:
         encoder: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        busy_retries: int = 0,
     ) -> None:
+        """`busy_retries`: how often `generate` retries, with backoff, when the generator is full."""
         if generator is None and encoder is None:
             raise InvalidArgument(
                 "Give at least one address: generator='host:port' and/or encoder='host:port'."
@@ -65,6 +70,7 @@ class AsyncClient:
         self.generator_address = generator
         self.encoder_address = encoder
         self.timeout = timeout
+        self.busy_retries = busy_retries
         self._channels: dict[str, aio.Channel] = {}
         self._encoder_model_id: str | None = None
 
@@ -195,6 +201,30 @@ class AsyncClient:
         if prompt is not None:
             request.prompt.text = prompt
         # An uploaded embedding may be evicted before Generate runs: upload again once and retry.
+        return await self._with_busy_retries(
+            lambda: self._generate_uploading(request, embeddings, negative_embeddings, on_progress, timeout)
+        )
+
+    async def _with_busy_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retries RESOURCE_EXHAUSTED up to `busy_retries` times, waiting the server's hint or backing off."""
+        for attempt in range(self.busy_retries + 1):
+            try:
+                return await call()
+            except ResourceExhausted as error:
+                if attempt == self.busy_retries:
+                    raise
+                backoff = min(30.0, max(error.retry_after_seconds or 0.0, 0.25 * 2**attempt))
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+        raise AssertionError("unreachable")
+
+    async def _generate_uploading(
+        self,
+        request: generator_pb2.GenerateRequest,
+        embeddings: EmbeddingLike | None,
+        negative_embeddings: EmbeddingLike | None,
+        on_progress: ProgressCallback | None,
+        timeout: float | None,
+    ) -> Image.Image:
         for attempt in range(2):
             if embeddings is not None:
                 request.prompt.embedding_key = await self.upload(embeddings, timeout=timeout)

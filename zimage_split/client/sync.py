@@ -41,8 +41,9 @@ class Client:
         encoder: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        busy_retries: int = 0,
     ) -> None:
-        self._async = AsyncClient(generator, encoder, timeout=timeout)
+        self._async = AsyncClient(generator, encoder, timeout=timeout, busy_retries=busy_retries)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zsplit-client", daemon=True)
         self._thread.start()

@@ -53,7 +53,7 @@ class GenerationJob:
     params: GenerationParams
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
-    on_step: Callable[[int, int], None] | None = None
+    on_step: Callable[..., None] | None = None  # on_step(step, total, replica="")
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
@@ -70,6 +70,20 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front needs to know about a loaded engine, without holding it (it may be in a Ray replica)."""
+
+    model_id: str
+    caption_dim: int
+    max_caption_tokens: int
+    size_multiple: int
+    dtype: torch.dtype
+    device: str
+    parameter_count: int
+    components: tuple[str, ...]
 
 
 class _AllCancelled(Exception):
@@ -119,14 +133,26 @@ class DiTEngine:
         self.size_multiple = self.pipe.vae_scale_factor * 2
 
     @property
-    def parameter_count(self) -> int:
-        return sum(
-            p.numel() for module in (self.pipe.transformer, self.pipe.vae) for p in module.parameters()
+    def info(self) -> EngineInfo:
+        modules = (self.pipe.transformer, self.pipe.vae)
+        return EngineInfo(
+            model_id=self.model_id,
+            caption_dim=self.caption_dim,
+            max_caption_tokens=self.max_caption_tokens,
+            size_multiple=self.size_multiple,
+            dtype=self.dtype,
+            device=str(self.device),
+            parameter_count=sum(p.numel() for module in modules for p in module.parameters()),
+            components=tuple(name for name, module in self.pipe.components.items() if module is not None),
         )
 
-    @property
-    def components(self) -> list[str]:
-        return [name for name, module in self.pipe.components.items() if module is not None]
+    def warm_up(self) -> None:
+        """One smallest-size, one-step image, so the first real request does not pay for lazy init."""
+        job = GenerationJob(
+            params=GenerationParams(width=64, height=64, steps=1, seed=0),
+            prompt_embeds=torch.zeros(4, self.caption_dim),
+        )
+        self.generate([job])
 
     def _embeds(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, dtype=self.pipe.transformer.dtype)

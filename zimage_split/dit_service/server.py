@@ -5,18 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
 from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, ZSplitError
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore
-from zimage_split.dit_service.engine import DiTEngine, GenerationJob, GenerationParams
+from zimage_split.dit_service.engine import DiTEngine
 from zimage_split.dit_service.servicer import GeneratorServicer
 from zimage_split.dit_service.validation import Limits
-from zimage_split.dit_service.worker import LocalWorker
+from zimage_split.dit_service.worker import LocalWorker, Worker
 from zimage_split.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -26,11 +24,25 @@ DEFAULT_PORT = 50052
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """`zsplit serve generator --ray-address ... --replicas ...`: run the replicas under Ray Serve."""
+
+    address: str = "local"  # "local" starts Ray in this process; "auto" or HOST:PORT joins a cluster
+    replicas: int | None = 1  # None ("auto"): one per GPU, growing as GPU hosts join the cluster
+    max_batch_size: int = 4
+    max_batch_wait_ms: float = 10.0
+    torch_threads: int = 0  # torch threads per replica; 0 keeps torch's default
+    cpus_per_replica: float = 1.0
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """Everything `zsplit serve generator` can set, resolved once."""
 
     model: str
     encoder: str | None = "127.0.0.1:50051"
+    # None: one in-process worker. Otherwise the replicas run under Ray Serve (see ray_pool.RayOptions).
+    ray: RayOptions | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     device: str = "auto"
@@ -57,23 +69,24 @@ class GeneratorServer:
             await self.servicer.store.encoder.close()
 
 
-def warm_up(engine: DiTEngine) -> None:
-    """One smallest-size, one-step image, so the first real request does not pay for lazy init."""
-    side = 64
-    job = GenerationJob(
-        params=GenerationParams(width=side, height=side, steps=1, seed=0),
-        prompt_embeds=torch.zeros(4, engine.caption_dim),
-    )
-    engine.generate([job])
-
-
 async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     source = resolve_model(config.model)
-    device = pick_device(config.device)
-    engine = DiTEngine(source, device=device, dtype=parse_dtype(config.dtype, device))
+    worker: Worker
+    if config.ray is None:
+        device = pick_device(config.device)
+        engine = DiTEngine(source, device=device, dtype=parse_dtype(config.dtype, device))
+        engine.warm_up()
+        worker = LocalWorker(engine, max_queue=config.max_queue)
+    else:
+        from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used
+
+        worker = await RayWorkerPool.start(
+            source, config.ray, device=config.device, dtype=config.dtype, max_queue=config.max_queue
+        )
+    info = worker.info
     limits = Limits(
         # The API promises multiples of 16 (the real model's need) even where a tiny VAE would take less.
-        size_multiple=max(config.limits.size_multiple, engine.size_multiple),
+        size_multiple=max(config.limits.size_multiple, info.size_multiple),
         min_side=config.limits.min_side,
         max_side=config.limits.max_side,
         max_pixels=config.limits.max_pixels,
@@ -83,8 +96,8 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     encoder = AsyncClient(generator=None, encoder=config.encoder) if config.encoder else None
     store = EmbeddingStore(
         encoder,
-        caption_dim=engine.caption_dim,
-        max_tokens=engine.max_caption_tokens,
+        caption_dim=info.caption_dim,
+        max_tokens=info.max_caption_tokens,
         cache_bytes=config.cache_bytes,
     )
     if encoder is not None:
@@ -97,22 +110,20 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
             logger.warning(
                 "Encoder not reachable yet (%s); prompts will be encoded once it is.", error.message
             )
-    servicer = GeneratorServicer(
-        LocalWorker(engine, max_queue=config.max_queue), store, limits, config.encoder or ""
-    )
+    servicer = GeneratorServicer(worker, store, limits, config.encoder or "")
     running = await start_server(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),
         (SERVICE_NAME,),
         config.host,
         config.port,
     )
-    warm_up(engine)
     await running.set_serving()
     logger.info(
-        "Generator %s on %s (%s) listening on %s:%d, encoder %s",
+        "Generator %s on %s (%s%s) listening on %s:%d, encoder %s",
         source.model_id,
-        device,
-        engine.dtype,
+        info.device,
+        info.dtype,
+        f", Ray Serve at {config.ray.address}" if config.ray else "",
         config.host,
         running.port,
         config.encoder or "none",

@@ -18,7 +18,7 @@ from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.dit_service.embedding_store import EmbeddingStore
 from zimage_split.dit_service.engine import GenerationJob
 from zimage_split.dit_service.validation import Limits, validate_params
-from zimage_split.dit_service.worker import LocalWorker
+from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
 
@@ -32,10 +32,10 @@ def _conditioning(message: generator_pb2.Conditioning, what: str) -> tuple[str, 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(
-        self, worker: LocalWorker, store: EmbeddingStore, limits: Limits, encoder_address: str = ""
+        self, worker: Worker, store: EmbeddingStore, limits: Limits, encoder_address: str = ""
     ) -> None:
         self.worker = worker
-        self.engine = worker.engine
+        self.info = worker.info
         self.store = store
         self.limits = limits
         self.encoder_address = encoder_address
@@ -47,9 +47,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             cancelled.set()
 
     def _job_parts(self, request: generator_pb2.GenerateRequest):  # type: ignore[no-untyped-def]
-        if request.model and request.model != self.engine.model_id:
+        if request.model and request.model != self.info.model_id:
             raise NotFound(
-                f"This generator serves {self.engine.model_id!r}, not {request.model!r}. "
+                f"This generator serves {self.info.model_id!r}, not {request.model!r}. "
                 "Send the request to a generator started with that --model, or leave `model` empty."
             )
         params = validate_params(
@@ -91,12 +91,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
 
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, int] | object] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, int, str] | object] = asyncio.Queue()
         cancelled = threading.Event()
         self._active.add(cancelled)
 
-        def on_step(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (step, total))
+        def on_step(step: int, total: int, replica: str = "") -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (step, total, replica))
 
         job = GenerationJob(
             params=params,
@@ -105,20 +105,24 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             on_step=on_step,
             is_cancelled=cancelled.is_set,
         )
-        task = asyncio.ensure_future(self.worker.run(job))
+        task = asyncio.ensure_future(self.worker.run(job, request_id=request.request_id))
         task.add_done_callback(lambda _: events.put_nowait(_DONE))
         try:
             while (event := await events.get()) is not _DONE:
-                step, total = cast(tuple[int, int], event)
+                step, total, replica = cast(tuple[int, int, str], event)
                 yield generator_pb2.GenerateResponse(
                     progress=generator_pb2.Progress(
-                        step=step, total_steps=total, elapsed_seconds=time.perf_counter() - received
+                        step=step,
+                        total_steps=total,
+                        elapsed_seconds=time.perf_counter() - received,
+                        replica=replica,
                     )
                 )
             result = await task
         finally:
             # Reached on client cancel, deadline or error: the engine stops before its next step.
             cancelled.set()
+            task.cancel()  # a no-op once done; a Ray worker passes it on to the replica
             self._active.discard(cancelled)
             # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -143,8 +147,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     decode_seconds=image.decode_seconds,
                     total_seconds=time.perf_counter() - received,
                 ),
-                model_id=self.engine.model_id,
+                model_id=self.info.model_id,
                 replica=result.replica,
+                batch_size=result.batch_size,
                 prompt_key=positive_embedding.key,
                 negative_prompt_key=negative_embedding.key if negative_embedding else "",
             )
@@ -177,13 +182,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     ) -> generator_pb2.InfoResponse:
         cache = self.store.cache
         return generator_pb2.InfoResponse(
-            model_id=self.engine.model_id,
-            caption_dim=self.engine.caption_dim,
-            dtype=wire.dtype_to_proto(self.engine.dtype),  # type: ignore[arg-type]
-            device=str(self.engine.device),
+            model_id=self.info.model_id,
+            caption_dim=self.info.caption_dim,
+            dtype=wire.dtype_to_proto(self.info.dtype),  # type: ignore[arg-type]
+            device=self.info.device,
             encoder_address=self.encoder_address,
-            parameter_count=self.engine.parameter_count,
-            components=self.engine.components,
+            parameter_count=self.info.parameter_count,
+            components=list(self.info.components),
             max_pixels=self.limits.max_pixels,
             max_steps=self.limits.max_steps,
             embedding_cache_hits=cache.hits,

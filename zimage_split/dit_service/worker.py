@@ -1,4 +1,7 @@
-"""Runs DiTEngine jobs one at a time on a dedicated thread, with a bounded queue."""
+"""Runs DiTEngine jobs one at a time on a dedicated thread, with a bounded queue (the in-process worker).
+
+`RayWorkerPool` (ray_pool.py) has the same contract: `info`, `run(job, request_id=...)`, `close()`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,20 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from zimage_split.common.errors import Cancelled, ResourceExhausted
-from zimage_split.dit_service.engine import DiTEngine, GeneratedImage, GenerationJob
+from zimage_split.dit_service.engine import DiTEngine, EngineInfo, GeneratedImage, GenerationJob
+
+
+class Worker(Protocol):
+    """What the servicer needs from whatever runs the engine: in this process, or Ray replicas."""
+
+    info: EngineInfo
+
+    async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -18,6 +32,8 @@ class WorkerResult:
     image: GeneratedImage
     queue_seconds: float
     replica: str
+    # How many requests shared the denoising loop that made this image.
+    batch_size: int = 1
 
 
 class LocalWorker:
@@ -27,6 +43,7 @@ class LocalWorker:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (got {max_queue}).")
         self.engine = engine
+        self.info: EngineInfo = engine.info
         self.max_queue = max_queue
         self.name = f"{socket.gethostname()}/pid{os.getpid()}/{engine.device}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
@@ -46,7 +63,7 @@ class LocalWorker:
             raise Cancelled("The request was cancelled.")
         return image, queue_seconds
 
-    async def run(self, job: GenerationJob) -> WorkerResult:
+    async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult:
         if self._outstanding >= self.max_queue:
             raise ResourceExhausted(
                 f"The generator queue is full ({self._outstanding} requests waiting or running); retry later.",

@@ -1,0 +1,187 @@
+"""The generator front's view of a Ray Serve deployment of DiT replicas; same contract as LocalWorker.
+
+Routing (to the replica with the fewest requests in flight), batching, restarts and autoscaling are
+Serve's. This module adds what the service promises on top: embeddings put once in the object store,
+retries on another replica when one dies, idempotent request ids, and typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from zimage_split.common.errors import ResourceExhausted, Unavailable
+from zimage_split.dit_service.engine import EngineInfo, GenerationJob
+from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
+from zimage_split.dit_service.server import RayOptions
+from zimage_split.dit_service.worker import WorkerResult
+from zimage_split.model_source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "zsplit-generator"
+MAX_ATTEMPTS = 3
+
+
+def connect(address: str) -> bool:
+    """Joins or starts Ray; returns True if this process started it (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        return True
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as error:
+        raise Unavailable(
+            f"Cannot join the Ray cluster at {address!r}: {error}. Start it with `ray start --head` "
+            "(or pass --ray-address local to run Ray inside this process)."
+        ) from error
+    return False
+
+
+class RayWorkerPool:
+    def __init__(self, handle: Any, info: EngineInfo, *, max_queue: int, owns_ray: bool) -> None:
+        self.handle = handle
+        self.info = info
+        self.max_queue = max_queue
+        self._owns_ray = owns_ray
+        # One object-store copy per cached embedding tensor; dropped when the cache drops the tensor.
+        self._refs: weakref.WeakKeyDictionary[torch.Tensor, Any] = weakref.WeakKeyDictionary()
+        self._in_flight: dict[str, asyncio.Future[WorkerResult]] = {}
+
+    @classmethod
+    async def start(
+        cls, source: ModelSource, options: RayOptions, *, device: str, dtype: str, max_queue: int
+    ) -> RayWorkerPool:
+        """Joins or starts Ray, deploys the replicas and waits until they have loaded the model."""
+        # Ray's set-up calls block; run them off the event loop.
+        handle, owns_ray = await asyncio.to_thread(
+            cls._deploy, source, options, device=device, dtype=dtype, max_queue=max_queue
+        )
+        info, _ = await handle.info.remote()
+        return cls(handle, info, max_queue=max_queue, owns_ray=owns_ray)
+
+    @staticmethod
+    def _deploy(
+        source: ModelSource, options: RayOptions, *, device: str, dtype: str, max_queue: int
+    ) -> tuple[Any, bool]:
+        import ray
+        from ray import serve
+
+        owns_ray = connect(options.address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if options.replicas is None and gpus == 0:
+            raise Unavailable(
+                "--replicas auto makes one replica per GPU, but the Ray cluster has no GPUs. "
+                "Pass --replicas N for N CPU replicas."
+            )
+        use_gpu = gpus > 0 and device != "cpu"
+        application = build_deployment(
+            source,
+            device=device,
+            dtype=dtype,
+            replicas=options.replicas,
+            gpus_per_replica=1.0 if use_gpu else 0.0,
+            cpus_per_replica=options.cpus_per_replica,
+            torch_threads=options.torch_threads,
+            max_batch_size=options.max_batch_size,
+            max_batch_wait_seconds=options.max_batch_wait_ms / 1000,
+            max_queue=max_queue,
+        )
+        serve.start(http_options={"location": "NoServer"})
+        handle = serve.run(application, name=APP_NAME, route_prefix=None)
+        logger.info("Ray Serve application %s is running", APP_NAME)
+        return handle, owns_ray
+
+    def _object_ref(self, tensor: torch.Tensor | None) -> Any:
+        import ray
+
+        if tensor is None:
+            return None
+        ref = self._refs.get(tensor)
+        if ref is None:
+            ref = self._refs[tensor] = ray.put(tensor)
+        return ref
+
+    async def replica_states(self) -> list[dict[str, Any]]:
+        """Asks each live replica for its counters (used by tests and `Info`)."""
+        from ray import serve
+
+        status = serve.status().applications[APP_NAME].deployments["DiTReplica"]
+        count = sum(status.replica_states.values())
+        replies = await asyncio.gather(*(self.handle.info.remote() for _ in range(count * 4)))
+        return list({state["pid"]: state for _, state in replies}.values())
+
+    async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult:
+        """Runs the job on some replica; a repeated request_id joins the run already in flight."""
+        if request_id and request_id in self._in_flight:
+            return await asyncio.shield(self._in_flight[request_id])
+        future: asyncio.Future[WorkerResult] = asyncio.ensure_future(self._run_with_retries(job, request_id))
+        if request_id:
+            self._in_flight[request_id] = future
+            future.add_done_callback(lambda _: self._in_flight.pop(request_id, None))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    async def _run_with_retries(self, job: GenerationJob, request_id: str) -> WorkerResult:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        replica_job = ReplicaJob(
+            request_id=request_id,
+            params=job.params,
+            prompt_embeds=self._object_ref(job.prompt_embeds),
+            negative_prompt_embeds=self._object_ref(job.negative_prompt_embeds),
+        )
+        last_step = 0
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            stream = self.handle.options(stream=True, method_name="generate").remote(replica_job)
+            try:
+                async for event in stream:
+                    if isinstance(event, ReplicaProgress):
+                        # After a retry the new replica starts over; report only new progress.
+                        if event.step > last_step and job.on_step is not None:
+                            last_step = event.step
+                            job.on_step(event.step, event.total, event.replica)
+                    elif isinstance(event, ReplicaImage):
+                        return WorkerResult(
+                            image=event.image,
+                            queue_seconds=event.queue_seconds,
+                            replica=event.replica,
+                            batch_size=event.batch_size,
+                        )
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+            except BackPressureError:
+                raise ResourceExhausted(
+                    f"All generator replicas are busy (more than {self.max_queue} requests queued); retry later.",
+                    retry_after_seconds=1.0,
+                ) from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
+                logger.warning("Replica died during request %s (attempt %d): %s", request_id, attempt, error)
+                await asyncio.sleep(0.2 * attempt)
+                continue
+            raise Unavailable(f"Request {request_id} ended without an image; retry it.")
+        raise Unavailable(f"Replicas kept failing during request {request_id} ({MAX_ATTEMPTS} attempts).")
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            if self._owns_ray:
+                serve.shutdown()
+                ray.shutdown()

@@ -1,0 +1,200 @@
+"""One DiT + VAE replica as a Ray Serve deployment: compatible requests share one batched denoising loop.
+
+Each replica process loads a DiTEngine once. `generate(job)` streams progress events and then the image;
+`@serve.batch` gathers concurrent calls, which are grouped by `GenerationParams.batch_key` and run group
+after group. No gRPC here: the generator's grpc.aio front calls this through a DeploymentHandle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import serve
+
+from zimage_split.dit_service.engine import (
+    DiTEngine,
+    EngineInfo,
+    GeneratedImage,
+    GenerationJob,
+    GenerationParams,
+)
+from zimage_split.model_source import ModelSource
+
+
+@dataclass(frozen=True)
+class ReplicaJob:
+    """What travels from the front to a replica. Embeddings are ObjectRefs, put once in the object store."""
+
+    request_id: str
+    params: GenerationParams
+    prompt_embeds: Any  # ray.ObjectRef[torch.Tensor] or a tensor
+    negative_prompt_embeds: Any = None
+
+
+@dataclass(frozen=True)
+class ReplicaProgress:
+    step: int
+    total: int
+    replica: str
+
+
+@dataclass(frozen=True)
+class ReplicaImage:
+    image: GeneratedImage
+    replica: str
+    queue_seconds: float
+    batch_size: int
+
+
+async def _resolve(value: Any) -> torch.Tensor | None:
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return await value  # an ObjectRef: fetched from the object store, shared by every replica
+
+
+class DiTReplica:
+    """The Serve deployment class; `build_deployment` sets its resources and batching."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str,
+        dtype: str,
+        torch_threads: int,
+        max_batch_size: int,
+        max_batch_wait_seconds: float,
+    ) -> None:
+        from zimage_split.devices import parse_dtype, pick_device
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        resolved = pick_device(device)
+        self.engine = DiTEngine(source, device=resolved, dtype=parse_dtype(dtype, resolved))
+        self.engine.warm_up()
+        self.name = f"{socket.gethostname()}/pid{os.getpid()}/{resolved}"
+        self.steps_run = 0
+        self.batches_run = 0
+        self._run_batch.set_max_batch_size(max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(max_batch_wait_seconds)
+
+    def info(self) -> tuple[EngineInfo, dict[str, Any]]:
+        return self.engine.info, {
+            "replica": self.name,
+            "pid": os.getpid(),
+            "steps_run": self.steps_run,
+            "batches_run": self.batches_run,
+        }
+
+    async def generate(self, job: ReplicaJob) -> AsyncIterator[ReplicaProgress | ReplicaImage]:
+        cancelled = threading.Event()
+        try:
+            async for event in self._run_batch(job, cancelled, time.perf_counter()):
+                if event is not None:
+                    yield event
+        finally:
+            # Serve raises CancelledError here when the caller cancels: the engine stops after this step.
+            cancelled.set()
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _run_batch(
+        self, jobs: list[ReplicaJob], flags: list[threading.Event], received: list[float]
+    ) -> AsyncIterator[list[ReplicaProgress | ReplicaImage | None]]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            groups[job.params.batch_key].append(index)
+        for indices in groups.values():
+            async for event in self._run_group(jobs, flags, received, indices):
+                yield event
+
+    async def _run_group(
+        self, jobs: list[ReplicaJob], flags: list[threading.Event], received: list[float], indices: list[int]
+    ) -> AsyncIterator[list[ReplicaProgress | ReplicaImage | None]]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, int, int] | None] = asyncio.Queue()
+
+        def reporter(index: int):  # type: ignore[no-untyped-def]
+            def on_step(step: int, total: int) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (index, step, total))
+
+            return on_step
+
+        engine_jobs = [
+            GenerationJob(
+                params=jobs[i].params,
+                prompt_embeds=await _resolve(jobs[i].prompt_embeds),  # type: ignore[arg-type]
+                negative_prompt_embeds=await _resolve(jobs[i].negative_prompt_embeds),
+                on_step=reporter(i),
+                is_cancelled=flags[i].is_set,
+            )
+            for i in indices
+        ]
+        started = time.perf_counter()
+        task = asyncio.ensure_future(asyncio.to_thread(self.engine.generate, engine_jobs))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        while (event := await events.get()) is not None:
+            index, step, total = event
+            if index == indices[0]:
+                self.steps_run += 1
+            out: list[ReplicaProgress | ReplicaImage | None] = [None] * len(jobs)
+            out[index] = ReplicaProgress(step, total, self.name)
+            yield out
+        try:
+            images = await task
+        except Exception:
+            if all(flags[i].is_set() for i in indices):
+                return  # every caller of this group is gone
+            raise
+        self.batches_run += 1
+        results: list[ReplicaProgress | ReplicaImage | None] = [None] * len(jobs)
+        for i, image in zip(indices, images, strict=True):
+            if image is not None:
+                results[i] = ReplicaImage(image, self.name, started - received[i], len(indices))
+        yield results
+
+
+def build_deployment(
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    replicas: int | None,
+    gpus_per_replica: float,
+    cpus_per_replica: float,
+    torch_threads: int,
+    max_batch_size: int,
+    max_batch_wait_seconds: float,
+    max_queue: int,
+):  # type: ignore[no-untyped-def]
+    """A bound Serve application: `replicas` fixed, or None for one per GPU, scaling with the cluster."""
+    if replicas is None:
+        # Serve places a replica wherever a GPU is free; a GPU host that joins later gets one too.
+        scaling: dict[str, Any] = {
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 1024,
+                "initial_replicas": 1,
+                "target_ongoing_requests": max_batch_size,
+            }
+        }
+    else:
+        scaling = {"num_replicas": replicas}
+    deployment = serve.deployment(
+        DiTReplica,
+        name="DiTReplica",
+        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
+        max_ongoing_requests=max_batch_size * 2,
+        max_queued_requests=max_queue,
+        health_check_period_s=2,
+        graceful_shutdown_timeout_s=5,
+        **scaling,
+    )
+    return deployment.bind(source, device, dtype, torch_threads, max_batch_size, max_batch_wait_seconds)
