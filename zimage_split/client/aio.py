@@ -286,6 +286,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "guidance_scale": header.guidance_scale,
         "model_id": header.model_id,
         "replica": header.replica,
+        "batch_size": header.batch_size,
         "sha256": header.sha256,
         "prompt_key": header.prompt_key,
         "timings": {

@@ -111,13 +111,18 @@ class RayWorkerPool:
         return ref
 
     async def replica_states(self) -> list[dict[str, Any]]:
-        """Asks each live replica for its counters (used by tests and `Info`)."""
+        """Each live replica's counters. Serve picks the replica per call, so ask until all have answered."""
         from ray import serve
 
         status = serve.status().applications[APP_NAME].deployments["DiTReplica"]
-        count = sum(status.replica_states.values())
-        replies = await asyncio.gather(*(self.handle.info.remote() for _ in range(count * 4)))
-        return list({state["pid"]: state for _, state in replies}.values())
+        running = status.replica_states.get("RUNNING", 0)
+        states: dict[int, dict[str, Any]] = {}
+        for _ in range(running * 10):
+            _, state = await self.handle.info.remote()
+            states[state["pid"]] = state
+            if len(states) >= running:
+                break
+        return list(states.values())
 
     async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult:
         """Runs the job on some replica; a repeated request_id joins the run already in flight."""
