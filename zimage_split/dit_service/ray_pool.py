@@ -88,6 +88,7 @@ class RayWorkerPool:
             device=device,
             dtype=dtype,
             replicas=options.replicas,
+            gpu_count=int(gpus),
             gpus_per_replica=1.0 if use_gpu else 0.0,
             cpus_per_replica=options.cpus_per_replica,
             torch_threads=options.torch_threads,

@@ -167,6 +167,7 @@ def build_deployment(
     device: str,
     dtype: str,
     replicas: int | None,
+    gpu_count: int,
     gpus_per_replica: float,
     cpus_per_replica: float,
     torch_threads: int,
@@ -176,12 +177,13 @@ def build_deployment(
 ):  # type: ignore[no-untyped-def]
     """A bound Serve application: `replicas` fixed, or None for one per GPU, scaling with the cluster."""
     if replicas is None:
-        # Serve places a replica wherever a GPU is free; a GPU host that joins later gets one too.
+        # One replica per GPU now; under load Serve adds replicas wherever a GPU is free, so a GPU host
+        # that joins the cluster later gets one too, with no config change.
         scaling: dict[str, Any] = {
             "autoscaling_config": {
-                "min_replicas": 1,
+                "min_replicas": max(1, gpu_count),
+                "initial_replicas": max(1, gpu_count),
                 "max_replicas": 1024,
-                "initial_replicas": 1,
                 "target_ongoing_requests": max_batch_size,
             }
         }
