@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ray.add_argument("--max-batch-size", type=int, default=4, help="requests per batched denoising loop (4)")
     ray.add_argument("--max-batch-wait-ms", type=float, default=10.0, help="wait for a batch to fill (10)")
-    ray.add_argument("--torch-threads", type=int, default=0, help="torch threads per replica (0 = default)")
+    ray.add_argument(
+        "--torch-threads", type=int, default=0, help="torch threads per replica (0: one per reserved CPU)"
+    )
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica (1)")
 
     generate = commands.add_parser("generate", help="make one image")

@@ -194,3 +194,42 @@ def test_unknown_model_fails_fast_with_a_hint(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "NOT_FOUND" in result.stderr and "--model tiny" in result.stderr
+
+
+def test_generator_with_ray_replicas_from_the_command_line(tiny_model_dir: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *ZSPLIT,
+            "serve",
+            "generator",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--encoder",
+            "none",
+            "--ray-address",
+            "local",
+            "--replicas",
+            "2",
+            "--cpus-per-replica",
+            "0.5",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until_serving(port, process, timeout=180)
+        import torch
+
+        with Client(generator=f"127.0.0.1:{port}") as client:
+            images = [
+                client.generate(embeddings=torch.randn(6, 16), seed=i, width=64, height=64, steps=2)
+                for i in range(4)
+            ]
+        assert all(image.info["replica"] for image in images)
+    finally:
+        code = stop(process)
+    assert code == 0, "the generator stops Ray and exits cleanly on SIGTERM"

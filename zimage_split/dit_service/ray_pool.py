@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -150,6 +151,7 @@ class RayWorkerPool:
             negative_prompt_embeds=self._object_ref(job.negative_prompt_embeds),
         )
         last_step = 0
+        dispatched = time.perf_counter()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             stream = self.handle.options(stream=True, method_name="generate").remote(replica_job)
             try:
@@ -160,9 +162,12 @@ class RayWorkerPool:
                             last_step = event.step
                             job.on_step(event.step, event.total, event.replica)
                     elif isinstance(event, ReplicaImage):
+                        # Everything but the replica's own work: Serve's queue, the batch wait, transfers,
+                        # and any attempt lost to a dead replica.
+                        busy = event.image.denoise_seconds + event.image.decode_seconds
                         return WorkerResult(
                             image=event.image,
-                            queue_seconds=event.queue_seconds,
+                            queue_seconds=max(0.0, time.perf_counter() - dispatched - busy),
                             replica=event.replica,
                             batch_size=event.batch_size,
                         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ class RayOptions:
     replicas: int | None = 1  # None ("auto"): one per GPU, growing as GPU hosts join the cluster
     max_batch_size: int = 4
     max_batch_wait_ms: float = 10.0
-    torch_threads: int = 0  # torch threads per replica; 0 keeps torch's default
+    torch_threads: int = 0  # torch threads per replica; 0 keeps Ray's default (one per reserved CPU)
     cpus_per_replica: float = 1.0
 
 
@@ -64,7 +65,7 @@ class GeneratorServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.running.stop(grace)
         self.servicer.cancel_all()
-        self.servicer.worker.close()
+        await asyncio.to_thread(self.servicer.worker.close)  # Ray's shutdown blocks for seconds
         if self.servicer.store.encoder is not None:
             await self.servicer.store.encoder.close()
 
