@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
-from zimage_split.common.errors import InvalidArgument, ZSplitError
+from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore
@@ -79,7 +79,12 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         engine.warm_up()
         worker = LocalWorker(engine, max_queue=config.max_queue)
     else:
-        from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used
+        try:
+            from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used
+        except ImportError as error:
+            raise Unavailable(
+                f"--ray-address needs Ray ({error}); install it with `pip install 'zimage-split[ray]'`."
+            ) from error
 
         worker = await RayWorkerPool.start(
             source, config.ray, device=config.device, dtype=config.dtype, max_queue=config.max_queue
