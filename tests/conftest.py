@@ -95,3 +95,28 @@ def reference_pipeline(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def cancel_after_first_step(address: str, embedding: Any) -> None:
+    """Starts a 100-step 512x512 generation, cancels the call on its first progress event, and checks it."""
+    from zimage_split.client import AsyncClient
+
+    async def run() -> None:
+        first_step = asyncio.Event()
+        async with AsyncClient(generator=address) as client:
+            task = asyncio.ensure_future(
+                client.generate(
+                    embeddings=embedding,
+                    steps=100,
+                    width=512,
+                    height=512,
+                    seed=0,
+                    on_progress=lambda step, total: first_step.set(),
+                )
+            )
+            await asyncio.wait_for(first_step.wait(), 60)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import cancel_after_first_step
 from zimage_split.client import AsyncClient, Client, DeadlineExceeded
 from zimage_split.common.errors import Cancelled
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
@@ -46,26 +47,8 @@ def test_cancelling_a_call_frees_the_replica(generator) -> None:  # type: ignore
     calls, handle = count_forwards(engine.pipe.transformer)
     address = f"127.0.0.1:{generator.port}"
 
-    async def cancel_after_first_step() -> None:
-        first_step = asyncio.Event()
-        async with AsyncClient(generator=address) as client:
-            task = asyncio.ensure_future(
-                client.generate(
-                    embeddings=torch.randn(5, 16),
-                    steps=100,
-                    width=512,
-                    height=512,
-                    seed=0,
-                    on_progress=lambda step, total: first_step.set(),
-                )
-            )
-            await asyncio.wait_for(first_step.wait(), 60)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
     try:
-        asyncio.run(cancel_after_first_step())
+        cancel_after_first_step(address, torch.randn(5, 16))
         # The worker thread is single: once this tiny job runs, the cancelled one has returned.
         with Client(generator=address) as client:
             client.generate(embeddings=torch.randn(5, 16), steps=1, width=64, height=64, seed=0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import start_generator
+from tests.conftest import cancel_after_first_step, start_generator
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import AsyncClient, Client, ResourceExhausted
 from zimage_split.dit_service.server import RayOptions
@@ -158,24 +158,7 @@ def test_cancellation_reaches_the_replica(ray_generator) -> None:  # type: ignor
 
     before = steps_run()
 
-    async def cancel_after_first_step() -> None:
-        first = asyncio.Event()
-        async with AsyncClient(generator=address(ray_generator)) as client:
-            task = asyncio.ensure_future(
-                client.generate(
-                    embeddings=embedding(5, 0),
-                    steps=100,
-                    width=512,
-                    height=512,
-                    on_progress=lambda s, t: first.set(),
-                )
-            )
-            await asyncio.wait_for(first.wait(), 60)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-    asyncio.run(cancel_after_first_step())
+    cancel_after_first_step(address(ray_generator), embedding(5, 0))
     time.sleep(3)
     settled = steps_run()
     time.sleep(2)
