@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import cancel_after_first_step
 from zimage_split.client import AsyncClient, Client, DeadlineExceeded
-from zimage_split.common.errors import Cancelled
+from zimage_split.common.errors import Cancelled, InvalidArgument
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 
 
@@ -142,3 +142,30 @@ def test_shutdown_stops_a_running_job(loop_thread, tiny_model_dir) -> None:  # t
     assert outcome and isinstance(outcome[0], Unavailable | Cancelled), outcome
     assert len(calls) < 50, f"{len(calls)} of 100 steps ran after shutdown began"
     assert stop_seconds < 10
+
+
+def test_a_retried_request_id_gets_the_same_image_without_running_again(client) -> None:  # type: ignore[no-untyped-def]
+    embedding = torch.randn(5, 16)
+    steps: list[int] = []
+    first = client.generate(
+        embeddings=embedding,
+        width=64,
+        height=64,
+        steps=3,
+        request_id="retry-me",
+        on_progress=lambda s, t: steps.append(s),
+    )
+    again = client.generate(
+        embeddings=embedding,
+        width=64,
+        height=64,
+        steps=3,
+        request_id="retry-me",
+        on_progress=lambda s, t: steps.append(s),
+    )
+    assert steps == [1, 2, 3], "the retry streamed no progress: nothing ran again"
+    assert again.info == first.info  # same seed (server-picked), same timings: the stored result
+    assert np.array_equal(np.asarray(again), np.asarray(first))
+
+    with pytest.raises(InvalidArgument, match="already used for a different request"):
+        client.generate(embeddings=embedding, width=64, height=64, steps=4, request_id="retry-me")

@@ -50,6 +50,8 @@ class GeneratorConfig:
     dtype: str = "auto"
     max_queue: int = 32
     cache_bytes: int = 2 << 30
+    # Finished images kept by request_id, so a retried request is answered without running again.
+    completed_cache_bytes: int = 128 << 20
     limits: Limits = field(default_factory=Limits)
 
 
@@ -116,7 +118,9 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
             logger.warning(
                 "Encoder not reachable yet (%s); prompts will be encoded once it is.", error.message
             )
-    servicer = GeneratorServicer(worker, store, limits, config.encoder or "")
+    servicer = GeneratorServicer(
+        worker, store, limits, config.encoder or "", completed_bytes=config.completed_cache_bytes
+    )
     running = await start_server(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),
         (SERVICE_NAME,),

@@ -7,7 +7,8 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import cast
 
 from grpc import aio
@@ -15,12 +16,30 @@ from grpc import aio
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument, NotFound
+from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.dit_service.embedding_store import EmbeddingStore
 from zimage_split.dit_service.engine import GenerationJob
 from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
+
+
+@dataclass(frozen=True)
+class CompletedImage:
+    """A finished Generate, kept so that a retry with the same request_id gets the same image back."""
+
+    fingerprint: str
+    header: generator_pb2.ImageHeader
+    png: bytes
+
+
+def request_fingerprint(request: generator_pb2.GenerateRequest) -> str:
+    """Identifies what was asked, apart from the request_id itself."""
+    unnamed = generator_pb2.GenerateRequest()
+    unnamed.CopyFrom(request)
+    unnamed.request_id = ""
+    return hashlib.sha256(unnamed.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _conditioning(message: generator_pb2.Conditioning, what: str) -> tuple[str, str]:
@@ -32,7 +51,13 @@ def _conditioning(message: generator_pb2.Conditioning, what: str) -> tuple[str, 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(
-        self, worker: Worker, store: EmbeddingStore, limits: Limits, encoder_address: str = ""
+        self,
+        worker: Worker,
+        store: EmbeddingStore,
+        limits: Limits,
+        encoder_address: str = "",
+        *,
+        completed_bytes: int = 128 << 20,
     ) -> None:
         self.worker = worker
         self.info = worker.info
@@ -40,6 +65,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.limits = limits
         self.encoder_address = encoder_address
         self._active: set[threading.Event] = set()
+        # Images by request_id: a client that lost the response and retries gets the same image, not a new run.
+        self.completed: ByteBoundedLRU[CompletedImage] = ByteBoundedLRU(
+            completed_bytes, lambda done: len(done.png) + done.header.ByteSize()
+        )
 
     def cancel_all(self) -> None:
         """Stops every running job before its next step (used at shutdown, after the grace period)."""
@@ -81,6 +110,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
         received = time.perf_counter()
+        fingerprint = request_fingerprint(request) if request.request_id else ""
+        if request.request_id and (done := self.completed.get(request.request_id)) is not None:
+            if done.fingerprint != fingerprint:
+                raise InvalidArgument(
+                    f"request_id {request.request_id!r} was already used for a different request; "
+                    "give every distinct request its own request_id."
+                )
+            for response in _image_responses(done.header, done.png):
+                yield response
+            return
         params, prompt, negative, max_length = self._job_parts(request)
         # The caller's deadline also bounds the call to the encoder.
         positive_embedding, negative_embedding = await self.store.resolve_pair(
@@ -128,34 +167,33 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
         image = result.image
-        png = memoryview(image.png)
-        yield generator_pb2.GenerateResponse(
-            image=generator_pb2.ImageHeader(
-                request_id=request.request_id,
-                seed=params.seed,
-                width=image.width,
-                height=image.height,
-                steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                format="png",
-                byte_length=len(image.png),
-                sha256=hashlib.sha256(png).hexdigest(),
-                timings=generator_pb2.Timings(
-                    queue_seconds=result.queue_seconds,
-                    encode_seconds=encode_seconds,
-                    denoise_seconds=image.denoise_seconds,
-                    decode_seconds=image.decode_seconds,
-                    total_seconds=time.perf_counter() - received,
-                ),
-                model_id=self.info.model_id,
-                replica=result.replica,
-                batch_size=result.batch_size,
-                prompt_key=positive_embedding.key,
-                negative_prompt_key=negative_embedding.key if negative_embedding else "",
-            )
+        header = generator_pb2.ImageHeader(
+            request_id=request.request_id,
+            seed=params.seed,
+            width=image.width,
+            height=image.height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            format="png",
+            byte_length=len(image.png),
+            sha256=hashlib.sha256(image.png).hexdigest(),
+            timings=generator_pb2.Timings(
+                queue_seconds=result.queue_seconds,
+                encode_seconds=encode_seconds,
+                denoise_seconds=image.denoise_seconds,
+                decode_seconds=image.decode_seconds,
+                total_seconds=time.perf_counter() - received,
+            ),
+            model_id=self.info.model_id,
+            replica=result.replica,
+            batch_size=result.batch_size,
+            prompt_key=positive_embedding.key,
+            negative_prompt_key=negative_embedding.key if negative_embedding else "",
         )
-        for chunk in wire.iter_chunks(png):
-            yield generator_pb2.GenerateResponse(image_chunk=chunk)
+        if request.request_id:
+            self.completed.put(request.request_id, CompletedImage(fingerprint, header, image.png))
+        for response in _image_responses(header, image.png):
+            yield response
 
     async def UploadEmbedding(
         self,
@@ -195,3 +233,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             embedding_cache_misses=cache.misses,
             embedding_cache_bytes=cache.bytes,
         )
+
+
+def _image_responses(
+    header: generator_pb2.ImageHeader, png: bytes
+) -> Iterator[generator_pb2.GenerateResponse]:
+    yield generator_pb2.GenerateResponse(image=header)
+    for chunk in wire.iter_chunks(memoryview(png)):
+        yield generator_pb2.GenerateResponse(image_chunk=chunk)
