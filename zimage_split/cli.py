@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--max-queue", type=int, default=32, help="requests waiting or running (32)")
     generator.add_argument("--cache-mb", type=int, default=2048, help="embedding cache size in MiB (2048)")
     generator.add_argument(
+        "--embedding-store",
+        metavar="DIR",
+        help="also keep embeddings on disk in DIR (safetensors named by key), so a restart or an encoder "
+        "outage does not lose them",
+    )
+    generator.add_argument(
         "--result-cache-mb",
         type=int,
         default=128,
@@ -189,6 +195,7 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_queue=args.max_queue,
         cache_bytes=args.cache_mb << 20,
         completed_cache_bytes=args.result_cache_mb << 20,
+        embedding_store=args.embedding_store,
         limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps),
         ray=ray,
     )

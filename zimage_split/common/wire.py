@@ -77,6 +77,15 @@ def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
     return meta, payload
 
 
+def embedding_key(meta: TensorMeta) -> str:
+    """Content key of a tensor (the generator's key for an upload): sha256 over dtype, shape and bytes' sha256.
+
+    Built from the checksum the wire already computes, so neither side hashes the bytes twice, and a
+    client can tell which key an upload will get before sending it.
+    """
+    return hashlib.sha256(f"{DTYPE_NAMES[meta.dtype]}|{list(meta.shape)}|{meta.sha256}".encode()).hexdigest()
+
+
 def iter_chunks(payload: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     for start in range(0, payload.nbytes, chunk_bytes):
         yield bytes(payload[start : start + chunk_bytes])

@@ -13,7 +13,7 @@ import torch
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, NotFound, Unavailable
 from zimage_split.common.lru import ByteBoundedLRU
-from zimage_split.common.wire import DTYPE_NAMES
+from zimage_split.common.wire import TensorMeta, describe, embedding_key
 from zimage_split.dit_service.validation import validate_embedding
 
 
@@ -26,10 +26,8 @@ class Embedding:
 
 
 def tensor_key(tensor: torch.Tensor) -> str:
-    """Key of an uploaded embedding: sha256 over dtype, shape and bytes."""
-    digest = hashlib.sha256(f"{DTYPE_NAMES[tensor.dtype]}|{list(tensor.shape)}|".encode())
-    digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-    return digest.hexdigest()
+    """Key of an uploaded embedding (see wire.embedding_key)."""
+    return embedding_key(describe(tensor)[0])
 
 
 class EmbeddingStore:
@@ -40,6 +38,7 @@ class EmbeddingStore:
         caption_dim: int,
         max_tokens: int,
         cache_bytes: int,
+        disk_dir: str | None = None,
     ) -> None:
         self.encoder = encoder
         self.caption_dim = caption_dim
@@ -105,9 +104,10 @@ class EmbeddingStore:
             )
         return Embedding(tensor, key)
 
-    def add_upload(self, tensor: torch.Tensor) -> str:
+    def add_upload(self, tensor: torch.Tensor, meta: TensorMeta | None = None) -> str:
+        """Keeps a received tensor; `meta` is its verified wire header, which saves hashing it again."""
         tensor = self.check(tensor, "The uploaded embedding")
-        key = tensor_key(tensor)
+        key = embedding_key(meta) if meta is not None else tensor_key(tensor)
         self.cache.put(key, tensor)
         return key
 

@@ -50,6 +50,8 @@ class GeneratorConfig:
     dtype: str = "auto"
     max_queue: int = 32
     cache_bytes: int = 2 << 30
+    # A folder of <key>.safetensors embeddings behind the in-memory cache; survives restarts.
+    embedding_store: str | None = None
     # Finished images kept by request_id, so a retried request is answered without running again.
     completed_cache_bytes: int = 128 << 20
     limits: Limits = field(default_factory=Limits)
@@ -107,6 +109,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         caption_dim=info.caption_dim,
         max_tokens=info.max_caption_tokens,
         cache_bytes=config.cache_bytes,
+        disk_dir=config.embedding_store,
     )
     if encoder is not None:
         try:
