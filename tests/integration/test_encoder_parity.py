@@ -68,25 +68,30 @@ def test_repeated_prompts_hit_the_cache_and_keys_are_stable(encoder_fp32) -> Non
     assert int(after["prompts_encoded"]) == int(before.get("prompts_encoded", 0)) + 1
 
 
-def test_concurrent_requests_are_batched(loop_thread, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    server = start_encoder(loop_thread, tiny_model_dir, dtype="float32", max_batch_wait_ms=200)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_concurrent_requests_are_batched_and_bit_identical_to_alone(
+    loop_thread, tiny_model_dir, dtype
+) -> None:  # type: ignore[no-untyped-def]
+    server = start_encoder(loop_thread, tiny_model_dir, dtype=dtype, max_batch_wait_ms=200)
     address = f"127.0.0.1:{server.port}"
+    prompts = [f"prompt number {i}" for i in range(6)] + ["a longer prompt, with more tokens", "short"]
 
     async def burst() -> list:
         async with AsyncClient(generator=None, encoder=address) as client:
-            return await asyncio.gather(*(client.encode([f"prompt number {i}"]) for i in range(8)))
+            return await asyncio.gather(*(client.encode([prompt]) for prompt in prompts))
 
     try:
         results = asyncio.run(burst())
         with Client(generator=None, encoder=address) as client:
             info = client.encoder_info()
-            alone = client.encode(["prompt number 3"], max_sequence_length=511)[0]  # new key: computed alone
+            # A new max length gives new keys, so these are computed again, one pass each.
+            alone = [client.encode([prompt], max_sequence_length=511)[0] for prompt in prompts]
     finally:
         loop_thread.run(server.stop(grace=0))
     assert len(results) == 8 and int(info["prompts_encoded"]) == 8
-    assert int(info["forward_passes"]) < 8
-    batched = results[3][0].tensor
-    assert (batched - alone.tensor).abs().max().item() <= 1e-5
+    assert int(info["forward_passes"]) < 8, "equal-length prompts shared a forward pass"
+    for batched, single in zip(results, alone, strict=True):
+        assert torch.equal(batched[0].tensor, single.tensor), "batching must not change a single bit"
 
 
 def test_layers_after_the_returned_one_are_not_loaded(encoder_fp32, reference_pipeline) -> None:  # type: ignore[no-untyped-def]

@@ -68,6 +68,7 @@ class TextEncoder:
         self.model = model.to(device).eval()
         self.hidden_size = int(model.config.hidden_size)
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.forward_passes = 0
         if self.pad_token_id is None:
             raise InvalidArgument(
                 f"The tokenizer of {self.model_id} has no pad token; it is not a Qwen3 tokenizer."
@@ -139,23 +140,32 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
-        """One forward pass over right-padded prompts; returns each prompt's valid rows on the CPU."""
-        if not prompts:
-            return []
-        longest = max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids)
-            attention_mask[row, : len(prompt.input_ids)] = 1
+        """Returns each prompt's hidden states on the CPU; prompts of equal token count share a forward pass.
+
+        Padding a shorter prompt changes the last bits of its hidden states (the kernels see other
+        shapes), so prompts of different lengths never share a pass: an embedding is bit-identical
+        whether it was encoded alone or in a batch, and a prompt gives the same image either way.
+        """
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt.input_ids), []).append(index)
+        results: list[torch.Tensor | None] = [None] * len(prompts)
+        for indices in by_length.values():
+            group = [prompts[i] for i in indices]
+            for index, hidden in zip(indices, self._forward(group), strict=True):
+                results[index] = hidden
+        return results  # type: ignore[return-value]
+
+    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+        input_ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
         outputs = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            attention_mask=torch.ones_like(input_ids).to(self.device),
             output_hidden_states=True,
             use_cache=False,
         )
-        results = []
-        for row, prompt in enumerate(prompts):
-            hidden = outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer]
-            results.append(hidden[row, : len(prompt.input_ids)].to("cpu").clone())
-        return results
+        self.forward_passes += 1
+        return [
+            outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][row].to("cpu").clone()
+            for row, prompt in enumerate(prompts)
+        ]

@@ -124,6 +124,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     truncated=item.prompt.truncated,
                     cache_hit=item.cache_hit,
                     encode_seconds=item.encode_seconds,
+                    formatted_text=item.prompt.formatted_text,
+                    hidden_layer=item.prompt.hidden_layer,
+                    max_sequence_length=item.prompt.max_sequence_length,
                 )
             )
             for chunk in wire.iter_chunks(payload):
@@ -143,7 +146,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             cache_hits=self.cache.hits,
             cache_misses=self.cache.misses,
             prompts_encoded=self.prompts_encoded,
-            forward_passes=self.batcher.batches_run,
+            forward_passes=self.encoder.forward_passes,
             parameter_count=self.encoder.parameter_count,
             components=["tokenizer", "text_encoder"],
         )
