@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -117,14 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica (1)")
 
-    generate = commands.add_parser("generate", help="make one image")
-    generate.add_argument("prompt")
-    generate.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
+    generate = commands.add_parser(
+        "generate",
+        help="make one image from a prompt, or a batch from an embeddings file",
+        description="One image: zsplit generate PROMPT -o out.png. A batch: zsplit generate --embeddings "
+        "embeds.safetensors --seeds 0-7 --sizes 1024x1024,768x1344 --out-dir out/ (re-run it to resume).",
+    )
+    generate.add_argument("prompt", nargs="?", help="the prompt (or use --embeddings)")
+    generate.add_argument("-o", "--output", default=None, help="image file to write (default out.png)")
     generate.add_argument("--generator", default=_env("ZSPLIT_GENERATOR", None), help="generator HOST:PORT")
     generate.add_argument(
         "--encoder", default=_env("ZSPLIT_ENCODER", None), help="encoder HOST:PORT (for a local generator)"
     )
     _add_model(generate)
+    generate.set_defaults(model=None)  # resolved later: a batch defaults to its embeddings' model
     generate.add_argument(
         "--seed", type=int, default=None, help="random if unset; printed and stored in the PNG"
     )
@@ -136,6 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (600)")
     generate.add_argument("--device", default="auto", help="device for services started locally")
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    batch = generate.add_argument_group("batch from an embeddings file (made by zsplit encode)")
+    batch.add_argument("--embeddings", metavar="FILE", help="safetensors file from `zsplit encode`")
+    batch.add_argument("--seeds", default="0", help="seeds per prompt: '0-7', '42' or '0,5,9' (0)")
+    batch.add_argument("--sizes", default=None, help="WIDTHxHEIGHT list, e.g. 1024x1024,768x1344 (1024x1024)")
+    batch.add_argument("--out-dir", default="out", help="folder for the images and manifest.jsonl (out)")
+    batch.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight, spread over the replicas (8)"
+    )
+    batch.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="accept embeddings whose model id differs from the generator's (e.g. hub id vs local copy)",
+    )
+
+    encode = commands.add_parser(
+        "encode",
+        help="encode a prompt file once into one safetensors file",
+        description="zsplit encode --prompts prompts.txt -o embeds.safetensors [--encoder HOST:PORT | --model M]",
+    )
+    encode.add_argument(
+        "--prompts", required=True, metavar="FILE", help="one prompt per line (.txt), or .jsonl lines"
+    )
+    encode.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    encode.add_argument(
+        "--encoder", default=_env("ZSPLIT_ENCODER", None), help="encoder HOST:PORT (default: run one here)"
+    )
+    _add_model(encode)
+    encode.add_argument("--device", default="auto", help="device for an encoder started here")
+    encode.add_argument("--dtype", default="bfloat16", help="dtype for an encoder started here (bfloat16)")
+    encode.add_argument("--max-sequence-length", type=int, default=None, help="tokens kept per prompt (512)")
+    encode.add_argument("--timeout", type=float, default=600.0, help="seconds per encoder call (600)")
+    encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     tiny = commands.add_parser("make-tiny-model", help="write the offline random model to DIR")
     tiny.add_argument("directory")
@@ -202,13 +238,15 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 @asynccontextmanager
-async def local_services(model: str, device: str, encoder: str | None) -> AsyncIterator[str]:
-    """Starts a generator (and an encoder unless one is given) on loopback; yields the generator address."""
+async def local_services(
+    model: str, device: str, encoder: str | None, *, start_encoder: bool = True
+) -> AsyncIterator[str]:
+    """Starts a generator (and an encoder unless one is given or not wanted) on loopback; yields its address."""
     from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
     from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
 
     encoder_server = None
-    if encoder is None:
+    if encoder is None and start_encoder:
         encoder_server = await start_encoder_server(EncoderConfig(model=model, port=0, device=device))
         encoder = f"127.0.0.1:{encoder_server.port}"
     try:
@@ -224,32 +262,19 @@ async def local_services(model: str, device: str, encoder: str | None) -> AsyncI
             await encoder_server.stop(grace=1)
 
 
-def write_png_atomically(image, path: Path, metadata: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
-    """Writes beside the target and renames, so a crash never leaves a half-written image."""
-    from PIL.PngImagePlugin import PngInfo
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = PngInfo()
-    text.add_text("zimage-split", json.dumps(metadata, sort_keys=True))
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 async def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from zimage_split.batch_jobs import png_bytes, write_file_atomically
     from zimage_split.client.aio import AsyncClient
 
-    output = Path(args.output)
+    if args.embeddings:
+        return await _generate_batch(args)
+    if args.prompt is None:
+        raise InvalidArgument(
+            'Give a prompt (zsplit generate "a red fox"), or --embeddings FILE for a batch.'
+        )
+    output = Path(args.output or "out.png")
     if output.suffix.lower() != ".png":
         raise InvalidArgument(f"--output {output} must end in .png; PNG is the only format written.")
     bars: list[tqdm] = []  # created on the first step, after any local services have loaded
@@ -278,7 +303,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 on_progress=on_progress,
             )
         close_bar()
-        write_png_atomically(image, output, dict(image.info))
+        write_file_atomically(output, png_bytes(image, image.info))
         timings = image.info["timings"]
         print(
             f"wrote {output} ({image.width}x{image.height}, seed {image.info['seed']}, "
@@ -291,10 +316,130 @@ async def _generate(args: argparse.Namespace) -> int:
         if args.generator:
             await run(args.generator)
         else:
-            async with local_services(args.model, args.device, args.encoder) as address:
+            model = str(args.model or _env("ZSPLIT_MODEL", DEFAULT_MODEL))
+            async with local_services(model, args.device, args.encoder) as address:
                 await run(address)
     finally:
         close_bar()
+    return 0
+
+
+async def _generate_batch(args: argparse.Namespace) -> int:
+    """Every prompt of an embeddings file x seeds x sizes into --out-dir; a re-run resumes."""
+    from tqdm import tqdm
+
+    from zimage_split.batch_jobs import BatchSettings, run_batch
+    from zimage_split.client.aio import AsyncClient
+    from zimage_split.client.batch import parse_seeds, parse_sizes
+    from zimage_split.client.embeddings import Embeddings, check_for_generator
+
+    conflicting = [
+        flag
+        for flag, value in (
+            ("a prompt", args.prompt),
+            ("--output", args.output),
+            ("--seed", args.seed),
+            ("--width", args.width),
+            ("--height", args.height),
+        )
+        if value is not None
+    ]
+    if conflicting:
+        raise InvalidArgument(
+            f"--embeddings makes a batch; drop {', '.join(conflicting)} and use --seeds, --sizes and --out-dir."
+        )
+    embeddings = Embeddings.load(args.embeddings)  # checks every tensor before any DiT work
+    seeds = parse_seeds(args.seeds)
+    sizes = parse_sizes(args.sizes or "1024x1024")
+    settings = BatchSettings(steps=args.steps, guidance_scale=args.guidance_scale)
+    out_dir = Path(args.out_dir)
+    bars: list[tqdm] = []  # made once the generator is up, so loading the model does not count
+
+    def on_start(planned: int, done: int) -> None:
+        bars.append(tqdm(total=planned, initial=done, desc="images", unit="img", disable=args.no_progress))
+        if done:
+            print(
+                f"{done} of {planned} images already in {out_dir} (verified); making the rest",
+                file=sys.stderr,
+            )
+
+    async def run(address: str) -> None:
+        async with AsyncClient(generator=address, timeout=args.timeout, busy_retries=100) as client:
+            check_for_generator(
+                embeddings, await client.generator_info(), allow_other_model=args.allow_other_model
+            )
+            report = await run_batch(
+                client,
+                embeddings,
+                out_dir,
+                seeds=seeds,
+                sizes=sizes,
+                settings=settings,
+                concurrency=args.concurrency,
+                on_image=lambda entry: bars[0].update(1),
+                on_start=on_start,
+            )
+        close_bars()
+        print(
+            f"{report.planned} images in {out_dir} ({report.already_done} already there, {report.made} made "
+            f"in {report.seconds:.1f}s); manifest: {out_dir / 'manifest.jsonl'}"
+        )
+
+    def close_bars() -> None:
+        for bar in bars:
+            bar.close()
+
+    try:
+        if args.generator:
+            await run(args.generator)
+        else:
+            # No encoder at all: the embeddings are all there is to condition on.
+            model = args.model or _env("ZSPLIT_MODEL", None) or embeddings.model_id
+            async with local_services(model, args.device, None, start_encoder=False) as address:
+                await run(address)
+    finally:
+        close_bars()
+    return 0
+
+
+async def _encode(args: argparse.Namespace) -> int:
+    """A prompt file -> one safetensors file of embeddings, one tensor per prompt."""
+    from tqdm import tqdm
+
+    from zimage_split.batch_jobs import encode_prompts, read_prompt_file
+    from zimage_split.client.aio import AsyncClient
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".safetensors":
+        raise InvalidArgument(f"--output {output} must end in .safetensors.")
+    prompts = read_prompt_file(Path(args.prompts), warn=lambda message: print(message, file=sys.stderr))
+
+    async def run(address: str) -> None:
+        with tqdm(total=len(prompts), desc="encoding", unit="prompt", disable=args.no_progress) as bar:
+            async with AsyncClient(generator=None, encoder=address, timeout=args.timeout) as client:
+                embeddings = await encode_prompts(
+                    client, prompts, max_sequence_length=args.max_sequence_length, on_encoded=bar.update
+                )
+        embeddings.save(output)
+        tokens = sum(item.token_count for item in embeddings)
+        truncated = sum(item.truncated for item in embeddings)
+        print(
+            f"wrote {len(embeddings)} embeddings ({tokens} tokens, {truncated} truncated) of "
+            f"{embeddings.model_id} to {output}"
+        )
+
+    if args.encoder:
+        await run(args.encoder)
+        return 0
+    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+
+    server = await start_encoder_server(
+        EncoderConfig(model=args.model, port=0, device=args.device, dtype=args.dtype)
+    )
+    try:
+        await run(f"127.0.0.1:{server.port}")
+    finally:
+        await server.stop(grace=1)
     return 0
 
 
@@ -326,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve_generator(_generator_config(args)))
             return 0
+        if args.command == "encode":
+            return asyncio.run(_encode(args))
         return asyncio.run(_generate(args))
     except ZSplitError as error:
         print(f"zsplit: error ({error.code}): {error.message}", file=sys.stderr)

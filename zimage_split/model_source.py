@@ -34,12 +34,17 @@ def how_to_get(model: str) -> str:
 
 
 def resolve_model(model: str) -> ModelSource:
-    """Turns the user's --model value into a ModelSource, building the tiny model if asked for."""
-    if model in ("tiny", "bench"):
+    """Turns the user's --model value into a ModelSource, building the tiny model if asked for.
+
+    The built-in random models answer to their model ids too ("zimage-split/tiny"), so a model id
+    read back from an embeddings file resolves.
+    """
+    size = model.removeprefix("zimage-split/")
+    if size in ("tiny", "bench"):
         from zimage_split.tiny_model import cached_tiny_model
 
-        path = cached_tiny_model(model)
-        return ModelSource(location=str(path), model_id=f"zimage-split/{model}")
+        path = cached_tiny_model(size)
+        return ModelSource(location=str(path), model_id=f"zimage-split/{size}")
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():

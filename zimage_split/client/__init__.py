@@ -1,6 +1,7 @@
 """The zimage-split SDK: `Client` (blocking) and `AsyncClient` (asyncio), with typed errors."""
 
 from zimage_split.client.aio import AsyncClient
+from zimage_split.client.batch import ImageJob, JobResult
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.sync import Client
 from zimage_split.common.errors import (
@@ -22,8 +23,10 @@ __all__ = [
     "DataLoss",
     "DeadlineExceeded",
     "Embeddings",
+    "ImageJob",
     "Internal",
     "InvalidArgument",
+    "JobResult",
     "NotFound",
     "PromptEmbedding",
     "ResourceExhausted",

@@ -7,7 +7,7 @@ import hashlib
 import io
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 
 from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
 from zimage_split.common import wire
@@ -73,6 +74,8 @@ class AsyncClient:
         self.busy_retries = busy_retries
         self._channels: dict[str, aio.Channel] = {}
         self._encoder_model_id: str | None = None
+        # Keys of embeddings this client has uploaded to the generator: sent once, not with every request.
+        self._uploaded: set[str] = set()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -140,8 +143,14 @@ class AsyncClient:
 
     async def upload(self, embedding: EmbeddingLike, *, timeout: float | None = None) -> str:
         """Sends one embedding to the generator in chunks; returns the key Generate accepts."""
+        return await self._upload(embedding, timeout=timeout, again=True)
+
+    async def _upload(self, embedding: EmbeddingLike, *, timeout: float | None, again: bool) -> str:
+        """Uploads unless this client already did (`again` forces it, after the generator lost it)."""
         tensor, content_key = _single_tensor(embedding, "embedding")
         meta, payload = wire.describe(tensor)
+        if not again and wire.embedding_key(meta) in self._uploaded:
+            return wire.embedding_key(meta)
 
         async def messages() -> AsyncIterator[generator_pb2.UploadEmbeddingRequest]:
             header = generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta), content_key=content_key)
@@ -153,6 +162,7 @@ class AsyncClient:
             reply = await self._generator().UploadEmbedding(messages(), timeout=timeout or self.timeout)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        self._uploaded.add(reply.embedding_key)
         return reply.embedding_key
 
     async def generate(
@@ -205,6 +215,68 @@ class AsyncClient:
             lambda: self._generate_uploading(request, embeddings, negative_embeddings, on_progress, timeout)
         )
 
+    async def generate_many(
+        self,
+        embeddings: Embeddings | Sequence[PromptEmbedding],
+        *,
+        seeds: Iterable[int],
+        sizes: Iterable[tuple[int, int]] = ((1024, 1024),),
+        jobs: Sequence[ImageJob] | None = None,
+        concurrency: int = 8,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_embeddings: EmbeddingLike | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[JobResult, None]:
+        """Generates every prompt x size x seed from embeddings encoded once; yields results as they finish.
+
+        Each prompt's embedding is uploaded once. Up to `concurrency` requests run at a time, so the
+        generator's replicas all get work. `jobs` (from batch.plan_jobs) replaces the full plan, e.g. to
+        skip images already made. Each job has a deterministic request id, so a resumed batch can be
+        answered from the generator's store of finished images.
+        """
+        items = list(embeddings)
+        planned = list(jobs) if jobs is not None else plan_jobs(len(items), seeds, sizes)
+        if concurrency < 1:
+            raise InvalidArgument(f"concurrency must be >= 1 (got {concurrency}).")
+        for job in planned:
+            if not 0 <= job.prompt_index < len(items):
+                raise InvalidArgument(f"{job} names a prompt outside the {len(items)} embeddings.")
+        options = {"steps": steps, "guidance_scale": guidance_scale}
+        queue: asyncio.Queue[JobResult | BaseException] = asyncio.Queue()
+        waiting = iter(planned)
+
+        async def work() -> None:
+            for job in waiting:  # shared iterator: each job is taken by exactly one worker
+                item = items[job.prompt_index]
+                try:
+                    image = await self.generate(
+                        embeddings=item,
+                        negative_embeddings=negative_embeddings,
+                        seed=job.seed,
+                        width=job.width,
+                        height=job.height,
+                        request_id=job_request_id(_key_of(item), job, options),
+                        timeout=timeout,
+                        **options,  # type: ignore[arg-type]
+                    )
+                except Exception as error:  # handed to the consumer, which stops the batch
+                    await queue.put(error)
+                    return
+                await queue.put(JobResult(job, image))
+
+        workers = [asyncio.ensure_future(work()) for _ in range(min(concurrency, len(planned)))]
+        try:
+            for _ in planned:
+                result = await queue.get()
+                if isinstance(result, BaseException):
+                    raise result
+                yield result
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
     async def _with_busy_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retries RESOURCE_EXHAUSTED up to `busy_retries` times, waiting the server's hint or backing off."""
         for attempt in range(self.busy_retries + 1):
@@ -227,10 +299,12 @@ class AsyncClient:
     ) -> Image.Image:
         for attempt in range(2):
             if embeddings is not None:
-                request.prompt.embedding_key = await self.upload(embeddings, timeout=timeout)
+                request.prompt.embedding_key = await self._upload(
+                    embeddings, timeout=timeout, again=attempt > 0
+                )
             if negative_embeddings is not None:
-                request.negative_prompt.embedding_key = await self.upload(
-                    negative_embeddings, timeout=timeout
+                request.negative_prompt.embedding_key = await self._upload(
+                    negative_embeddings, timeout=timeout, again=attempt > 0
                 )
             try:
                 return await self._generate_once(request, on_progress, timeout)
@@ -275,6 +349,13 @@ class AsyncClient:
         return image
 
 
+def _key_of(item: PromptEmbedding | torch.Tensor) -> str:
+    if isinstance(item, PromptEmbedding) and item.content_key:
+        return item.content_key
+    tensor = item.tensor if isinstance(item, PromptEmbedding) else item
+    return wire.embedding_key(wire.describe(tensor)[0])
+
+
 def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
     timings = header.timings
     return {
@@ -315,6 +396,9 @@ async def read_embedding_stream(
                 token_count=header.token_count,
                 truncated=header.truncated,
                 cache_hit=header.cache_hit,
+                formatted_text=header.formatted_text,
+                hidden_layer=header.hidden_layer,
+                max_sequence_length=header.max_sequence_length,
             )
         )
 

@@ -1,11 +1,28 @@
-"""Prompt embeddings as the SDK hands them out: tensors plus the encoder's description of them."""
+"""Prompt embeddings as the SDK hands them out, and their file: one safetensors file, one tensor per prompt.
+
+The file's header metadata describes every prompt (text, formatted text, content key, model, layer, max
+length, dtype, token count, truncation) and holds each tensor's sha256, so a file made on one machine
+(say, a Mac running the encoder) can be checked before any DiT work on another. No pickle anywhere.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from zimage_split.common import wire
+from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
+
+FILE_FORMAT = "zimage-split/embeddings"
+FILE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -18,10 +35,16 @@ class PromptEmbedding:
     token_count: int
     truncated: bool
     cache_hit: bool = False
+    formatted_text: str = ""
+    hidden_layer: int = -2
+    max_sequence_length: int = 512
 
 
 class Embeddings(Sequence[PromptEmbedding]):
-    """The result of `encode(prompts)`: one PromptEmbedding per prompt, in order."""
+    """The result of `encode(prompts)`: one PromptEmbedding per prompt, in order.
+
+    `save(path)` writes them to one safetensors file; `Embeddings.load(path)` reads and checks it.
+    """
 
     def __init__(self, items: Sequence[PromptEmbedding], *, model_id: str = "") -> None:
         self._items = list(items)
@@ -38,3 +61,153 @@ class Embeddings(Sequence[PromptEmbedding]):
 
     def __repr__(self) -> str:
         return f"Embeddings({len(self)} prompts, model_id={self.model_id!r})"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._items[0].tensor.shape[-1]) if self._items else 0
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes one safetensors file atomically: a crash leaves the old file or none, never half of one."""
+        from safetensors.torch import save_file
+
+        if not self._items:
+            raise InvalidArgument("There are no embeddings to save; encode at least one prompt.")
+        target = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        prompts: list[dict[str, Any]] = []
+        for index, item in enumerate(self._items):
+            name = f"prompt.{index:06d}"
+            meta, _ = wire.describe(item.tensor)
+            tensors[name] = item.tensor.detach().to("cpu").contiguous()
+            prompts.append(
+                {
+                    "tensor": name,
+                    "text": item.text,
+                    "formatted_text": item.formatted_text,
+                    "content_key": item.content_key,
+                    "model_id": self.model_id,
+                    "hidden_layer": item.hidden_layer,
+                    "max_sequence_length": item.max_sequence_length,
+                    "dtype": wire.DTYPE_NAMES[meta.dtype],
+                    "token_count": item.token_count,
+                    "truncated": item.truncated,
+                    "sha256": meta.sha256,
+                }
+            )
+        metadata = {
+            "format": FILE_FORMAT,
+            "format_version": str(FILE_FORMAT_VERSION),
+            "model_id": self.model_id,
+            "hidden_size": str(self.hidden_size),
+            "prompts": json.dumps(prompts, ensure_ascii=False),
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(descriptor)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Embeddings:
+        """Reads a file written by `save` (or `zsplit encode`) and checks every tensor's shape, dtype and sha256."""
+        from safetensors import SafetensorError, safe_open
+
+        source = Path(path)
+        if not source.is_file():
+            raise NotFound(f"No embeddings file at {source}. Make one with `zsplit encode -o {source}`.")
+        try:
+            with safe_open(str(source), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                _check_format(metadata, source)
+                prompts = _prompt_entries(metadata, source)
+                tensors = {entry["tensor"]: handle.get_tensor(entry["tensor"]) for entry in prompts}
+        except SafetensorError as error:
+            raise DataLoss(
+                f"{source} is not a readable safetensors file ({error}); it may be truncated or corrupted. "
+                "Make it again with `zsplit encode`."
+            ) from None
+        items = [_checked_item(entry, tensors[entry["tensor"]], metadata, source) for entry in prompts]
+        return cls(items, model_id=metadata.get("model_id", ""))
+
+
+def _check_format(metadata: dict[str, str], source: Path) -> None:
+    if metadata.get("format") != FILE_FORMAT:
+        raise InvalidArgument(
+            f"{source} is a safetensors file but not a zimage-split embeddings file (no "
+            f"format={FILE_FORMAT!r} in its header). Make one with `zsplit encode`."
+        )
+    if metadata.get("format_version") != str(FILE_FORMAT_VERSION):
+        raise InvalidArgument(
+            f"{source} has embeddings-file version {metadata.get('format_version')!r}; this zimage-split "
+            f"reads version {FILE_FORMAT_VERSION}. Re-encode it with this version's `zsplit encode`."
+        )
+
+
+def _prompt_entries(metadata: dict[str, str], source: Path) -> list[dict[str, Any]]:
+    try:
+        prompts = json.loads(metadata["prompts"])
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("no prompts")
+        for entry in prompts:
+            for field in ("tensor", "text", "content_key", "dtype", "token_count", "sha256"):
+                if field not in entry:
+                    raise ValueError(f"a prompt has no {field!r}")
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataLoss(
+            f"The prompt list in {source}'s header is damaged ({error}). Make the file again with `zsplit encode`."
+        ) from None
+    return prompts
+
+
+def _checked_item(
+    entry: dict[str, Any], tensor: torch.Tensor, metadata: dict[str, str], source: Path
+) -> PromptEmbedding:
+    where = f"{source}, prompt {entry['tensor']} ({entry['text'][:40]!r})"
+    hidden_size = int(metadata.get("hidden_size", tensor.shape[-1]))
+    expected_shape = (int(entry["token_count"]), hidden_size)
+    if tuple(tensor.shape) != expected_shape or wire.DTYPE_NAMES.get(tensor.dtype) != entry["dtype"]:
+        raise DataLoss(
+            f"{where}: tensor is {list(tensor.shape)} {tensor.dtype}, but the header says "
+            f"{list(expected_shape)} {entry['dtype']}. Make the file again with `zsplit encode`."
+        )
+    if hashlib.sha256(wire.payload_view(tensor)).hexdigest() != entry["sha256"]:
+        raise DataLoss(
+            f"{where}: the tensor bytes do not match their sha256; the file is corrupted. Make it again."
+        )
+    return PromptEmbedding(
+        text=entry["text"],
+        content_key=entry["content_key"],
+        tensor=tensor,
+        token_count=int(entry["token_count"]),
+        truncated=bool(entry.get("truncated", False)),
+        formatted_text=entry.get("formatted_text", ""),
+        hidden_layer=int(entry.get("hidden_layer", -2)),
+        max_sequence_length=int(entry.get("max_sequence_length", 512)),
+    )
+
+
+def check_for_generator(
+    embeddings: Embeddings, generator_info: dict[str, Any], *, allow_other_model: bool = False
+) -> None:
+    """Refuses embeddings the generator cannot use, before any DiT work: wrong hidden size or model."""
+    caption_dim = int(generator_info.get("caption_dim", 0))
+    generator_model = str(generator_info.get("model_id", ""))
+    if embeddings.hidden_size != caption_dim:
+        raise InvalidArgument(
+            f"These embeddings have hidden size {embeddings.hidden_size} (from {embeddings.model_id!r}), but the "
+            f"generator's DiT ({generator_model!r}) takes {caption_dim}. Encode the prompts with the text "
+            "encoder of the generator's model."
+        )
+    if not allow_other_model and embeddings.model_id and embeddings.model_id != generator_model:
+        raise InvalidArgument(
+            f"These embeddings were encoded for {embeddings.model_id!r}, but the generator serves "
+            f"{generator_model!r}. Encode with `--model {generator_model}`, or pass --allow-other-model if both "
+            "name the same weights (a hub id and a local copy of it)."
+        )

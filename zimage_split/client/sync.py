@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
+from zimage_split.client.batch import JobResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +65,22 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def generate_many(self, *args: Any, **kwargs: Any) -> Iterator[JobResult]:
+        """Same as AsyncClient.generate_many, as a blocking iterator."""
+        results = self._async.generate_many(*args, **kwargs)
+
+        async def next_result() -> JobResult:
+            return await anext(results)
+
+        try:
+            while True:
+                try:
+                    yield self._run(next_result())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(results.aclose())
 
     encode = _blocking(AsyncClient.encode)
     upload = _blocking(AsyncClient.upload)

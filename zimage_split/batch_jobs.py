@@ -1,0 +1,256 @@
+"""`zsplit encode` and `zsplit generate --embeddings`: encode each prompt once, then make every image.
+
+A batch writes images under deterministic names with atomic renames, and records each one in a JSONL
+manifest (parameters, timings, sha256). Re-running the same command skips images that are on disk and
+match their manifest line, so a job killed at any moment resumes with every image made exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zimage_split.client.aio import AsyncClient
+from zimage_split.client.batch import ImageJob, JobResult, plan_jobs
+from zimage_split.client.embeddings import Embeddings, PromptEmbedding
+from zimage_split.common.errors import InvalidArgument, NotFound
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+PROMPTS_PER_ENCODE_CALL = 32
+
+
+def read_prompt_file(path: Path, warn: Callable[[str], None] = logger.warning) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (a string, or an object with "prompt", per line).
+
+    Empty lines are skipped, with a warning naming them; invalid UTF-8 or JSON is an error naming the line.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"No prompt file at {path}.") from None
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    prompts: list[str] = []
+    empty: list[int] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidArgument(
+                f"{path}, line {number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at column "
+                f"{error.start + 1}). Save the file as UTF-8."
+            ) from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not text.strip():
+            empty.append(number)
+            continue
+        prompts.append(_jsonl_prompt(text, path, number) if is_jsonl else text)
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        warn(f"{path}: skipped {len(empty)} empty line(s) (line {shown}); every other line is one prompt.")
+    if not prompts:
+        raise InvalidArgument(f"{path} has no prompts; write one prompt per line.")
+    return prompts
+
+
+def _jsonl_prompt(text: str, path: Path, number: int) -> str:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidArgument(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+    if isinstance(value, dict):
+        value = value.get("prompt")
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f'{path}, line {number}: each JSONL line must be a string or an object with a "prompt" string.'
+        )
+    return value
+
+
+async def encode_prompts(
+    client: AsyncClient,
+    prompts: list[str],
+    *,
+    max_sequence_length: int | None = None,
+    on_encoded: Callable[[int], None] = lambda count: None,
+) -> Embeddings:
+    """Encodes in calls of PROMPTS_PER_ENCODE_CALL prompts; `on_encoded(n)` after each call."""
+    items: list[PromptEmbedding] = []
+    model_id = ""
+    for start in range(0, len(prompts), PROMPTS_PER_ENCODE_CALL):
+        part = await client.encode(
+            prompts[start : start + PROMPTS_PER_ENCODE_CALL], max_sequence_length=max_sequence_length
+        )
+        items.extend(part)
+        model_id = part.model_id
+        on_encoded(len(part))
+    return Embeddings(items, model_id=model_id)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Writes beside the target, syncs, and renames: a crash leaves the old file or none, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image: Any, metadata: dict[Any, Any]) -> bytes:
+    """The image as PNG, with our metadata in a text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("zimage-split", json.dumps(metadata, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=text)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    steps: int | None
+    guidance_scale: float | None
+
+    def matches(self, entry: dict[str, Any]) -> bool:
+        return all(
+            value is None or entry.get(name) == value
+            for name, value in (("steps", self.steps), ("guidance_scale", self.guidance_scale))
+        )
+
+
+class Manifest:
+    """out_dir/manifest.jsonl: one line per finished image, appended and synced as each one lands."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.path = out_dir / MANIFEST_NAME
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def load_verified(self, embeddings: Embeddings, settings: BatchSettings) -> int:
+        """Keeps the lines whose image is on disk with the recorded sha256 and the same inputs.
+
+        Rewrites the manifest with just those (a line cut short by a kill is dropped), and removes
+        temporary files a killed run left behind. Returns how many images are already done.
+        """
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.out_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                name = entry["file"]
+                prompt = embeddings[int(entry["prompt_index"])]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+                continue  # a line cut short by a kill, or one from another job
+            if entry.get("content_key") != prompt.content_key or not settings.matches(entry):
+                continue
+            image = self.out_dir / name
+            if image.is_file() and hashlib.sha256(image.read_bytes()).hexdigest() == entry.get("sha256"):
+                self.entries[name] = entry
+        write_file_atomically(
+            self.path, "".join(json.dumps(entry) + "\n" for entry in self.entries.values()).encode()
+        )
+        return len(self.entries)
+
+    def is_done(self, job: ImageJob) -> bool:
+        return job.file_name in self.entries
+
+    def record(self, result: JobResult, prompt: PromptEmbedding) -> dict[str, Any]:
+        """Writes the image atomically, then appends and syncs its manifest line."""
+        job, info = result.job, result.image.info
+        data = png_bytes(result.image, info)
+        write_file_atomically(self.out_dir / job.file_name, data)
+        entry = {
+            "file": job.file_name,
+            "prompt_index": job.prompt_index,
+            "prompt": prompt.text,
+            "content_key": prompt.content_key,
+            "seed": job.seed,
+            "width": job.width,
+            "height": job.height,
+            "steps": info.get("steps"),
+            "guidance_scale": info.get("guidance_scale"),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "request_id": info.get("request_id"),
+            "model_id": info.get("model_id"),
+            "replica": info.get("replica"),
+            "batch_size": info.get("batch_size"),
+            "timings": info.get("timings"),
+            "finished_at": time.time(),
+        }
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.entries[job.file_name] = entry
+        return entry
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    planned: int
+    already_done: int
+    made: int
+    seconds: float
+    dit_seconds: float  # sum of denoise + decode of the images made now
+
+
+async def run_batch(
+    client: AsyncClient,
+    embeddings: Embeddings,
+    out_dir: Path,
+    *,
+    seeds: list[int],
+    sizes: list[tuple[int, int]],
+    settings: BatchSettings,
+    concurrency: int,
+    on_image: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_start: Callable[[int, int], None] = lambda planned, done: None,
+) -> BatchReport:
+    """Makes every image of embeddings x seeds x sizes that out_dir does not already hold."""
+    manifest = Manifest(out_dir)
+    planned = plan_jobs(len(embeddings), seeds, sizes)
+    manifest.load_verified(embeddings, settings)
+    remaining = [job for job in planned if not manifest.is_done(job)]
+    done = len(planned) - len(remaining)
+    on_start(len(planned), done)
+    started = time.perf_counter()
+    dit_seconds = 0.0
+    if remaining:
+        results = client.generate_many(
+            embeddings,
+            seeds=seeds,
+            jobs=remaining,
+            concurrency=concurrency,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+        )
+        async for result in results:
+            entry = manifest.record(result, embeddings[result.job.prompt_index])
+            timings = entry["timings"] or {}
+            dit_seconds += timings.get("denoise", 0.0) + timings.get("decode", 0.0)
+            on_image(entry)
+    return BatchReport(len(planned), done, len(remaining), time.perf_counter() - started, dit_seconds)
