@@ -1,0 +1,86 @@
+"""Encode once, generate many: P prompts x K seeds cost exactly P encoder passes."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import start_encoder, start_generator
+from zimage_split.client import Client, Embeddings
+
+PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "steaming ramen, top view", "neon city"]
+
+
+@pytest.fixture
+def fresh_services(loop_thread, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """An encoder and a generator of their own, so their counters start at zero."""
+    encoder = start_encoder(loop_thread, tiny_model_dir, dtype="float32")
+    generator = start_generator(loop_thread, tiny_model_dir, encoder.port)
+    try:
+        yield f"127.0.0.1:{encoder.port}", f"127.0.0.1:{generator.port}"
+    finally:
+        loop_thread.run(generator.stop(grace=0))
+        loop_thread.run(encoder.stop(grace=0))
+
+
+def test_four_prompts_by_three_seeds_make_exactly_four_encoder_passes(fresh_services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    encoder, generator = fresh_services
+    with Client(generator=generator, encoder=encoder) as client:
+        before = client.encoder_info()  # after the encoder's own warm-up pass
+        embeddings = client.encode(PROMPTS)
+        path = embeddings.save(tmp_path / "embeds.safetensors")
+        results = list(
+            client.generate_many(
+                Embeddings.load(path), seeds=range(3), sizes=[(64, 64)], steps=2, concurrency=4
+            )
+        )
+        info = client.encoder_info()
+        generator_info = client.generator_info()
+    assert int(info["prompts_encoded"]) - int(before.get("prompts_encoded", 0)) == 4
+    assert 1 <= int(info["forward_passes"]) - int(before["forward_passes"]) <= 4
+    assert sorted((r.job.prompt_index, r.job.seed) for r in results) == [
+        (p, s) for p in range(4) for s in range(3)
+    ]
+    assert all(r.image.size == (64, 64) and r.image.info["seed"] == r.job.seed for r in results)
+    # Every Generate found its prompt's uploaded embedding by key.
+    assert int(generator_info.get("embedding_cache_misses", 0)) == 0
+    by_prompt = Counter(r.image.info["prompt_key"] for r in results)
+    assert sorted(by_prompt.values()) == [3, 3, 3, 3]
+
+
+def test_prompt_text_batches_also_encode_each_prompt_once(fresh_services) -> None:  # type: ignore[no-untyped-def]
+    encoder, generator = fresh_services
+    with Client(generator=generator, encoder=encoder) as client:
+        images = [
+            client.generate(prompt, seed=seed, width=64, height=64, steps=2)
+            for prompt in PROMPTS
+            for seed in range(3)
+        ]
+        info = client.encoder_info()
+    assert len(images) == 12 and int(info["prompts_encoded"]) == 4
+
+
+def test_generate_many_stops_on_the_first_error_and_names_it(fresh_services) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.client import InvalidArgument
+
+    encoder, generator = fresh_services
+    with Client(generator=generator, encoder=encoder) as client:
+        embeddings = client.encode(PROMPTS[:1])
+        with pytest.raises(InvalidArgument, match="divisible by 16"):
+            list(client.generate_many(embeddings, seeds=[0], sizes=[(64, 65)], steps=2))
+
+
+def test_file_embeddings_give_the_same_pixels_as_the_prompt(fresh_services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    encoder, generator = fresh_services
+    with Client(generator=generator, encoder=encoder) as client:
+        client.encode(PROMPTS).save(tmp_path / "embeds.safetensors")
+        from_file = {
+            (r.job.prompt_index, r.job.seed): np.asarray(r.image)
+            for r in client.generate_many(
+                Embeddings.load(tmp_path / "embeds.safetensors"), seeds=[5, 6], sizes=[(64, 80)], steps=2
+            )
+        }
+        for (index, seed), pixels in from_file.items():
+            by_text = client.generate(PROMPTS[index], seed=seed, width=64, height=80, steps=2)
+            assert np.array_equal(np.asarray(by_text), pixels), (index, seed)

@@ -1,0 +1,105 @@
+"""The embeddings file: one safetensors file, checked on load; refused for another model before any DiT work."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zimage_split.client.embeddings import Embeddings, PromptEmbedding, check_for_generator
+from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
+
+
+def make_embeddings(dtype: torch.dtype = torch.bfloat16, model_id: str = "zimage-split/tiny") -> Embeddings:
+    items = [
+        PromptEmbedding(
+            text=text,
+            content_key=f"key-{index}",
+            tensor=torch.randn(tokens, 16).to(dtype),
+            token_count=tokens,
+            truncated=index == 1,
+            formatted_text=f"<|im_start|>user\n{text}<|im_end|>",
+            hidden_layer=-2,
+            max_sequence_length=512,
+        )
+        for index, (text, tokens) in enumerate([("a red fox", 7), ("雪中的狐狸", 11), ("", 3)])
+    ]
+    return Embeddings(items, model_id=model_id)
+
+
+def header_of(path: Path) -> dict:
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return json.loads(path.read_bytes()[8 : 8 + length])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_save_then_load_gives_the_same_tensors_and_metadata(tmp_path: Path, dtype: torch.dtype) -> None:
+    original = make_embeddings(dtype)
+    path = original.save(tmp_path / "embeds.safetensors")
+    loaded = Embeddings.load(path)
+    assert loaded.model_id == original.model_id and len(loaded) == 3
+    for before, after in zip(original, loaded, strict=True):
+        assert torch.equal(before.tensor, after.tensor) and after.tensor.dtype == dtype
+        assert (before.text, before.content_key, before.token_count, before.truncated) == (
+            after.text,
+            after.content_key,
+            after.token_count,
+            after.truncated,
+        )
+        assert after.formatted_text == before.formatted_text and after.max_sequence_length == 512
+    # One tensor per prompt, and every prompt described in the header (no pickle: it is all JSON).
+    header = header_of(path)
+    prompts = json.loads(header["__metadata__"]["prompts"])
+    assert sorted(name for name in header if name != "__metadata__") == [p["tensor"] for p in prompts]
+    assert {
+        "text",
+        "formatted_text",
+        "content_key",
+        "model_id",
+        "hidden_layer",
+        "max_sequence_length",
+        "dtype",
+        "token_count",
+        "truncated",
+        "sha256",
+    } <= set(prompts[0])
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    path = make_embeddings().save(tmp_path / "embeds.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataLoss, match="sha256"):
+        Embeddings.load(path)
+
+
+def test_a_truncated_file_is_refused_clearly(tmp_path: Path) -> None:
+    path = make_embeddings().save(tmp_path / "embeds.safetensors")
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataLoss, match="truncated or corrupted"):
+        Embeddings.load(path)
+
+
+def test_other_safetensors_files_and_missing_files_are_refused(tmp_path: Path) -> None:
+    other = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(InvalidArgument, match="not a zimage-split embeddings file"):
+        Embeddings.load(other)
+    with pytest.raises(NotFound, match="zsplit encode"):
+        Embeddings.load(tmp_path / "missing.safetensors")
+
+
+def test_embeddings_for_another_model_are_refused_before_any_dit_work() -> None:
+    embeddings = make_embeddings()
+    check_for_generator(embeddings, {"caption_dim": 16, "model_id": "zimage-split/tiny"})
+    with pytest.raises(InvalidArgument, match="hidden size 16"):
+        check_for_generator(embeddings, {"caption_dim": 2560, "model_id": "zimage-split/tiny"})
+    with pytest.raises(InvalidArgument, match="--allow-other-model"):
+        check_for_generator(embeddings, {"caption_dim": 16, "model_id": "Tongyi-MAI/Z-Image-Turbo"})
+    check_for_generator(
+        embeddings, {"caption_dim": 16, "model_id": "Tongyi-MAI/Z-Image-Turbo"}, allow_other_model=True
+    )
