@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +12,16 @@ from typing import Any
 import torch
 
 from zimage_split.client.aio import AsyncClient
-from zimage_split.common.errors import InvalidArgument, NotFound, Unavailable
+from zimage_split.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.common.wire import TensorMeta, describe, embedding_key
+from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.validation import validate_embedding
+
+logger = logging.getLogger(__name__)
+
+# The encoder Info fields that change what it outputs for the same text; text keys include them.
+IDENTITY_FIELDS = ("model_id", "dtype", "hidden_layer", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,13 @@ def tensor_key(tensor: torch.Tensor) -> str:
     return embedding_key(describe(tensor)[0])
 
 
+def encoder_identity(info: dict[str, Any]) -> str:
+    return "|".join(str(info.get(field, "")) for field in IDENTITY_FIELDS)
+
+
 class EmbeddingStore:
+    """Embeddings by key: an in-memory LRU, then the optional disk tier (`disk_dir`), then the encoder."""
+
     def __init__(
         self,
         encoder: AsyncClient | None,
@@ -46,6 +59,8 @@ class EmbeddingStore:
         self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(
             cache_bytes, lambda tensor: tensor.numel() * tensor.element_size()
         )
+        self.disk = DiskEmbeddingStore(disk_dir) if disk_dir else None
+        # Set once the encoder's Info has been checked; text keys depend on it.
         self._encoder_identity: str | None = None
 
     def check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -69,34 +84,83 @@ class EmbeddingStore:
                 f"{info.get('hidden_size')}, but this DiT takes {self.caption_dim}. Point --encoder at an encoder "
                 "serving the same model."
             )
-        self._encoder_identity = "|".join(
-            str(info.get(field, "")) for field in ("model_id", "dtype", "hidden_layer", "max_sequence_length")
-        )
+        identity = encoder_identity(info)
+        if self.disk is not None and identity != self._encoder_identity:
+            fields = {field: info.get(field) for field in IDENTITY_FIELDS}
+            try:
+                await asyncio.to_thread(self.disk.write_identity, identity, fields)
+            except Unavailable as error:
+                # The encoder is fine; only serving text prompts from disk while it is down would suffer.
+                logger.warning("%s", error.message)
+        self._encoder_identity = identity
         return info
 
-    def _text_key(self, text: str, max_sequence_length: int | None) -> str:
-        digest = hashlib.sha256(f"{self._encoder_identity}|{max_sequence_length}|".encode())
+    def _not_cached(self, error: Unavailable | DeadlineExceeded) -> Unavailable:
+        where = "embedding cache or --embedding-store" if self.disk is not None else "embedding cache"
+        return Unavailable(
+            f"The encoder is unreachable and this prompt is not in the generator's {where}, so it cannot be "
+            f"served. {error.message} Start the encoder (or point --encoder at a running one), or send "
+            "embeddings made earlier with generate(embeddings=...).",
+            retry_after_seconds=error.retry_after_seconds,
+        )
+
+    def _text_key(self, identity: str, text: str, max_sequence_length: int | None) -> str:
+        digest = hashlib.sha256(f"{identity}|{max_sequence_length}|".encode())
         digest.update(text.encode("utf-8"))
         return "text-" + digest.hexdigest()
+
+    async def _cached(self, key: str) -> torch.Tensor | None:
+        tensor = self.cache.get(key)
+        if tensor is not None or self.disk is None:
+            return tensor
+        tensor = await asyncio.to_thread(self.disk.get, key)
+        if tensor is None:
+            return None
+        try:
+            tensor = self.check(tensor, f"The stored embedding {key[:16]}...")
+        except InvalidArgument as error:  # e.g. a folder shared with a generator of another model
+            logger.warning("%s; ignoring the file in %s.", error.message, self.disk.directory)
+            return None
+        self.cache.put(key, tensor)
+        return tensor
+
+    async def _keep(self, key: str, tensor: torch.Tensor) -> None:
+        self.cache.put(key, tensor)
+        if self.disk is not None:
+            await asyncio.to_thread(self.disk.put, key, tensor)
 
     async def from_text(
         self, text: str, max_sequence_length: int | None, timeout: float | None = None
     ) -> Embedding:
         encoder = self._require_encoder()
-        if self._encoder_identity is None:
-            await self.check_encoder()
-        key = self._text_key(text, max_sequence_length)
-        cached = self.cache.get(key)
+        identity = self._encoder_identity
+        unreachable: Unavailable | DeadlineExceeded | None = None
+        if identity is None:
+            try:
+                identity = encoder_identity(await self.check_encoder())
+            except (Unavailable, DeadlineExceeded) as error:
+                # Prompts encoded before a restart are on disk under the identity of the encoder then.
+                unreachable = error
+                identity = await asyncio.to_thread(self.disk.read_identity) if self.disk is not None else None
+                if identity is None:
+                    raise self._not_cached(error) from None
+        key = self._text_key(identity, text, max_sequence_length)
+        cached = await self._cached(key)
         if cached is not None:
             return Embedding(cached, key)
+        if unreachable is not None:
+            raise self._not_cached(unreachable)
         started = time.perf_counter()
-        encoded = await encoder.encode([text], max_sequence_length=max_sequence_length, timeout=timeout)
+        try:
+            encoded = await encoder.encode([text], max_sequence_length=max_sequence_length, timeout=timeout)
+        except Unavailable as error:
+            raise self._not_cached(error) from None
         tensor = self.check(encoded[0].tensor, "The encoder's embedding")
-        self.cache.put(key, tensor)
+        await self._keep(key, tensor)
         return Embedding(tensor, key, encode_seconds=time.perf_counter() - started)
 
-    def from_key(self, key: str) -> Embedding:
-        tensor = self.cache.get(key)
+    async def from_key(self, key: str) -> Embedding:
+        tensor = await self._cached(key)
         if tensor is None:
             raise NotFound(
                 f"embedding_key {key[:16]}... is not held by this generator (never uploaded, or evicted). "
@@ -104,11 +168,11 @@ class EmbeddingStore:
             )
         return Embedding(tensor, key)
 
-    def add_upload(self, tensor: torch.Tensor, meta: TensorMeta | None = None) -> str:
+    async def add_upload(self, tensor: torch.Tensor, meta: TensorMeta | None = None) -> str:
         """Keeps a received tensor; `meta` is its verified wire header, which saves hashing it again."""
         tensor = self.check(tensor, "The uploaded embedding")
         key = embedding_key(meta) if meta is not None else tensor_key(tensor)
-        self.cache.put(key, tensor)
+        await self._keep(key, tensor)
         return key
 
     async def resolve_pair(
@@ -123,7 +187,7 @@ class EmbeddingStore:
         async def resolve(kind: str, value: str) -> Embedding:
             if kind == "text":
                 return await self.from_text(value, max_sequence_length, timeout)
-            return self.from_key(value)
+            return await self.from_key(value)
 
         if negative is None:
             return await resolve(*prompt), None

@@ -212,7 +212,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 assembler.add(message.chunk)
         if assembler is None:
             raise InvalidArgument("UploadEmbedding received no header; send a header, then the chunks.")
-        key = self.store.add_upload(assembler.finish(), assembler.meta)
+        key = await self.store.add_upload(assembler.finish(), assembler.meta)
         return generator_pb2.UploadEmbeddingResponse(embedding_key=key)
 
     async def Info(

@@ -1,0 +1,139 @@
+"""The generator's disk tier of embeddings: atomic content-addressed files, corruption read as a miss."""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from zimage_split.common.errors import InvalidArgument, Unavailable
+from zimage_split.common.wire import describe
+from zimage_split.dit_service.disk_store import TEMP_PREFIX, DiskEmbeddingStore
+
+KEY = "text-" + "ab" * 32
+UPLOAD_KEY = "cd" * 32
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_put_then_get_returns_the_same_tensor(tmp_path: Path, dtype: torch.dtype) -> None:
+    store = DiskEmbeddingStore(tmp_path / "new" / "store")  # created, parents included
+    tensor = torch.randn(7, 16).to(dtype)
+    store.put(KEY, tensor)
+
+    loaded = store.get(KEY)
+    assert loaded is not None and loaded.dtype == dtype
+    assert torch.equal(loaded, tensor)
+    with safe_open(str(tmp_path / "new" / "store" / f"{KEY}.safetensors"), framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["key"] == KEY and metadata["sha256"] == describe(tensor)[0].sha256
+    assert metadata["shape"] == "[7, 16]"
+    assert temp_files(store.directory) == []
+
+
+def test_a_fresh_store_survives_reopening(tmp_path: Path) -> None:
+    tensor = torch.randn(3, 16)
+    DiskEmbeddingStore(tmp_path).put(UPLOAD_KEY, tensor)
+    again = DiskEmbeddingStore(tmp_path).get(UPLOAD_KEY)
+    assert again is not None and torch.equal(again, tensor)
+    assert DiskEmbeddingStore(tmp_path).get("ef" * 32) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: b"", id="empty"),
+        pytest.param(lambda data: data[:-4] + bytes(b ^ 0xFF for b in data[-4:]), id="payload-flipped"),
+        pytest.param(lambda data: data[:12] + b"\xff\xfe" + data[14:], id="header-flipped"),
+    ],
+)
+def test_a_corrupt_file_is_a_logged_miss_and_is_removed(
+    tmp_path: Path, damage, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    store = DiskEmbeddingStore(tmp_path)
+    store.put(KEY, torch.randn(4, 16))
+    path = tmp_path / f"{KEY}.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+
+    with caplog.at_level(logging.WARNING):
+        assert store.get(KEY) is None
+    assert "corrupt" in caplog.text and str(path) in caplog.text
+    assert not path.exists()
+    store.put(KEY, torch.ones(4, 16))  # the key can be stored again
+    assert torch.equal(store.get(KEY), torch.ones(4, 16))  # type: ignore[arg-type]
+
+
+def test_a_file_under_another_key_is_a_miss(tmp_path: Path) -> None:
+    store = DiskEmbeddingStore(tmp_path)
+    store.put(KEY, torch.randn(4, 16))
+    os.rename(tmp_path / f"{KEY}.safetensors", tmp_path / f"{UPLOAD_KEY}.safetensors")
+    assert store.get(UPLOAD_KEY) is None
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("key", ["../escape", "text-../../etc/passwd", "AB" * 32, "", "ab" * 31])
+def test_strings_that_are_not_keys_never_become_paths(tmp_path: Path, key: str) -> None:
+    store = DiskEmbeddingStore(tmp_path / "store")
+    assert store.path_for(key) is None
+    assert store.get(key) is None
+    with pytest.raises(ValueError, match="not an embedding key"):
+        store.put(key, torch.randn(2, 16))
+
+
+def test_stale_temp_files_are_removed_at_startup_fresh_ones_kept(tmp_path: Path) -> None:
+    stale, fresh = tmp_path / f"{TEMP_PREFIX}stale", tmp_path / f"{TEMP_PREFIX}fresh"
+    stale.write_bytes(b"half a file")
+    fresh.write_bytes(b"another generator is writing this")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+
+    DiskEmbeddingStore(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_failed_write_raises_unavailable_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskEmbeddingStore(tmp_path)
+
+    def no_space(source: str, target: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(Unavailable, match=r"No space left on device.*--embedding-store"):
+        store.put(KEY, torch.randn(4, 16))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_created_is_invalid_argument(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InvalidArgument, match=r"--embedding-store .*a-file/store: cannot create"):
+        DiskEmbeddingStore(blocker / "store")
+
+
+def test_encoder_identity_round_trips_and_a_broken_one_is_ignored(tmp_path: Path) -> None:
+    store = DiskEmbeddingStore(tmp_path)
+    assert store.read_identity() is None
+    store.write_identity("qwen|float32|-2|512", {"model_id": "qwen"})
+    assert DiskEmbeddingStore(tmp_path).read_identity() == "qwen|float32|-2|512"
+    (tmp_path / "encoder-identity.json").write_text("{not json")
+    assert store.read_identity() is None
+    assert temp_files(tmp_path) == []
+
+
+def test_a_loaded_tensor_does_not_change_when_its_file_is_rewritten_in_place(tmp_path: Path) -> None:
+    store = DiskEmbeddingStore(tmp_path)
+    store.put(KEY, torch.zeros(4, 16))
+    loaded = store.get(KEY)
+    path = tmp_path / f"{KEY}.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + torch.tensor([1.0]).numpy().tobytes())  # same inode, new last value
+    assert torch.equal(loaded, torch.zeros(4, 16))  # type: ignore[arg-type]

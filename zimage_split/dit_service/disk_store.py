@@ -1,0 +1,161 @@
+"""The embedding store's disk tier: one content-addressed <key>.safetensors file per embedding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from zimage_split.common.errors import InvalidArgument, Unavailable
+from zimage_split.common.wire import DTYPE_NAMES, describe
+
+logger = logging.getLogger(__name__)
+
+TENSOR_NAME = "embedding"
+IDENTITY_FILE = "encoder-identity.json"
+TEMP_PREFIX = ".partial-"
+# A write takes milliseconds; a temp file older than this was left by a killed process. Younger ones may
+# be another generator's write in progress, when several share one folder.
+STALE_TEMP_SECONDS = 60.0
+# Text keys ("text-" + sha256) and upload keys (sha256). Anything else is never a file name, so a key
+# sent by a client cannot point outside the folder.
+_KEY_PATTERN = re.compile(r"(text-)?[0-9a-f]{64}")
+
+
+class CorruptFile(ValueError):
+    """A stored file whose contents do not match its name or its own metadata."""
+
+
+class DiskEmbeddingStore:
+    """Keeps embeddings in `directory` across restarts. Blocking: call it from a thread, not the event loop."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidArgument(
+                f"--embedding-store {self.directory}: cannot create the folder ({error.strerror or error}). "
+                "Pick a folder this process can create and write."
+            ) from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise InvalidArgument(
+                f"--embedding-store {self.directory}: this process cannot write to the folder. "
+                "Fix its permissions or pick another folder."
+            )
+        self.cleanup()
+
+    def path_for(self, key: str) -> Path | None:
+        """The file of `key`, or None for a string that is not an embedding key."""
+        return self.directory / f"{key}.safetensors" if _KEY_PATTERN.fullmatch(key) else None
+
+    def cleanup(self, older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
+        """Removes temp files left by an interrupted write; returns how many it removed."""
+        removed = 0
+        cutoff = time.time() - older_than_seconds
+        for entry in os.scandir(self.directory):
+            try:
+                if entry.name.startswith(TEMP_PREFIX) and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another process removed or renamed it meanwhile
+                continue
+        if removed:
+            logger.info("Removed %d unfinished embedding file(s) from %s.", removed, self.directory)
+        return removed
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The stored tensor, or None if absent; a corrupt file is logged, removed and counts as absent."""
+        path = self.path_for(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return _read(path, key)
+        except FileNotFoundError:
+            return None
+        except (CorruptFile, SafetensorError, OSError, KeyError, ValueError) as error:
+            logger.warning(
+                "Embedding file %s is corrupt (%s); removing it, the key counts as a miss.", path, error
+            )
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        path = self.path_for(key)
+        if path is None:
+            raise ValueError(f"{key!r} is not an embedding key; the store names files only by keys.")
+        if path.is_file():  # content-addressed: the same key always holds the same tensor
+            return
+        tensor = tensor.detach().to("cpu").contiguous()
+        meta, _ = describe(tensor)
+        metadata = {
+            "key": key,
+            "dtype": DTYPE_NAMES[meta.dtype],
+            "shape": json.dumps(list(meta.shape)),
+            "sha256": meta.sha256,
+        }
+        self._write_atomically(path, save({TENSOR_NAME: tensor}, metadata=metadata))
+
+    def read_identity(self) -> str | None:
+        """The last encoder identity written by write_identity, or None."""
+        path = self.directory / IDENTITY_FILE
+        try:
+            identity = json.loads(path.read_text())["identity"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("Cannot read %s (%s); ignoring it.", path, error)
+            return None
+        return identity if isinstance(identity, str) else None
+
+    def write_identity(self, identity: str, info: dict[str, Any]) -> None:
+        """Records the encoder that text keys are made for, so they can be found while it is down."""
+        record = {"identity": identity, **info}
+        self._write_atomically(self.directory / IDENTITY_FILE, json.dumps(record, indent=2).encode())
+
+    def _write_atomically(self, path: Path, data: bytes) -> None:
+        temp = ""
+        try:
+            descriptor, temp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except OSError as error:
+            raise Unavailable(
+                f"Cannot write {path} ({error.strerror or error}). Check that the --embedding-store folder "
+                "is writable and has free space."
+            ) from None
+        finally:
+            if temp and os.path.exists(temp):  # only when the write or the rename failed
+                os.unlink(temp)
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    # Read into memory rather than safe_open's memory map: a tensor kept in the LRU must not change, or
+    # fault, if someone rewrites or truncates its file in place.
+    data = path.read_bytes()
+    tensor = load(data)[TENSOR_NAME]  # checks the layout: header, offsets and length
+    # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
+    header_length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    if metadata.get("key") != key:
+        raise CorruptFile(f"it holds key {metadata.get('key')!r}")
+    if tensor.dtype not in DTYPE_NAMES:
+        raise CorruptFile(f"it holds a {tensor.dtype} tensor")
+    meta, _ = describe(tensor)
+    found = {"dtype": DTYPE_NAMES[meta.dtype], "shape": json.dumps(list(meta.shape)), "sha256": meta.sha256}
+    for field, value in found.items():
+        if metadata.get(field) != value:
+            raise CorruptFile(f"its {field} is {value}, its metadata says {metadata.get(field)}")
+    return tensor
