@@ -68,6 +68,20 @@ def test_both_replicas_serve_a_burst(ray_generator) -> None:  # type: ignore[no-
     assert [image.info["seed"] for image in images] == list(range(6))
 
 
+def test_a_batch_job_spreads_over_both_replicas(ray_generator) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.client import Embeddings, PromptEmbedding
+
+    embeddings = Embeddings(
+        [PromptEmbedding(f"prompt {i}", f"key-{i}", embedding(5 + i, i), 5 + i, False) for i in range(2)]
+    )
+    with Client(generator=address(ray_generator)) as client:
+        results = list(client.generate_many(embeddings, seeds=range(4), sizes=[(64, 64)], steps=3))
+    assert sorted((r.job.prompt_index, r.job.seed) for r in results) == [
+        (p, s) for p in range(2) for s in range(4)
+    ]
+    assert len({r.image.info["replica"] for r in results}) == 2
+
+
 @pytest.mark.parametrize("lengths", [[9] * 6, [9, 14, 5, 11, 30, 2]])
 def test_batched_images_equal_unbatched_ones(ray_generator, lengths) -> None:  # type: ignore[no-untyped-def]
     async def together() -> list[Image.Image]:

@@ -1,0 +1,166 @@
+"""Encode once, generate many: P prompts x K seeds, the encoder passes it costs, and its overhead over the DiT.
+
+One round = the whole batch job as `zsplit encode` + `zsplit generate --embeddings` run it: encode the P
+prompts on the encoder service (one call, written to a safetensors file and read back), then
+`run_batch` makes every image through the generator service, writes each PNG atomically and appends
+the manifest. Both services are real gRPC servers on loopback in this process, with one in-process
+generator worker. The figures: the encoder's forward passes and prompts encoded (from its Info), and
+the job's wall time against the sum of the generator's own DiT time (denoise + decode) of its images.
+
+    python benchmarks/bench_batch.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+from pathlib import Path
+
+from report import clock, machine_info, model_info, parse_arguments, since, write_json
+
+TARGET_OVERHEAD = 1.05  # job wall time / sum of DiT-only time
+STEPS = 8
+WORDS = [
+    "red",
+    "fox",
+    "lighthouse",
+    "dusk",
+    "ramen",
+    "neon",
+    "city",
+    "rain",
+    "harbour",
+    "forest",
+    "mountain",
+    "lake",
+    "snow",
+    "desert",
+    "bridge",
+]
+
+
+def prompts_for(round_index: int, count: int) -> list[str]:
+    """Distinct prompts of a few lengths, new every round so no cache from an earlier round helps."""
+    return [
+        f"round {round_index} prompt {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + i % 5))
+        for i in range(count)
+    ]
+
+
+async def one_round(folder: str, args: argparse.Namespace, round_index: int) -> dict:
+    from zimage_split.batch_jobs import BatchSettings, encode_prompts, run_batch
+    from zimage_split.client import AsyncClient, Embeddings
+    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
+    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+
+    encoder = await start_encoder_server(EncoderConfig(model=folder, port=0, device="cpu", dtype="float32"))
+    generator = await start_generator_server(
+        GeneratorConfig(
+            model=folder, encoder=f"127.0.0.1:{encoder.port}", port=0, device="cpu", dtype="float32"
+        )
+    )
+    try:
+        async with AsyncClient(
+            generator=f"127.0.0.1:{generator.port}", encoder=f"127.0.0.1:{encoder.port}", busy_retries=100
+        ) as client:
+            before = await client.encoder_info()
+            with tempfile.TemporaryDirectory() as scratch:
+                started = clock()
+                embeddings = await encode_prompts(client, prompts_for(round_index, args.prompts))
+                embeddings = Embeddings.load(embeddings.save(Path(scratch) / "embeds.safetensors"))
+                encoded = since(started)
+                report = await run_batch(
+                    client,
+                    embeddings,
+                    Path(scratch) / "out",
+                    seeds=list(range(args.seeds)),
+                    sizes=[(args.size, args.size)],
+                    settings=BatchSettings(steps=STEPS, guidance_scale=None),
+                    concurrency=args.concurrency,
+                )
+                job = since(started)
+            after = await client.encoder_info()
+    finally:
+        await generator.stop(grace=0)
+        await encoder.stop(grace=0)
+    images = args.prompts * args.seeds
+    assert report.made == images, report
+    return {
+        "round": round_index,
+        "images": images,
+        "job_wall_s": job["wall_s"],
+        "encode_and_file_wall_s": encoded["wall_s"],
+        "dit_sum_s": report.dit_seconds,
+        "overhead_ratio": job["wall_s"] / report.dit_seconds,
+        "prompts_encoded": int(after["prompts_encoded"]) - int(before.get("prompts_encoded", 0)),
+        "encoder_forward_passes": int(after["forward_passes"]) - int(before["forward_passes"]),
+        "others_cpu_share": job["others_cpu_share"],
+    }
+
+
+async def run(args: argparse.Namespace, folder: str) -> list[dict]:
+    rounds = []
+    for index in range(args.rounds):
+        result = await one_round(folder, args, index)
+        rounds.append(result)
+        print(
+            f"round {index + 1}/{args.rounds}: {result['images']} images in {result['job_wall_s']:.2f}s, DiT "
+            f"{result['dit_sum_s']:.2f}s -> {result['overhead_ratio']:.3f}x; encoder: "
+            f"{result['prompts_encoded']} prompts in {result['encoder_forward_passes']} forward passes",
+            flush=True,
+        )
+    return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="whole batch jobs (3)")
+    parser.add_argument("--warmup", type=int, default=0, help="unused; every round starts its own services")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts P (16)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds K per prompt (8)")
+    parser.add_argument("--size", type=int, default=96, help="image width and height (96)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
+    args, folder = parse_arguments(parser, "batch")
+    machine = machine_info()
+    rounds = asyncio.run(run(args, folder))
+    ratios = [r["overhead_ratio"] for r in rounds]
+    encoder_passes_ok = all(r["prompts_encoded"] == args.prompts for r in rounds)
+    result = {
+        "benchmark": "batch",
+        "description": __doc__.split("\n\n")[1].replace("\n", " "),
+        "machine": machine,
+        "model": model_info(folder, args.model),
+        "settings": {
+            "prompts": args.prompts,
+            "seeds": args.seeds,
+            "width": args.size,
+            "height": args.size,
+            "steps": STEPS,
+            "dtype": "float32",
+            "device": "cpu",
+            "concurrency": args.concurrency,
+            "generator_workers": 1,
+            "rounds": args.rounds,
+        },
+        "rounds": rounds,
+        "overhead_ratio_median": statistics.median(ratios),
+        "prompts_encoded_per_round": [r["prompts_encoded"] for r in rounds],
+        "encoder_forward_passes_per_round": [r["encoder_forward_passes"] for r in rounds],
+        "target": f"prompts encoded == {args.prompts} and job wall / DiT sum <= {TARGET_OVERHEAD}",
+        "target_met": encoder_passes_ok and statistics.median(ratios) <= TARGET_OVERHEAD,
+    }
+    print(
+        f"\n{args.prompts} prompts x {args.seeds} seeds, {args.size}x{args.size}, {STEPS} steps: job / DiT-only "
+        f"median {result['overhead_ratio_median']:.3f}x (target <= {TARGET_OVERHEAD}); prompts encoded per "
+        f"round {result['prompts_encoded_per_round']} in {result['encoder_forward_passes_per_round']} forward "
+        f"passes; target {'met' if result['target_met'] else 'NOT met'}"
+    )
+    print(f"wrote {write_json(result, args.out, 'batch')}")
+
+
+if __name__ == "__main__":
+    main()
