@@ -147,21 +147,16 @@ def test_shutdown_stops_a_running_job(loop_thread, tiny_model_dir) -> None:  # t
 def test_a_retried_request_id_gets_the_same_image_without_running_again(client) -> None:  # type: ignore[no-untyped-def]
     embedding = torch.randn(5, 16)
     steps: list[int] = []
-    first = client.generate(
-        embeddings=embedding,
-        width=64,
-        height=64,
-        steps=3,
-        request_id="retry-me",
-        on_progress=lambda s, t: steps.append(s),
-    )
-    again = client.generate(
-        embeddings=embedding,
-        width=64,
-        height=64,
-        steps=3,
-        request_id="retry-me",
-        on_progress=lambda s, t: steps.append(s),
+    first, again = (
+        client.generate(
+            embeddings=embedding,
+            width=64,
+            height=64,
+            steps=3,
+            request_id="retry-me",
+            on_progress=lambda s, t: steps.append(s),
+        )
+        for _ in range(2)
     )
     assert steps == [1, 2, 3], "the retry streamed no progress: nothing ran again"
     assert again.info == first.info  # same seed (server-picked), same timings: the stored result
