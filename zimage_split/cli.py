@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from zimage_split.common.errors import InvalidArgument, NotFound, ZSplitError
+from zimage_split.common.security import ClientSecurity
 from zimage_split.dit_service.validation import Limits
 from zimage_split.model_source import DEFAULT_MODEL
 
@@ -19,17 +20,18 @@ ENCODER_PORT = 50051
 GENERATOR_PORT = 50052
 
 
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(name) or default
-
-
-def _add_model(parser: argparse.ArgumentParser) -> None:
+def _add_model(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
     parser.add_argument(
         "--model",
-        default=_env("ZSPLIT_MODEL", DEFAULT_MODEL),
-        help=f"hub id, local diffusers folder, or 'tiny' (offline random model). Default {DEFAULT_MODEL} "
-        "(env ZSPLIT_MODEL).",
+        default=default,
+        help=f"hub id, local diffusers folder, or 'tiny' (offline random model). Default {DEFAULT_MODEL}.",
     )
+
+
+def _add_config(parser: argparse.ArgumentParser, section: str) -> None:
+    parser.set_defaults(section=section, subparser=parser)
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file (env ZSPLIT_CONFIG)")
+    parser.add_argument("--profile", metavar="NAME", help="profile of the config file (env ZSPLIT_PROFILE)")
 
 
 def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
@@ -40,13 +42,49 @@ def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
     )
+    security = parser.add_argument_group("transport security (one of --tls-cert/--tls-key or --insecure)")
+    security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
+    security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    security.add_argument(
+        "--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this CA"
+    )
+    security.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="bearer tokens accepted, one per line (or one token in env ZSPLIT_AUTH_TOKEN)",
+    )
+    security.add_argument(
+        "--insecure", action="store_true", help="serve plaintext, no TLS (trusted networks only)"
+    )
+
+
+def _add_client_security(
+    parser: argparse.ArgumentParser, prefix: str = "", whom: str = "the services"
+) -> None:
+    flag = f"--{prefix}" if prefix else "--"
+    group = parser.add_argument_group(f"how to reach {whom} (TLS is on when a CA is given)")
+    group.add_argument(f"{flag}tls-ca", metavar="PEM", help=f"verify {whom} with this CA; turns TLS on")
+    group.add_argument(f"{flag}tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    group.add_argument(f"{flag}tls-key", metavar="PEM", help="the client certificate's private key")
+    group.add_argument(
+        f"{flag}tls-server-name",
+        metavar="NAME",
+        help="name expected in the server certificate, if not the host",
+    )
+    variable = "ZSPLIT_ENCODER_AUTH_TOKEN" if prefix else "ZSPLIT_AUTH_TOKEN"
+    group.add_argument(
+        f"{flag}auth-token-file", metavar="FILE", help=f"bearer token to send (first line; or env {variable})"
+    )
+    group.add_argument(
+        f"{flag}insecure", action="store_true", help="plaintext, no TLS (trusted networks only)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsplit", description=__doc__)
     parser.add_argument(
         "--log-level",
-        default=_env("ZSPLIT_LOG_LEVEL", None),
+        default=os.environ.get("ZSPLIT_LOG_LEVEL"),
         help="DEBUG, INFO, WARNING (default INFO for services, WARNING for generate)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     services = serve.add_subparsers(dest="service", required=True)
 
     encoder = services.add_parser("encoder", help="the Qwen3 text-encoder service")
+    _add_config(encoder, "encoder")
     _add_model(encoder)
     _add_listen(encoder, ENCODER_PORT)
     encoder.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -65,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill (5)")
 
     generator = services.add_parser("generator", help="the DiT + VAE generator service")
+    _add_config(generator, "generator")
     _add_model(generator)
     _add_listen(generator, GENERATOR_PORT)
     generator.add_argument(
         "--encoder",
-        default=_env("ZSPLIT_ENCODER", f"127.0.0.1:{ENCODER_PORT}"),
-        help="encoder service HOST:PORT, or 'none' to accept only uploaded embeddings (env ZSPLIT_ENCODER)",
+        default=f"127.0.0.1:{ENCODER_PORT}",
+        help="encoder service HOST:PORT, or 'none' to accept only uploaded embeddings",
     )
+    _add_client_security(generator, "encoder-", "the encoder")
     generator.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     generator.add_argument("--max-queue", type=int, default=32, help="requests waiting or running (32)")
     generator.add_argument("--cache-mb", type=int, default=2048, help="embedding cache size in MiB (2048)")
@@ -99,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray = generator.add_argument_group("Ray (several replicas, GPUs and hosts)")
     ray.add_argument(
         "--ray-address",
-        default=_env("ZSPLIT_RAY_ADDRESS", None),
+        default=None,
         help="run replicas under Ray Serve: 'local' (Ray in this process), 'auto' or HOST:PORT (join a "
-        "cluster started with `ray start`). Unset: one in-process worker (env ZSPLIT_RAY_ADDRESS)",
+        "cluster started with `ray start`). Unset: one in-process worker",
     )
     ray.add_argument(
         "--replicas",
@@ -121,14 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="One image: zsplit generate PROMPT -o out.png. A batch: zsplit generate --embeddings "
         "embeds.safetensors --seeds 0-7 --sizes 1024x1024,768x1344 --out-dir out/ (re-run it to resume).",
     )
+    _add_config(generate, "client")
     generate.add_argument("prompt", nargs="?", help="the prompt (or use --embeddings)")
     generate.add_argument("-o", "--output", default=None, help="image file to write (default out.png)")
-    generate.add_argument("--generator", default=_env("ZSPLIT_GENERATOR", None), help="generator HOST:PORT")
-    generate.add_argument(
-        "--encoder", default=_env("ZSPLIT_ENCODER", None), help="encoder HOST:PORT (for a local generator)"
-    )
-    _add_model(generate)
-    generate.set_defaults(model=None)  # resolved later: a batch defaults to its embeddings' model
+    generate.add_argument("--generator", default=None, help="generator HOST:PORT")
+    generate.add_argument("--encoder", default=None, help="encoder HOST:PORT (for a local generator)")
+    _add_client_security(generate)
+    _add_model(generate, default=None)  # resolved later: a batch defaults to its embeddings' model
     generate.add_argument(
         "--seed", type=int, default=None, help="random if unset; printed and stored in the PNG"
     )
@@ -159,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode a prompt file once into one safetensors file",
         description="zsplit encode --prompts prompts.txt -o embeds.safetensors [--encoder HOST:PORT | --model M]",
     )
+    _add_config(encode, "client")
     encode.add_argument(
         "--prompts", required=True, metavar="FILE", help="one prompt per line (.txt), or .jsonl lines"
     )
     encode.add_argument("-o", "--output", required=True, help="safetensors file to write")
-    encode.add_argument(
-        "--encoder", default=_env("ZSPLIT_ENCODER", None), help="encoder HOST:PORT (default: run one here)"
-    )
+    encode.add_argument("--encoder", default=None, help="encoder HOST:PORT (default: run one here)")
+    _add_client_security(encode, whom="the encoder")
     _add_model(encode)
     encode.add_argument("--device", default="auto", help="device for an encoder started here")
     encode.add_argument("--dtype", default="bfloat16", help="dtype for an encoder started here (bfloat16)")
@@ -177,7 +217,128 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     tiny.add_argument("--seed", type=int, default=0)
+
+    certs = commands.add_parser(
+        "certs", help="write a development CA and certificates for the encoder, the generator and a client"
+    )
+    certs.add_argument("--out-dir", default="certs", help="folder to write them to (certs)")
+    certs.add_argument(
+        "--hosts",
+        required=True,
+        help="comma-separated names and IPs the services are reached by (go into the server certificates)",
+    )
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    config = commands.add_parser("config", help="inspect settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show",
+        help="print the resolved settings of a command, with their sources; secrets redacted",
+        description="zsplit config show generator --config zsplit.toml --profile prod [-- more flags]",
+    )
+    show.add_argument("target", choices=["encoder", "generator", "client"], help="whose settings")
+    show.add_argument("--config", metavar="FILE", help="TOML settings file (env ZSPLIT_CONFIG)")
+    show.add_argument("--profile", metavar="NAME", help="profile of the config file (env ZSPLIT_PROFILE)")
+    show.add_argument("flags", nargs=argparse.REMAINDER, help="flags of that command, after --")
     return parser
+
+
+def _command_parsers(parser: argparse.ArgumentParser) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every (sub)command's parser, by its words: ("serve", "generator"), ("generate",), ..."""
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+    def walk(current: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
+        subparsers = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            found[words] = current
+        for action in subparsers:
+            for name, child in action.choices.items():
+                walk(child, (*words, name))
+
+    walk(parser, ())
+    return found
+
+
+def parse_settings(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses the command line and resolves every setting: flags > ZSPLIT_* > --config TOML > defaults."""
+    from zimage_split.config import defer_defaults, resolve, setting_actions
+
+    parser = build_parser()
+    commands = _command_parsers(parser)
+    known = frozenset(dest for sub in commands.values() for dest in setting_actions(sub))
+    defaults = {words: defer_defaults(sub) for words, sub in commands.items() if sub.get_default("section")}
+    typed = parser.parse_args(argv)
+    words = next((w for w, sub in commands.items() if sub is getattr(typed, "subparser", None)), None)
+    if words is None:
+        return typed
+    resolved = resolve(typed.subparser, defaults[words], typed, typed.section, known_keys=known)
+    return argparse.Namespace(
+        **{**vars(typed), **{k: v.value for k, v in resolved.settings.items()}}, resolved=resolved
+    )
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    words = {"encoder": ["serve", "encoder"], "generator": ["serve", "generator"], "client": ["generate"]}
+    flags = [flag for flag in args.flags if flag != "--"]
+    for name, value in (("--config", args.config), ("--profile", args.profile)):
+        if value:
+            flags += [name, value]
+    if args.target == "client":
+        flags.append("x")  # `generate` wants a prompt; the settings do not depend on it
+    resolved = parse_settings([*words[args.target], *flags]).resolved
+    print(resolved.show())
+    return 0
+
+
+def _read_secret_token(path: str | None, variable: str) -> str | None:
+    from zimage_split.common.security import read_tokens
+
+    if path:
+        return read_tokens(path)[0]
+    return os.environ.get(variable) or None
+
+
+def _server_security(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from zimage_split.common.security import ServerSecurity, read_tokens
+
+    tokens = read_tokens(args.auth_token_file)
+    if os.environ.get("ZSPLIT_AUTH_TOKEN"):
+        tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
+    return ServerSecurity(
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+        client_ca_file=args.tls_client_ca,
+        tokens=tokens,
+        insecure=args.insecure,
+    )
+
+
+def _client_security(args: argparse.Namespace, address: str | None, prefix: str = ""):  # type: ignore[no-untyped-def]
+    """TLS when a CA or a client certificate is given; plaintext needs --insecure unless on loopback."""
+    from zimage_split.common.security import ClientSecurity, is_loopback
+
+    def get(name: str) -> str | None:
+        return getattr(args, prefix.replace("-", "_") + name)
+
+    flag = f"--{prefix}"
+    token = _read_secret_token(
+        get("auth_token_file"), "ZSPLIT_ENCODER_AUTH_TOKEN" if prefix else "ZSPLIT_AUTH_TOKEN"
+    )
+    insecure = bool(get("insecure"))
+    uses_tls = bool(get("tls_ca") or get("tls_cert"))
+    if not uses_tls and not insecure and address and not is_loopback(address.rsplit(":", 1)[0]):
+        raise InvalidArgument(
+            f"{address} is not on this host: pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`), or "
+            f"{flag}insecure for plaintext on a trusted network."
+        )
+    return ClientSecurity(
+        ca_file=get("tls_ca"),
+        cert_file=get("tls_cert"),
+        key_file=get("tls_key"),
+        server_name=get("tls_server_name"),
+        token=token,
+        insecure=not uses_tls,
+    )
 
 
 def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -194,6 +355,7 @@ def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cache_bytes=args.cache_mb << 20,
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
+        security=_server_security(args),
     )
 
 
@@ -221,9 +383,12 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     elif args.replicas != "1":
         raise InvalidArgument("--replicas needs --ray-address (local, auto or HOST:PORT).")
 
+    encoder = None if args.encoder in ("", "none") else args.encoder
     return GeneratorConfig(
         model=args.model,
-        encoder=None if args.encoder in ("", "none") else args.encoder,
+        encoder=encoder,
+        security=_server_security(args),
+        encoder_security=_client_security(args, encoder, prefix="encoder-"),
         host=args.host,
         port=args.port,
         device=args.device,
@@ -239,7 +404,12 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 @asynccontextmanager
 async def local_services(
-    model: str, device: str, encoder: str | None, *, start_encoder: bool = True
+    model: str,
+    device: str,
+    encoder: str | None,
+    *,
+    start_encoder: bool = True,
+    encoder_security: ClientSecurity | None = None,
 ) -> AsyncIterator[str]:
     """Starts a generator (and an encoder unless one is given or not wanted) on loopback; yields its address."""
     from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
@@ -251,7 +421,13 @@ async def local_services(
         encoder = f"127.0.0.1:{encoder_server.port}"
     try:
         generator_server = await start_generator_server(
-            GeneratorConfig(model=model, encoder=encoder, port=0, device=device)
+            GeneratorConfig(
+                model=model,
+                encoder=encoder,
+                port=0,
+                device=device,
+                encoder_security=encoder_security or ClientSecurity.plaintext(),
+            )
         )
         try:
             yield f"127.0.0.1:{generator_server.port}"
@@ -290,8 +466,8 @@ async def _generate(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
 
-    async def run(address: str) -> None:
-        async with AsyncClient(generator=address, timeout=args.timeout) as client:
+    async def run(address: str, security: ClientSecurity) -> None:
+        async with AsyncClient(generator=address, timeout=args.timeout, security=security) as client:
             image = await client.generate(
                 args.prompt,
                 seed=args.seed,
@@ -314,11 +490,14 @@ async def _generate(args: argparse.Namespace) -> int:
 
     try:
         if args.generator:
-            await run(args.generator)
+            await run(args.generator, _client_security(args, args.generator))
         else:
-            model = str(args.model or _env("ZSPLIT_MODEL", DEFAULT_MODEL))
-            async with local_services(model, args.device, args.encoder) as address:
-                await run(address)
+            model = str(args.model or DEFAULT_MODEL)
+            encoder_security = _client_security(args, args.encoder) if args.encoder else None
+            async with local_services(
+                model, args.device, args.encoder, encoder_security=encoder_security
+            ) as address:
+                await run(address, ClientSecurity.plaintext())
     finally:
         close_bar()
     return 0
@@ -363,8 +542,10 @@ async def _generate_batch(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    async def run(address: str) -> None:
-        async with AsyncClient(generator=address, timeout=args.timeout, busy_retries=100) as client:
+    async def run(address: str, security: ClientSecurity) -> None:
+        async with AsyncClient(
+            generator=address, timeout=args.timeout, busy_retries=100, security=security
+        ) as client:
             check_for_generator(
                 embeddings, await client.generator_info(), allow_other_model=args.allow_other_model
             )
@@ -391,12 +572,12 @@ async def _generate_batch(args: argparse.Namespace) -> int:
 
     try:
         if args.generator:
-            await run(args.generator)
+            await run(args.generator, _client_security(args, args.generator))
         else:
             # No encoder at all: the embeddings are all there is to condition on.
-            model = args.model or _env("ZSPLIT_MODEL", None) or embeddings.model_id
+            model = args.model or embeddings.model_id
             async with local_services(model, args.device, None, start_encoder=False) as address:
-                await run(address)
+                await run(address, ClientSecurity.plaintext())
     finally:
         close_bars()
     return 0
@@ -414,9 +595,11 @@ async def _encode(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--output {output} must end in .safetensors.")
     prompts = read_prompt_file(Path(args.prompts), warn=lambda message: print(message, file=sys.stderr))
 
-    async def run(address: str) -> None:
+    async def run(address: str, security: ClientSecurity) -> None:
         with tqdm(total=len(prompts), desc="encoding", unit="prompt", disable=args.no_progress) as bar:
-            async with AsyncClient(generator=None, encoder=address, timeout=args.timeout) as client:
+            async with AsyncClient(
+                generator=None, encoder=address, timeout=args.timeout, security=security
+            ) as client:
                 embeddings = await encode_prompts(
                     client, prompts, max_sequence_length=args.max_sequence_length, on_encoded=bar.update
                 )
@@ -429,7 +612,7 @@ async def _encode(args: argparse.Namespace) -> int:
         )
 
     if args.encoder:
-        await run(args.encoder)
+        await run(args.encoder, _client_security(args, args.encoder))
         return 0
     from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
 
@@ -437,14 +620,18 @@ async def _encode(args: argparse.Namespace) -> int:
         EncoderConfig(model=args.model, port=0, device=args.device, dtype=args.dtype)
     )
     try:
-        await run(f"127.0.0.1:{server.port}")
+        await run(f"127.0.0.1:{server.port}", ClientSecurity.plaintext())
     finally:
         await server.stop(grace=1)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_settings(argv)
+    except ZSplitError as error:
+        print(f"zsplit: error ({error.code}): {error.message}", file=sys.stderr)
+        return 2
     log_level = args.log_level or ("WARNING" if args.command == "generate" else "INFO")
     logging.basicConfig(
         level=log_level.upper(),
@@ -452,6 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "config":
+            return _show_config(args)
+        if args.command == "certs":
+            from zimage_split.certs import write_dev_certificates
+
+            hosts = args.hosts.split(",")
+            written = write_dev_certificates(Path(args.out_dir), hosts, overwrite=args.overwrite)
+            print(f"wrote {len(written)} files to {args.out_dir} for {', '.join(hosts)} (development only)")
+            return 0
         if args.command == "make-tiny-model":
             from zimage_split.tiny_model import build_tiny_model
 

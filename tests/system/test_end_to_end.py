@@ -74,7 +74,7 @@ def services(tiny_model_dir: Path) -> Iterator[tuple[int, int]]:
     encoder_port, generator_port = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     encoder = subprocess.Popen(
-        [*ZSPLIT, "serve", "encoder", "--model", str(tiny_model_dir), "--port", str(encoder_port)],
+        [*ZSPLIT, "serve", "encoder", "--model", str(tiny_model_dir), "--port", str(encoder_port), "--insecure"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -93,6 +93,7 @@ def services(tiny_model_dir: Path) -> Iterator[tuple[int, int]]:
                 str(generator_port),
                 "--encoder",
                 f"127.0.0.1:{encoder_port}",
+                "--insecure",
             ],
             env=env,
             stderr=subprocess.PIPE,
@@ -187,7 +188,7 @@ def test_zsplit_generate_without_addresses_runs_both_services_locally(
 
 def test_unknown_model_fails_fast_with_a_hint(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*ZSPLIT, "serve", "encoder", "--model", str(tmp_path / "missing"), "--port", str(free_port())],
+        [*ZSPLIT, "serve", "encoder", "--model", str(tmp_path / "missing"), "--port", str(free_port()), "--insecure"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -209,6 +210,7 @@ def test_generator_with_ray_replicas_from_the_command_line(tiny_model_dir: Path)
             str(port),
             "--encoder",
             "none",
+            "--insecure",
             "--ray-address",
             "local",
             "--replicas",

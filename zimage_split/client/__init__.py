@@ -12,14 +12,17 @@ from zimage_split.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     ZSplitError,
 )
+from zimage_split.common.security import ClientSecurity
 
 __all__ = [
     "AsyncClient",
     "Cancelled",
     "Client",
+    "ClientSecurity",
     "DataLoss",
     "DeadlineExceeded",
     "Embeddings",
@@ -30,6 +33,7 @@ __all__ = [
     "NotFound",
     "PromptEmbedding",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "ZSplitError",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -22,7 +23,10 @@ from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, ZSplitError
+from zimage_split.common.security import ClientSecurity, is_loopback
 from zimage_split.common.server import GRPC_OPTIONS
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 T = TypeVar("T")
@@ -62,8 +66,13 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         busy_retries: int = 0,
+        security: ClientSecurity | None = None,
     ) -> None:
-        """`busy_retries`: how often `generate` retries, with backoff, when the generator is full."""
+        """`busy_retries`: how often `generate` retries, with backoff, when the generator is full.
+
+        `security`: TLS and the bearer token, e.g. `ClientSecurity(ca_file="ca.crt", token=...)`; unset
+        means plaintext (loopback and trusted networks only).
+        """
         if generator is None and encoder is None:
             raise InvalidArgument(
                 "Give at least one address: generator='host:port' and/or encoder='host:port'."
@@ -72,6 +81,8 @@ class AsyncClient:
         self.encoder_address = encoder
         self.timeout = timeout
         self.busy_retries = busy_retries
+        self.security = security or ClientSecurity.plaintext()
+        self._metadata = self.security.metadata()
         self._channels: dict[str, aio.Channel] = {}
         self._encoder_model_id: str | None = None
         # Keys of embeddings this client has uploaded to the generator: sent once, not with every request.
@@ -94,7 +105,11 @@ class AsyncClient:
                 f"This client has no {role} address; pass {role}='host:port' to the client."
             )
         if address not in self._channels:
-            self._channels[address] = aio.insecure_channel(address, options=GRPC_OPTIONS)
+            if self.security.insecure and not is_loopback(address.rsplit(":", 1)[0]):
+                logger.warning(
+                    "Plaintext connection to %s: no TLS. Pass security=ClientSecurity(...).", address
+                )
+            self._channels[address] = self.security.channel(address, GRPC_OPTIONS)
         return self._channels[address]
 
     def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
@@ -119,7 +134,7 @@ class AsyncClient:
         request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
         target = f"encoder {self.encoder_address}"
         try:
-            stream = self._encoder().Encode(request, timeout=timeout or self.timeout)
+            stream = self._encoder().Encode(request, timeout=timeout or self.timeout, metadata=self._metadata)
             items = await read_embedding_stream(stream, texts)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, target) from None
@@ -129,14 +144,18 @@ class AsyncClient:
 
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
-            reply = await self._encoder().Info(encoder_pb2.InfoRequest(), timeout=timeout or self.timeout)
+            reply = await self._encoder().Info(
+                encoder_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"encoder {self.encoder_address}") from None
         return MessageToDict(reply, preserving_proto_field_name=True)
 
     async def generator_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
-            reply = await self._generator().Info(generator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+            reply = await self._generator().Info(
+                generator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
         return MessageToDict(reply, preserving_proto_field_name=True)
@@ -159,7 +178,9 @@ class AsyncClient:
                 yield generator_pb2.UploadEmbeddingRequest(chunk=chunk)
 
         try:
-            reply = await self._generator().UploadEmbedding(messages(), timeout=timeout or self.timeout)
+            reply = await self._generator().UploadEmbedding(
+                messages(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
         self._uploaded.add(reply.embedding_key)
@@ -323,7 +344,9 @@ class AsyncClient:
         header: generator_pb2.ImageHeader | None = None
         data = bytearray()
         try:
-            async for response in self._generator().Generate(request, timeout=timeout or self.timeout):
+            async for response in self._generator().Generate(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            ):
                 kind = response.WhichOneof("event")
                 if kind == "progress":
                     if on_progress is not None:

@@ -10,6 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
 from zimage_split.client.batch import JobResult
+from zimage_split.common.security import ClientSecurity
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,8 +44,11 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         busy_retries: int = 0,
+        security: ClientSecurity | None = None,
     ) -> None:
-        self._async = AsyncClient(generator, encoder, timeout=timeout, busy_retries=busy_retries)
+        self._async = AsyncClient(
+            generator, encoder, timeout=timeout, busy_retries=busy_retries, security=security
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zsplit-client", daemon=True)
         self._thread.start()

@@ -49,6 +49,10 @@ class Internal(ZSplitError):
     code = "INTERNAL"
 
 
+class Unauthenticated(ZSplitError):
+    code = "UNAUTHENTICATED"
+
+
 ERRORS_BY_CODE: dict[str, type[ZSplitError]] = {
     cls.code: cls
     for cls in (
@@ -60,6 +64,7 @@ ERRORS_BY_CODE: dict[str, type[ZSplitError]] = {
         Cancelled,
         DataLoss,
         Internal,
+        Unauthenticated,
     )
 }
 

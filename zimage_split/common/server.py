@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 
 from zimage_split.common.errors import Unavailable
 from zimage_split.common.interceptors import ErrorMappingInterceptor
+from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,31 @@ async def start_server(
     service_names: tuple[str, ...],
     host: str,
     port: int,
+    security: ServerSecurity,
 ) -> RunningServer:
     """Starts a server that reports NOT_SERVING until `set_serving()` is called after warm-up."""
-    server = aio.server(interceptors=[ErrorMappingInterceptor()], options=GRPC_OPTIONS)
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if security.tokens:
+        interceptors.insert(0, TokenAuthInterceptor(security.tokens))
+    server = aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
     add_servicers(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in (*service_names, ""):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    credentials = security.credentials()
+    if credentials is None and not is_loopback(host):
+        logger.warning(
+            "Serving PLAINTEXT on %s (--insecure): anyone who can reach this port can use it and read the "
+            "traffic. Use --tls-cert/--tls-key (and --auth-token-file) off a trusted network.",
+            address,
+        )
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise Unavailable(
             f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port."

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from zimage_split.client.aio import AsyncClient
-from zimage_split.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from zimage_split.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    ZSplitError,
+)
 from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.common.wire import TensorMeta, describe, embedding_key
 from zimage_split.dit_service.disk_store import DiskEmbeddingStore
@@ -39,6 +46,18 @@ def tensor_key(tensor: torch.Tensor) -> str:
 
 def encoder_identity(info: dict[str, Any]) -> str:
     return "|".join(str(info.get(field, "")) for field in IDENTITY_FIELDS)
+
+
+class EncoderRefused(Unavailable):
+    """The encoder turned down this generator's credentials: a configuration error, not an outage."""
+
+
+def encoder_refused(address: str | None, error: ZSplitError) -> EncoderRefused:
+    return EncoderRefused(
+        f"The encoder at {address} refused this generator's credentials ({error.message}) Check the "
+        "generator's --encoder-auth-token-file (or ZSPLIT_ENCODER_AUTH_TOKEN), and --encoder-tls-cert/"
+        "--encoder-tls-key if the encoder requires client certificates."
+    )
 
 
 class EmbeddingStore:
@@ -77,7 +96,10 @@ class EmbeddingStore:
     async def check_encoder(self) -> dict[str, Any]:
         """Fetches the encoder's Info once and refuses an encoder made for another DiT."""
         encoder = self._require_encoder()
-        info = await encoder.encoder_info(timeout=10)
+        try:
+            info = await encoder.encoder_info(timeout=10)
+        except Unauthenticated as error:
+            raise encoder_refused(encoder.encoder_address, error) from None
         if int(info.get("hidden_size", 0)) != self.caption_dim:
             raise InvalidArgument(
                 f"The encoder at {encoder.encoder_address} serves {info.get('model_id')} with hidden size "
@@ -138,6 +160,8 @@ class EmbeddingStore:
         if identity is None:
             try:
                 identity = encoder_identity(await self.check_encoder())
+            except EncoderRefused:
+                raise
             except (Unavailable, DeadlineExceeded) as error:
                 # Prompts encoded before a restart are on disk under the identity of the encoder then.
                 unreachable = error
@@ -153,6 +177,8 @@ class EmbeddingStore:
         started = time.perf_counter()
         try:
             encoded = await encoder.encode([text], max_sequence_length=max_sequence_length, timeout=timeout)
+        except Unauthenticated as error:
+            raise encoder_refused(encoder.encoder_address, error) from None
         except Unavailable as error:
             raise self._not_cached(error) from None
         tensor = self.check(encoded[0].tensor, "The encoder's embedding")

@@ -53,8 +53,9 @@ class RayWorkerPool:
         self.info = info
         self.max_queue = max_queue
         self._owns_ray = owns_ray
-        # One object-store copy per cached embedding tensor; dropped when the cache drops the tensor.
-        self._refs: weakref.WeakKeyDictionary[torch.Tensor, Any] = weakref.WeakKeyDictionary()
+        # One object-store copy per cached embedding tensor, by id; dropped when the cache drops the tensor.
+        # Not a WeakKeyDictionary: its lookups compare tensors with ==, which fails for a tensor already in it.
+        self._refs: dict[int, Any] = {}
         self._in_flight: dict[str, asyncio.Future[WorkerResult]] = {}
 
     @classmethod
@@ -107,9 +108,10 @@ class RayWorkerPool:
 
         if tensor is None:
             return None
-        ref = self._refs.get(tensor)
+        ref = self._refs.get(id(tensor))
         if ref is None:
-            ref = self._refs[tensor] = ray.put(tensor)
+            ref = self._refs[id(tensor)] = ray.put(tensor)
+            weakref.finalize(tensor, self._refs.pop, id(tensor), None)
         return ref
 
     async def replica_states(self) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 
@@ -80,7 +81,9 @@ class DiTReplica:
         resolved = pick_device(device)
         self.engine = DiTEngine(source, device=resolved, dtype=parse_dtype(dtype, resolved))
         self.engine.warm_up()
-        self.name = f"{socket.gethostname()}/pid{os.getpid()}/{resolved}"
+        # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart.
+        node_ip = ray.util.get_node_ip_address()
+        self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{resolved}"
         self.steps_run = 0
         self.batches_run = 0
         self._run_batch.set_max_batch_size(max_batch_size)
@@ -178,13 +181,16 @@ def build_deployment(
     """A bound Serve application: `replicas` fixed, or None for one per GPU, scaling with the cluster."""
     if replicas is None:
         # One replica per GPU now; under load Serve adds replicas wherever a GPU is free, so a GPU host
-        # that joins the cluster later gets one too, with no config change.
+        # that joins the cluster later gets one too, with no config change. Serve waits 30 s of steady
+        # overload by default before adding one; a free GPU should not idle that long while requests
+        # queue, so 5 s. Scaling down stays slow (Serve's 600 s), so bursts do not reload the model.
         scaling: dict[str, Any] = {
             "autoscaling_config": {
                 "min_replicas": max(1, gpu_count),
                 "initial_replicas": max(1, gpu_count),
                 "max_replicas": 1024,
                 "target_ongoing_requests": max_batch_size,
+                "upscale_delay_s": 5,
             }
         }
     else:

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
+from zimage_split.common.security import ClientSecurity, ServerSecurity
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from zimage_split.devices import parse_dtype, pick_device
-from zimage_split.dit_service.embedding_store import EmbeddingStore
+from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import DiTEngine
 from zimage_split.dit_service.servicer import GeneratorServicer
 from zimage_split.dit_service.validation import Limits
@@ -55,6 +56,10 @@ class GeneratorConfig:
     # Finished images kept by request_id, so a retried request is answered without running again.
     completed_cache_bytes: int = 128 << 20
     limits: Limits = field(default_factory=Limits)
+    # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
+    security: ServerSecurity = ServerSecurity(insecure=True)
+    # How this generator reaches its encoder: TLS, its client certificate, its token.
+    encoder_security: ClientSecurity = ClientSecurity(insecure=True)
 
 
 @dataclass
@@ -103,7 +108,11 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         max_steps=config.limits.max_steps,
         max_guidance_scale=config.limits.max_guidance_scale,
     )
-    encoder = AsyncClient(generator=None, encoder=config.encoder) if config.encoder else None
+    encoder = (
+        AsyncClient(generator=None, encoder=config.encoder, security=config.encoder_security)
+        if config.encoder
+        else None
+    )
     store = EmbeddingStore(
         encoder,
         caption_dim=info.caption_dim,
@@ -117,6 +126,9 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         except InvalidArgument:
             await encoder.close()
             raise
+        except EncoderRefused as error:
+            await encoder.close()
+            raise InvalidArgument(error.message) from None
         except ZSplitError as error:
             logger.warning(
                 "Encoder not reachable yet (%s); prompts will be encoded once it is.", error.message
@@ -129,16 +141,18 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         (SERVICE_NAME,),
         config.host,
         config.port,
+        config.security,
     )
     await running.set_serving()
     logger.info(
-        "Generator %s on %s (%s%s) listening on %s:%d, encoder %s",
+        "Generator %s on %s (%s%s) listening on %s:%d (%s), encoder %s",
         source.model_id,
         info.device,
         info.dtype,
         f", Ray Serve at {config.ray.address}" if config.ray else "",
         config.host,
         running.port,
+        config.security.describe(),
         config.encoder or "none",
     )
     return GeneratorServer(running, servicer)

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from zimage.encoder.v1 import encoder_pb2_grpc
+from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder
@@ -32,6 +33,8 @@ class EncoderConfig:
     cache_bytes: int = 1 << 30
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
+    # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
+    security: ServerSecurity = ServerSecurity(insecure=True)
 
 
 @dataclass
@@ -70,12 +73,14 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         (SERVICE_NAME,),
         config.host,
         config.port,
+        config.security,
     )
     # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
     encoder.encode([encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)])
+    encoder.forward_passes = 0
     await running.set_serving()
     logger.info(
-        "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d",
+        "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
         config.dtype,
@@ -83,6 +88,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         encoder.layers_loaded,
         config.host,
         running.port,
+        config.security.describe(),
     )
     return EncoderServer(running, servicer)
 

@@ -1,0 +1,114 @@
+"""Settings resolve as flags > ZSPLIT_* > TOML (profile over base, section over shared) > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zimage_split.cli import main, parse_settings
+from zimage_split.common.errors import InvalidArgument, NotFound
+
+TOML = """
+model = "shared-model"
+max_queue = 5
+
+[generator]
+port = 6001
+max_queue = 6
+insecure = true
+
+[profiles.prod]
+max_queue = 7
+
+[profiles.prod.generator]
+port = 6002
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in (
+        "ZSPLIT_PORT",
+        "ZSPLIT_MAX_QUEUE",
+        "ZSPLIT_MODEL",
+        "ZSPLIT_CONFIG",
+        "ZSPLIT_PROFILE",
+        "ZSPLIT_AUTH_TOKEN",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "zsplit.toml"
+    path.write_text(TOML)
+    return path
+
+
+def resolved(*argv: str):  # type: ignore[no-untyped-def]
+    return parse_settings(["serve", "generator", *argv]).resolved
+
+
+def test_each_layer_overrides_the_one_below(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = resolved("--config", str(config_file))
+    assert (base.model, base.max_queue, base.port, base.insecure) == ("shared-model", 6, 6001, True)
+    assert base.settings["port"].source == f"config {config_file} [generator]"
+    assert resolved().port == 50052 and resolved().settings["port"].source == "default"
+
+    prod = resolved("--config", str(config_file), "--profile", "prod")
+    assert (prod.max_queue, prod.port) == (7, 6002)
+
+    monkeypatch.setenv("ZSPLIT_PORT", "6003")
+    monkeypatch.setenv("ZSPLIT_INSECURE", "false")
+    env = resolved("--config", str(config_file), "--profile", "prod")
+    assert (env.port, env.insecure) == (6003, False) and env.settings["port"].source == "env ZSPLIT_PORT"
+
+    flag = resolved("--config", str(config_file), "--profile", "prod", "--port", "6004")
+    assert flag.port == 6004 and flag.settings["port"].source == "flag"
+
+
+def test_the_config_file_can_come_from_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZSPLIT_CONFIG", str(config_file))
+    monkeypatch.setenv("ZSPLIT_PROFILE", "prod")
+    assert resolved().port == 6002
+
+
+def test_mistakes_in_the_file_are_named(tmp_path: Path, config_file: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[generator]\nprot = 1\n")
+    with pytest.raises(InvalidArgument, match="unknown setting 'prot'"):
+        resolved("--config", str(bad))
+    bad.write_text('auth_token = "hunter2"\n')
+    with pytest.raises(InvalidArgument, match="is a secret"):
+        resolved("--config", str(bad))
+    bad.write_text("[generator]\nport = 'many'\n")
+    with pytest.raises(InvalidArgument, match="'many' is not a valid port"):
+        resolved("--config", str(bad))
+    with pytest.raises(NotFound, match="No profile 'staging'"):
+        resolved("--config", str(config_file), "--profile", "staging")
+    with pytest.raises(NotFound, match="No config file"):
+        resolved("--config", str(tmp_path / "missing.toml"))
+
+
+def test_config_show_redacts_secrets(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZSPLIT_AUTH_TOKEN", "hunter2-secret")
+    assert main(["config", "show", "generator", "--config", str(config_file), "--", "--port", "7"]) == 0
+    shown = capsys.readouterr().out
+    assert "hunter2-secret" not in shown
+    assert 'auth_token = "<redacted>"' in shown and "port = 7  # flag" in shown
+    assert f'model = "shared-model"  # config {config_file}' in shown
+
+
+def test_servers_need_tls_or_an_explicit_insecure(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZSPLIT_INSECURE", raising=False)
+    monkeypatch.delenv("ZSPLIT_CONFIG", raising=False)
+    assert main(["serve", "encoder", "--model", "tiny"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+
+
+def test_clients_need_tls_or_insecure_off_this_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "x", "--generator", "203.0.113.9:50052", "--no-progress"]) == 2
+    assert "--tls-ca" in capsys.readouterr().err

@@ -1,0 +1,214 @@
+"""Transport security for both services and their clients: TLS, optional mutual TLS, bearer tokens.
+
+Secrets (private keys, tokens) come from files or the environment, are read once, and never appear in a
+repr, a log line or `zsplit config show`. Plaintext is never a default: a server needs TLS material or an
+explicit `insecure=True`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from zimage_split.common.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_KEY = "authorization"
+# Probes (kubelet, load balancers, grpc_health_probe) cannot always send a token; health says nothing secret.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def read_pem(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as error:
+        raise InvalidArgument(f"Cannot read the {what} {path}: {error.strerror}.") from None
+    if b"-----BEGIN" not in data:
+        raise InvalidArgument(f"The {what} {path} is not PEM (no '-----BEGIN' line).")
+    return data
+
+
+def read_tokens(path: str | None) -> tuple[str, ...]:
+    """Tokens from a file, one per line; blank lines and lines starting with '#' are skipped."""
+    if not path:
+        return ()
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"Cannot read the token file {path}: {error}.") from None
+    tokens = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise InvalidArgument(f"The token file {path} holds no token; write one token per line.")
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Secret(str):
+    """A string that does not show itself in reprs or f-string debugging of its container."""
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """What a server listens with: a certificate and key (TLS), a client CA (mutual TLS), tokens."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key (PEM files).")
+        if self.cert_file and self.insecure:
+            raise InvalidArgument("Pass either --tls-cert/--tls-key or --insecure, not both.")
+        if not self.cert_file and not self.insecure:
+            raise InvalidArgument(
+                "No TLS certificate given. Pass --tls-cert and --tls-key (see `zsplit certs`), or --insecure "
+                "to serve plaintext on a trusted network."
+            )
+        if self.client_ca_file and not self.cert_file:
+            raise InvalidArgument(
+                "--tls-client-ca (mutual TLS) needs TLS: pass --tls-cert and --tls-key too."
+            )
+
+    @property
+    def mutual_tls(self) -> bool:
+        return bool(self.client_ca_file)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if self.insecure:
+            return None
+        key, cert = read_pem(self.key_file, "TLS key"), read_pem(self.cert_file, "TLS certificate")
+        assert key is not None and cert is not None  # checked in __post_init__
+        client_ca = read_pem(self.client_ca_file, "client CA certificate")
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def describe(self) -> str:
+        transport = "plaintext" if self.insecure else ("mutual TLS" if self.mutual_tls else "TLS")
+        return f"{transport}, {'bearer tokens' if self.tokens else 'no token'}"
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client reaches a service: plaintext, TLS with a CA (and a client certificate), a token.
+
+    With no `ca_file` and `insecure` unset, TLS uses the system's trusted roots.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise InvalidArgument("A client certificate needs both --tls-cert and --tls-key (PEM files).")
+        if self.insecure and (self.ca_file or self.cert_file):
+            raise InvalidArgument("Pass either TLS files or --insecure, not both.")
+        if self.token is not None:
+            object.__setattr__(self, "token", _Secret(self.token))
+
+    @classmethod
+    def plaintext(cls, token: str | None = None) -> ClientSecurity:
+        return cls(insecure=True, token=token)
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> aio.Channel:
+        if self.insecure:
+            return aio.insecure_channel(address, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read_pem(self.ca_file, "CA certificate"),
+            private_key=read_pem(self.key_file, "TLS key"),
+            certificate_chain=read_pem(self.cert_file, "TLS certificate"),
+        )
+        if self.server_name:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return aio.secure_channel(address, credentials, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((AUTHORIZATION_KEY, f"Bearer {self.token}"),) if self.token else ()
+
+
+class TokenAuthInterceptor(aio.ServerInterceptor):
+    """Refuses calls without one of the accepted bearer tokens with UNAUTHENTICATED (health is exempt)."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._accepted = [f"Bearer {token}".encode() for token in tokens]
+
+    def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
+        presented = next((value for key, value in metadata or () if key == AUTHORIZATION_KEY), None)
+        if presented is None:
+            return False
+        offered = presented if isinstance(presented, bytes) else presented.encode()
+        # Compare with every token, without stopping early, so timing tells nothing about which matched.
+        matches = [hmac.compare_digest(offered, accepted) for accepted in self._accepted]
+        return any(matches)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):  # type: ignore[arg-type]
+            return handler
+        return _refusal(handler, method)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
+    message = (
+        f"{method} needs a valid bearer token: send 'authorization: Bearer <token>' (SDK: "
+        "ClientSecurity(token=...); CLI: --auth-token-file or ZSPLIT_AUTH_TOKEN)."
+    )
+
+    async def refuse(request: Any, context: aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behavior = refuse_stream if handler.response_streaming else refuse
+    return make(
+        behavior,  # type: ignore[arg-type]
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
