@@ -95,7 +95,7 @@ async def one_round(folder: str, args: argparse.Namespace, round_index: int) -> 
         "dit_sum_s": report.dit_seconds,
         "overhead_ratio": job["wall_s"] / report.dit_seconds,
         "prompts_encoded": int(after["prompts_encoded"]) - int(before.get("prompts_encoded", 0)),
-        "encoder_forward_passes": int(after["forward_passes"]) - int(before["forward_passes"]),
+        "encoder_forward_passes": int(after["forward_passes"]) - int(before.get("forward_passes", 0)),
         "others_cpu_share": job["others_cpu_share"],
     }
 
