@@ -74,7 +74,16 @@ def services(tiny_model_dir: Path) -> Iterator[tuple[int, int]]:
     encoder_port, generator_port = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     encoder = subprocess.Popen(
-        [*ZSPLIT, "serve", "encoder", "--model", str(tiny_model_dir), "--port", str(encoder_port), "--insecure"],
+        [
+            *ZSPLIT,
+            "serve",
+            "encoder",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(encoder_port),
+            "--insecure",
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -188,7 +197,16 @@ def test_zsplit_generate_without_addresses_runs_both_services_locally(
 
 def test_unknown_model_fails_fast_with_a_hint(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*ZSPLIT, "serve", "encoder", "--model", str(tmp_path / "missing"), "--port", str(free_port()), "--insecure"],
+        [
+            *ZSPLIT,
+            "serve",
+            "encoder",
+            "--model",
+            str(tmp_path / "missing"),
+            "--port",
+            str(free_port()),
+            "--insecure",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
