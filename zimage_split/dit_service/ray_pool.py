@@ -192,6 +192,9 @@ class RayWorkerPool:
         import ray
         from ray import serve
 
+        # Stop the handle's router first: it pushes autoscaling metrics to Serve every 10 s from a thread of
+        # its own, and a push that lands after Ray disconnects at exit kills the process with an error.
+        self.handle.shutdown()
         try:
             serve.delete(APP_NAME)
         finally:
