@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from zimage_split.client.aio import AsyncClient
 from zimage_split.client.batch import ImageJob, JobResult, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.common.errors import InvalidArgument, NotFound
+from zimage_split.common.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -98,24 +98,6 @@ async def encode_prompts(
     return Embeddings(items, model_id=model_id)
 
 
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Writes beside the target, syncs, and renames: a crash leaves the old file or none, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def png_bytes(image: Any, metadata: dict[Any, Any]) -> bytes:
     """The image as PNG, with our metadata in a text chunk."""
     from PIL.PngImagePlugin import PngInfo
@@ -169,7 +151,7 @@ class Manifest:
             image = self.out_dir / name
             if image.is_file() and hashlib.sha256(image.read_bytes()).hexdigest() == entry.get("sha256"):
                 self.entries[name] = entry
-        write_file_atomically(
+        write_atomically(
             self.path, "".join(json.dumps(entry) + "\n" for entry in self.entries.values()).encode()
         )
         return len(self.entries)
@@ -181,7 +163,7 @@ class Manifest:
         """Writes the image atomically, then appends and syncs its manifest line."""
         job, info = result.job, result.image.info
         data = png_bytes(result.image, info)
-        write_file_atomically(self.out_dir / job.file_name, data)
+        write_atomically(self.out_dir / job.file_name, data)
         entry = {
             "file": job.file_name,
             "prompt_index": job.prompt_index,

@@ -441,8 +441,9 @@ async def local_services(
 async def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from zimage_split.batch_jobs import png_bytes, write_file_atomically
+    from zimage_split.batch_jobs import png_bytes
     from zimage_split.client.aio import AsyncClient
+    from zimage_split.common.files import write_atomically
 
     if args.embeddings:
         return await _generate_batch(args)
@@ -479,7 +480,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 on_progress=on_progress,
             )
         close_bar()
-        write_file_atomically(output, png_bytes(image, image.info))
+        write_atomically(output, png_bytes(image, image.info))
         timings = image.info["timings"]
         print(
             f"wrote {output} ({image.width}x{image.height}, seed {image.info['seed']}, "

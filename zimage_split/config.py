@@ -53,9 +53,6 @@ class ResolvedSettings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def secret(self, name: str) -> str | None:
-        return os.environ.get(SECRET_ENVIRONMENT[name]) or None
-
     def show(self) -> str:
         """TOML-style lines with each value's source; secrets redacted, never printed."""
         lines = [f"[{self.section}]"]

@@ -72,13 +72,21 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeou
     raise AssertionError(f"{text!r} never appeared in {log}:\n{tail(log)}")
 
 
-def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def wait_until_serving(
+    address: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Polls gRPC health (over TLS with `credentials`; health needs no token)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel_to = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel_to as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise AssertionError(f"the generator exited with {process.returncode}:\n{tail(log)}")
+                raise AssertionError(f"{process.args!r} exited with {process.returncode}:\n{tail(log)}")
             try:
                 reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -86,7 +94,7 @@ def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
-    raise AssertionError(f"the generator at {address} never reported SERVING:\n{tail(log)}")
+    raise AssertionError(f"{address} never reported SERVING:\n{tail(log)}")
 
 
 def processes_mentioning(text: str) -> list[str]:

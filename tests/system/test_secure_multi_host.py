@@ -18,11 +18,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import netns
 from tests.system.test_multi_host_ray import TEMP_DIR_PREFIX as RAY_TEMP_DIR_PREFIX
-from tests.system.test_multi_host_ray import RayCluster, cluster_env, node_ip, processes_mentioning, tail
+from tests.system.test_multi_host_ray import (
+    RayCluster,
+    cluster_env,
+    node_ip,
+    processes_mentioning,
+    tail,
+    wait_until_serving,
+)
 from zimage_split.certs import write_dev_certificates
 
 pytest.importorskip("ray")
@@ -55,29 +61,6 @@ print(json.dumps(result))
 """
 
 
-def wait_until_serving(
-    address: str, ca: Path, process: subprocess.Popen[bytes], log: Path, timeout: float
-) -> None:
-    """Polls gRPC health over TLS (health needs no token)."""
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-    deadline = time.monotonic() + timeout
-    with grpc.secure_channel(address, credentials) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"{process.args!r} exited with {process.returncode}:\n{tail(log)}")
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise AssertionError(f"{address} never reported SERVING:\n{tail(log)}")
-
-
 def run_client(client_host: netns.Host, front: str, certs: Path, token: str, count: int, seed: int) -> dict:
     result = subprocess.run(
         client_host.command([sys.executable, "-c", CLIENT, front, str(certs), token, str(count), str(seed)]),
@@ -104,6 +87,7 @@ def test_four_hosts_with_tls_and_tokens(tiny_model_dir: Path, tmp_path: Path) ->
             worker = cluster.add_node("c")
             client_host = network.add_host("d")
             write_dev_certificates(certs, [encoder_host.address, head.address])
+            trust = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.crt").read_bytes())
 
             tls = ["--tls-key", "--tls-cert"]
             encoder_log = logs / "encoder.log"
@@ -115,7 +99,7 @@ def test_four_hosts_with_tls_and_tokens(tiny_model_dir: Path, tmp_path: Path) ->
                     stdout=output, stderr=subprocess.STDOUT, env=cluster.env,
                 )  # fmt: skip
             processes.append(encoder)
-            wait_until_serving(f"{encoder_host.address}:50051", certs / "ca.crt", encoder, encoder_log, 120)
+            wait_until_serving(f"{encoder_host.address}:50051", encoder, encoder_log, 120, trust)
 
             front_log = logs / "front.log"
             with front_log.open("w") as output:
@@ -130,7 +114,7 @@ def test_four_hosts_with_tls_and_tokens(tiny_model_dir: Path, tmp_path: Path) ->
                 )  # fmt: skip
             processes.append(front)
             front_address = f"{head.address}:50052"
-            wait_until_serving(front_address, certs / "ca.crt", front, front_log, 240)
+            wait_until_serving(front_address, front, front_log, 240, trust)
 
             started = time.monotonic()
             # From D: text prompts, encoded on A, denoised on B and C; bad credentials refused.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
+from zimage_split.common.files import write_atomically
 
 FILE_FORMAT = "zimage-split/embeddings"
 FILE_FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ class Embeddings(Sequence[PromptEmbedding]):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes one safetensors file atomically: a crash leaves the old file or none, never half of one."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if not self._items:
             raise InvalidArgument("There are no embeddings to save; encode at least one prompt.")
@@ -101,17 +101,7 @@ class Embeddings(Sequence[PromptEmbedding]):
             "hidden_size": str(self.hidden_size),
             "prompts": json.dumps(prompts, ensure_ascii=False),
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(descriptor)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(target, save(tensors, metadata=metadata))
         return target
 
     @classmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,6 @@ import grpc
 from grpc import aio
 
 from zimage_split.common.errors import InvalidArgument
-
-logger = logging.getLogger(__name__)
 
 AUTHORIZATION_KEY = "authorization"
 # Probes (kubelet, load balancers, grpc_health_probe) cannot always send a token; health says nothing secret.
