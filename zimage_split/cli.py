@@ -58,6 +58,29 @@ def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
     )
 
 
+def _add_server_limits(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    limits = parser.add_argument_group("limits (defaults protect a GPU box; raise them knowingly)")
+    limits.add_argument(
+        "--max-message-mb", type=int, default=8, help="largest gRPC message received or sent, MiB (8)"
+    )
+    limits.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=64,
+        help="calls one client connection may have open at once; more wait their turn (64)",
+    )
+    limits.add_argument(
+        "--max-prompt-bytes", type=int, default=64 << 10, help="longest prompt text, UTF-8 bytes (65536)"
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM leaves in-flight calls to finish; a second signal cuts it short (30)",
+    )
+    return limits
+
+
 def _add_client_security(
     parser: argparse.ArgumentParser, prefix: str = "", whom: str = "the services"
 ) -> None:
@@ -102,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--cache-mb", type=int, default=1024, help="embedding cache size in MiB (1024)")
     encoder.add_argument("--max-batch-size", type=int, default=16, help="prompts per forward pass (16)")
     encoder.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill (5)")
+    _add_server_limits(encoder).add_argument(
+        "--max-prompts-per-request", type=int, default=64, help="prompts one Encode call may carry (64)"
+    )
 
     generator = services.add_parser("generator", help="the DiT + VAE generator service")
     _add_config(generator, "generator")
@@ -136,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generator.add_argument(
         "--max-steps", type=int, default=Limits.max_steps, help=f"most steps per request ({Limits.max_steps})"
+    )
+    _add_server_limits(generator)
+    generator.add_argument(
+        "--encoder-retries",
+        type=int,
+        default=2,
+        help="retries of an encoder call that failed UNAVAILABLE, within the request's deadline (2)",
     )
     ray = generator.add_argument_group("Ray (several replicas, GPUs and hosts)")
     ray.add_argument(
@@ -355,7 +388,20 @@ def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cache_bytes=args.cache_mb << 20,
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_prompts_per_request=args.max_prompts_per_request,
+        transport=_transport_limits(args),
         security=_server_security(args),
+    )
+
+
+def _transport_limits(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from zimage_split.common.server import TransportLimits
+
+    return TransportLimits(
+        max_message_bytes=args.max_message_mb << 20,
+        max_streams_per_connection=args.max_streams_per_connection,
+        shutdown_grace_seconds=args.shutdown_grace,
     )
 
 
@@ -397,7 +443,11 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cache_bytes=args.cache_mb << 20,
         completed_cache_bytes=args.result_cache_mb << 20,
         embedding_store=args.embedding_store,
-        limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps),
+        limits=Limits(
+            max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes
+        ),
+        transport=_transport_limits(args),
+        encoder_retries=args.encoder_retries,
         ray=ray,
     )
 

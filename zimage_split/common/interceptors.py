@@ -1,7 +1,9 @@
-"""The one server interceptor that turns exceptions into precise gRPC status codes."""
+"""Server interceptors: the one that turns exceptions into precise gRPC status codes, and the serving gate
+that refuses new calls while the server drains."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -9,13 +11,40 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from zimage_split.common.errors import ZSplitError
+from zimage_split.common.errors import Unavailable, ZSplitError
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after-ms"
 # Marks a status our own code chose, so clients can tell it from a transport failure.
 ORIGIN_KEY = "zsplit-error"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+StreamingBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[UnaryBehavior], UnaryBehavior],
+    streaming: Callable[[StreamingBehavior], StreamingBehavior],
+) -> grpc.RpcMethodHandler:
+    """The same kind of handler as `handler`, its behavior wrapped by `unary` or `streaming`."""
+    if handler.response_streaming:
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+    )
 
 
 async def _abort(error: Exception, context: aio.ServicerContext, method: str) -> None:
@@ -48,10 +77,9 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.response_streaming:
-            behavior = handler.unary_stream or handler.stream_stream
 
-            async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        def streaming(behavior: StreamingBehavior) -> StreamingBehavior:
+            async def mapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -60,26 +88,94 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
                         raise
                     await _abort(error, context, method)
 
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if handler.unary_stream
-                else grpc.stream_stream_rpc_method_handler
+            return mapped
+
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def mapped(request: Any, context: aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except Exception as error:
+                    if _is_abort(error):
+                        raise
+                    await _abort(error, context, method)
+
+            return mapped
+
+        return wrap_handler(handler, unary, streaming)
+
+
+class ServingGate(aio.ServerInterceptor):
+    """Counts the calls in flight, and once closed refuses new ones with UNAVAILABLE (health is exempt).
+
+    It sits inside ErrorMappingInterceptor, which turns the refusal into its status code.
+    """
+
+    def __init__(self) -> None:
+        self.is_open = True
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._given_up = asyncio.Event()
+
+    def close(self) -> None:
+        self.is_open = False
+
+    def give_up(self) -> None:
+        """Ends a `wait_idle` early (a second shutdown signal)."""
+        self._given_up.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """True once no call is in flight; False if `timeout` seconds pass, or `give_up()`, first."""
+        waits = {asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._given_up.wait())}
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        return self._idle.is_set()
+
+    def _enter(self, method: str) -> None:
+        if not self.is_open:
+            raise Unavailable(
+                f"The server is shutting down and takes no new calls ({method}); retry against another "
+                "replica, or once it has restarted.",
+                retry_after_seconds=1.0,
             )
-            return factory(streaming, handler.request_deserializer, handler.response_serializer)
+        self.in_flight += 1
+        self._idle.clear()
 
-        behavior = handler.unary_unary or handler.stream_unary
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
-        async def unary(request: Any, context: aio.ServicerContext) -> Any:
-            try:
-                return await behavior(request, context)
-            except Exception as error:
-                if _is_abort(error):
-                    raise
-                await _abort(error, context, method)
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return factory(unary, handler.request_deserializer, handler.response_serializer)
+        def streaming(behavior: StreamingBehavior) -> StreamingBehavior:
+            async def gated(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                self._enter(method)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self._leave()
+
+            return gated
+
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def gated(request: Any, context: aio.ServicerContext) -> Any:
+                self._enter(method)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._leave()
+
+            return gated
+
+        return wrap_handler(handler, unary, streaming)

@@ -18,10 +18,9 @@ import grpc
 from grpc import aio
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.interceptors import HEALTH_PREFIX, wrap_handler
 
 AUTHORIZATION_KEY = "authorization"
-# Probes (kubelet, load balancers, grpc_health_probe) cannot always send a token; health says nothing secret.
-UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def read_pem(path: str | None, what: str) -> bytes | None:
@@ -175,7 +174,8 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
+        # Probes (kubelet, load balancers, grpc_health_probe) cannot always send a token; health says nothing secret.
+        if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
         if self._authorized(handler_call_details.invocation_metadata):  # type: ignore[arg-type]
             return handler
@@ -196,16 +196,4 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behavior = refuse_stream if handler.response_streaming else refuse
-    return make(
-        behavior,  # type: ignore[arg-type]
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)

@@ -1,20 +1,22 @@
-"""gRPC server plumbing shared by both services: interceptor, health, message limits, graceful stop."""
+"""gRPC server plumbing shared by both services: interceptors, health, transport limits, graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from zimage_split.common.errors import Unavailable
-from zimage_split.common.interceptors import ErrorMappingInterceptor
+from zimage_split.common.errors import InvalidArgument, Unavailable
+from zimage_split.common.interceptors import ErrorMappingInterceptor, ServingGate
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
+from zimage_split.common.wire import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +28,68 @@ GRPC_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class TransportLimits:
+    """Per-server limits on what a connection may send (`--max-message-mb`, `--max-streams-per-connection`)."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Calls one HTTP/2 connection may have open at once; more wait in the client until one ends.
+    max_streams_per_connection: int = 64
+    # Seconds a SIGTERM leaves in-flight calls to finish before they are cancelled.
+    shutdown_grace_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 2 * CHUNK_BYTES:
+            raise InvalidArgument(
+                f"max message size {self.max_message_bytes} bytes is below the {2 * CHUNK_BYTES // (1 << 20)} "
+                "MiB that 1 MiB chunks plus their headers need; raise --max-message-mb."
+            )
+        if self.max_streams_per_connection < 1:
+            raise InvalidArgument(
+                f"--max-streams-per-connection must be at least 1 (got {self.max_streams_per_connection})."
+            )
+        if self.shutdown_grace_seconds < 0:
+            raise InvalidArgument(
+                f"--shutdown-grace must be >= 0 seconds (got {self.shutdown_grace_seconds})."
+            )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+        ]
+
+
 @dataclass
 class RunningServer:
     server: aio.Server
     port: int
     health: HealthServicer
     service_names: tuple[str, ...]
+    gate: ServingGate
 
     async def set_serving(self) -> None:
         for name in (*self.service_names, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops."""
+    async def stop(self, grace: float | None = 5.0) -> bool:
+        """Drains: health reports NOT_SERVING and new calls get UNAVAILABLE at once, while calls in flight
+        have `grace` seconds to finish; then the rest are cancelled. Returns True if all finished in time."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.gate.close()
+        started = time.monotonic()
+        drained = await self.gate.wait_idle(grace or 0)
+        if drained:
+            logger.info("Drained in %.1f s; stopping.", time.monotonic() - started)
+        else:
+            logger.warning(
+                "%d call(s) still running after the %.1f s grace period; cancelling them.",
+                self.gate.in_flight,
+                grace or 0,
+            )
+        await self.server.stop(0)
+        return drained
 
 
 async def start_server(
@@ -49,12 +98,17 @@ async def start_server(
     host: str,
     port: int,
     security: ServerSecurity,
+    limits: TransportLimits | None = None,
 ) -> RunningServer:
     """Starts a server that reports NOT_SERVING until `set_serving()` is called after warm-up."""
-    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    limits = limits or TransportLimits()
+    gate = ServingGate()
+    # Outermost first: tokens, then error mapping, then the gate (whose refusals the mapping turns into
+    # UNAVAILABLE).
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(), gate]
     if security.tokens:
         interceptors.insert(0, TokenAuthInterceptor(security.tokens))
-    server = aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
+    server = aio.server(interceptors=interceptors, options=limits.grpc_options())
     add_servicers(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -78,14 +132,20 @@ async def start_server(
             f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port."
         ) from error
     await server.start()
-    return RunningServer(server=server, port=bound, health=health, service_names=service_names)
+    return RunningServer(server=server, port=bound, health=health, service_names=service_names, gate=gate)
 
 
-async def wait_for_shutdown_signal() -> None:
-    """Returns on the first SIGINT or SIGTERM."""
+async def serve_until_signal(
+    running: RunningServer, stop: Callable[[float], Awaitable[object]], grace: float
+) -> None:
+    """Waits for SIGINT or SIGTERM, then `stop(grace)`: a drain of up to `grace` seconds, which a second
+    signal cuts short."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logger.info("Shutdown signal received; draining in-flight calls.")
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    logger.info("Shutdown signal: NOT_SERVING, draining in-flight calls for up to %.0f s.", grace)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, running.gate.give_up)
+    await stop(grace)

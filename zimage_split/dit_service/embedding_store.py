@@ -71,8 +71,12 @@ class EmbeddingStore:
         max_tokens: int,
         cache_bytes: int,
         disk_dir: str | None = None,
+        encoder_retries: int = 0,
     ) -> None:
+        if encoder_retries < 0:
+            raise InvalidArgument(f"--encoder-retries must be 0 or more (got {encoder_retries}).")
         self.encoder = encoder
+        self.encoder_retries = encoder_retries
         self.caption_dim = caption_dim
         self.max_tokens = max_tokens
         self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(
@@ -176,7 +180,7 @@ class EmbeddingStore:
             raise self._not_cached(unreachable)
         started = time.perf_counter()
         try:
-            encoded = await encoder.encode([text], max_sequence_length=max_sequence_length, timeout=timeout)
+            encoded = await self._encode_with_retries(encoder, text, max_sequence_length, timeout)
         except Unauthenticated as error:
             raise encoder_refused(encoder.encoder_address, error) from None
         except Unavailable as error:
@@ -184,6 +188,36 @@ class EmbeddingStore:
         tensor = self.check(encoded[0].tensor, "The encoder's embedding")
         await self._keep(key, tensor)
         return Embedding(tensor, key, encode_seconds=time.perf_counter() - started)
+
+    async def _encode_with_retries(
+        self, encoder: AsyncClient, text: str, max_sequence_length: int | None, timeout: float | None
+    ) -> Any:
+        """Encode is idempotent: an UNAVAILABLE encoder (restarting, connection dropped mid-stream) is tried
+        again `encoder_retries` times with backoff, each try given what is left of the caller's deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(self.encoder_retries + 1):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("The request's deadline passed while waiting for the encoder.")
+            try:
+                return await encoder.encode(
+                    [text], max_sequence_length=max_sequence_length, timeout=remaining
+                )
+            except Unavailable as error:
+                if isinstance(error, EncoderRefused) or attempt == self.encoder_retries:
+                    raise
+                backoff = min(2.0, max(error.retry_after_seconds or 0.0, 0.25 * 2**attempt))
+                if deadline is not None and time.monotonic() + backoff >= deadline:
+                    raise
+                logger.info(
+                    "Encoder unavailable (%s); retry %d of %d in %.2f s.",
+                    error.message,
+                    attempt + 1,
+                    self.encoder_retries,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
 
     async def from_key(self, key: str) -> Embedding:
         tensor = await self._cached(key)

@@ -10,7 +10,7 @@ from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.security import ClientSecurity, ServerSecurity
-from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
+from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import DiTEngine
@@ -56,6 +56,10 @@ class GeneratorConfig:
     # Finished images kept by request_id, so a retried request is answered without running again.
     completed_cache_bytes: int = 128 << 20
     limits: Limits = field(default_factory=Limits)
+    transport: TransportLimits = TransportLimits()
+    # Extra tries of an encoder call that failed with UNAVAILABLE (a restart, a dropped connection), within
+    # the caller's deadline.
+    encoder_retries: int = 2
     # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
     security: ServerSecurity = ServerSecurity(insecure=True)
     # How this generator reaches its encoder: TLS, its client certificate, its token.
@@ -71,12 +75,14 @@ class GeneratorServer:
     def port(self) -> int:
         return self.running.port
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        await self.running.stop(grace)
+    async def stop(self, grace: float | None = 5.0) -> bool:
+        """Drains for up to `grace` seconds (see RunningServer.stop), then stops what still runs."""
+        drained = await self.running.stop(grace)
         self.servicer.cancel_all()
         await asyncio.to_thread(self.servicer.worker.close)  # Ray's shutdown blocks for seconds
         if self.servicer.store.encoder is not None:
             await self.servicer.store.encoder.close()
+        return drained
 
 
 async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
@@ -107,6 +113,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         max_pixels=config.limits.max_pixels,
         max_steps=config.limits.max_steps,
         max_guidance_scale=config.limits.max_guidance_scale,
+        max_prompt_bytes=config.limits.max_prompt_bytes,
     )
     encoder = (
         AsyncClient(generator=None, encoder=config.encoder, security=config.encoder_security)
@@ -119,6 +126,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         max_tokens=info.max_caption_tokens,
         cache_bytes=config.cache_bytes,
         disk_dir=config.embedding_store,
+        encoder_retries=config.encoder_retries,
     )
     if encoder is not None:
         try:
@@ -142,6 +150,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         config.host,
         config.port,
         config.security,
+        config.transport,
     )
     await running.set_serving()
     logger.info(
@@ -160,5 +169,4 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
 
 async def serve_generator(config: GeneratorConfig) -> None:
     server = await start_generator_server(config)
-    await wait_for_shutdown_signal()
-    await server.stop()
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)

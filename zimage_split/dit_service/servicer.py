@@ -42,11 +42,20 @@ def request_fingerprint(request: generator_pb2.GenerateRequest) -> str:
     return hashlib.sha256(unnamed.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _conditioning(message: generator_pb2.Conditioning, what: str) -> tuple[str, str]:
+def _conditioning(message: generator_pb2.Conditioning, what: str, limits: Limits) -> tuple[str, str]:
     kind = message.WhichOneof("source")
     if kind is None:
         raise InvalidArgument(f"{what} is empty; set its `text` or an `embedding_key` from UploadEmbedding.")
-    return kind, getattr(message, kind)
+    value: str = getattr(message, kind)
+    if (
+        kind == "text"
+        and (size := len(value.encode("utf-8", errors="surrogatepass"))) > limits.max_prompt_bytes
+    ):
+        raise InvalidArgument(
+            f"{what}.text is {size} bytes of UTF-8; this generator takes at most {limits.max_prompt_bytes} "
+            "(--max-prompt-bytes). Shorten it: only the first max_sequence_length tokens are used anyway."
+        )
+    return kind, value
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
@@ -95,11 +104,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidArgument(
                 f"max_sequence_length must be between 1 and 4096 (got {request.max_sequence_length}); default 512."
             )
-        prompt = _conditioning(request.prompt, "GenerateRequest.prompt")
+        prompt = _conditioning(request.prompt, "GenerateRequest.prompt", self.limits)
         negative = None
         if params.uses_guidance:
             negative = (
-                _conditioning(request.negative_prompt, "GenerateRequest.negative_prompt")
+                _conditioning(request.negative_prompt, "GenerateRequest.negative_prompt", self.limits)
                 if request.HasField("negative_prompt")
                 else ("text", "")
             )

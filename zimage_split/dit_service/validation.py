@@ -23,6 +23,8 @@ class Limits:
     max_pixels: int = 2048 * 2048
     max_steps: int = 100
     max_guidance_scale: float = 30.0
+    # Prompt text, checked before the encoder is asked (the encoder has its own limit).
+    max_prompt_bytes: int = 64 << 10
 
 
 def validate_params(

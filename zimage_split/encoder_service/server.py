@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from zimage.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.security import ServerSecurity
-from zimage_split.common.server import RunningServer, start_server, wait_for_shutdown_signal
+from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder
-from zimage_split.encoder_service.servicer import EncoderServicer
+from zimage_split.encoder_service.servicer import MAX_PROMPT_BYTES, MAX_PROMPTS_PER_CALL, EncoderServicer
 from zimage_split.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class EncoderConfig:
     cache_bytes: int = 1 << 30
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
+    max_prompt_bytes: int = MAX_PROMPT_BYTES
+    max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
+    transport: TransportLimits = TransportLimits()
     # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
     security: ServerSecurity = ServerSecurity(insecure=True)
 
@@ -46,9 +49,11 @@ class EncoderServer:
     def port(self) -> int:
         return self.running.port
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        await self.running.stop(grace)
+    async def stop(self, grace: float | None = 5.0) -> bool:
+        """Drains for up to `grace` seconds (see RunningServer.stop); True if every call finished."""
+        drained = await self.running.stop(grace)
         await self.servicer.batcher.stop()
+        return drained
 
 
 async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
@@ -66,6 +71,8 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         cache_bytes=config.cache_bytes,
         max_batch_size=config.max_batch_size,
         max_batch_wait_seconds=config.max_batch_wait_ms / 1000,
+        max_prompt_bytes=config.max_prompt_bytes,
+        max_prompts_per_call=config.max_prompts_per_request,
     )
     servicer.batcher.start()
     running = await start_server(
@@ -74,6 +81,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         config.host,
         config.port,
         config.security,
+        config.transport,
     )
     # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
     encoder.encode([encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)])
@@ -95,5 +103,4 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
 
 async def serve_encoder(config: EncoderConfig) -> None:
     server = await start_encoder_server(config)
-    await wait_for_shutdown_signal()
-    await server.stop()
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.encoder_service.batching import MicroBatcher
 from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
 
+logger = logging.getLogger(__name__)
+
 MAX_PROMPTS_PER_CALL = 64
-MAX_PROMPT_CHARACTERS = 100_000
+# About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
+MAX_PROMPT_BYTES = 64 << 10
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
 
@@ -43,8 +47,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         cache_bytes: int = 1 << 30,
         max_batch_size: int = 16,
         max_batch_wait_seconds: float = 0.005,
+        max_prompt_bytes: int = MAX_PROMPT_BYTES,
+        max_prompts_per_call: int = MAX_PROMPTS_PER_CALL,
     ) -> None:
         self.encoder = encoder
+        self.max_prompt_bytes = max_prompt_bytes
+        self.max_prompts_per_call = max_prompts_per_call
         self.max_sequence_length = max_sequence_length
         self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(cache_bytes, tensor_bytes)
         self.batcher: MicroBatcher[TokenizedPrompt, torch.Tensor] = MicroBatcher(
@@ -60,16 +68,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def _tokenize_request(self, request: encoder_pb2.EncodeRequest) -> list[TokenizedPrompt]:
         if not request.prompts:
             raise InvalidArgument("EncodeRequest.prompts is empty; send at least one prompt ('' is allowed).")
-        if len(request.prompts) > MAX_PROMPTS_PER_CALL:
+        if len(request.prompts) > self.max_prompts_per_call:
             raise InvalidArgument(
-                f"{len(request.prompts)} prompts in one call; send at most {MAX_PROMPTS_PER_CALL} per call."
+                f"{len(request.prompts)} prompts in one call; send at most {self.max_prompts_per_call} per "
+                "call (split the list, or raise the encoder's --max-prompts-per-request)."
             )
-        longest = max(len(text) for text in request.prompts)
-        if longest > MAX_PROMPT_CHARACTERS:
-            raise InvalidArgument(
-                f"A prompt has {longest} characters; send at most {MAX_PROMPT_CHARACTERS} "
-                f"(only the first max_sequence_length tokens are used anyway)."
-            )
+        for index, text in enumerate(request.prompts):
+            size = len(text.encode("utf-8", errors="surrogatepass"))
+            if size > self.max_prompt_bytes:
+                raise InvalidArgument(
+                    f"Prompt {index} is {size} bytes of UTF-8; this encoder takes at most {self.max_prompt_bytes} "
+                    "(--max-prompt-bytes). Shorten it: only the first max_sequence_length tokens are used anyway."
+                )
         options = request.options
         max_length = (
             options.max_sequence_length
@@ -112,7 +122,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self, request: encoder_pb2.EncodeRequest, context: aio.ServicerContext
     ) -> AsyncIterator[encoder_pb2.EncodeResponse]:
         prompts = self._tokenize_request(request)
-        encoded = await asyncio.gather(*(self.encode_prompt(prompt) for prompt in prompts))
+        remaining = context.time_remaining()
+        logger.debug(
+            "Encode: %d prompt(s), %s",
+            len(prompts),
+            "no deadline" if remaining is None else f"deadline in {remaining:.2f} s",
+        )
+        started = time.perf_counter()
+        try:
+            encoded = await asyncio.gather(*(self.encode_prompt(prompt) for prompt in prompts))
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed; a forward pass others share still completes.
+            logger.debug("Encode cancelled by the caller after %.2f s.", time.perf_counter() - started)
+            raise
         for index, item in enumerate(encoded):
             meta, payload = wire.describe(item.embedding)
             yield encoder_pb2.EncodeResponse(
