@@ -3,17 +3,21 @@
 A batch writes images under deterministic names with atomic renames, and records each one in a JSONL
 manifest (parameters, timings, sha256). Re-running the same command skips images that are on disk and
 match their manifest line, so a job killed at any moment resumes with every image made exactly once.
+A folder that fills up or turns read-only stops the job with an error that says so; it resumes the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,8 @@ from typing import Any
 from zimage_split.client.aio import AsyncClient
 from zimage_split.client.batch import ImageJob, JobResult, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
-from zimage_split.common.errors import InvalidArgument, NotFound
-from zimage_split.common.files import write_atomically
+from zimage_split.common.errors import InvalidArgument, NotFound, ResourceExhausted, ZSplitError
+from zimage_split.common.files import append_synced, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +140,6 @@ class Manifest:
         temporary files a killed run left behind. Returns how many images are already done.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.out_dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
         lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
         for line in lines:
             try:
@@ -151,6 +153,8 @@ class Manifest:
             image = self.out_dir / name
             if image.is_file() and hashlib.sha256(image.read_bytes()).hexdigest() == entry.get("sha256"):
                 self.entries[name] = entry
+        for leftover in self.out_dir.glob(".*.tmp"):  # after counting, so an error can say what is there
+            leftover.unlink(missing_ok=True)
         write_atomically(
             self.path, "".join(json.dumps(entry) + "\n" for entry in self.entries.values()).encode()
         )
@@ -163,7 +167,8 @@ class Manifest:
         """Writes the image atomically, then appends and syncs its manifest line."""
         job, info = result.job, result.image.info
         data = png_bytes(result.image, info)
-        write_atomically(self.out_dir / job.file_name, data)
+        image = self.out_dir / job.file_name
+        write_atomically(image, data)
         entry = {
             "file": job.file_name,
             "prompt_index": job.prompt_index,
@@ -183,12 +188,86 @@ class Manifest:
             "timings": info.get("timings"),
             "finished_at": time.time(),
         }
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            append_synced(self.path, (json.dumps(entry) + "\n").encode())
+        except OSError:
+            # A resume would make the unrecorded image again anyway; removing it keeps the folder
+            # equal to its manifest, and gives the space back.
+            with contextlib.suppress(OSError):
+                image.unlink()
+            raise
         self.entries[job.file_name] = entry
         return entry
+
+
+# What a failed write means for the person running the job: what happened, the error, the fix.
+_FULL = (
+    "is full",
+    ResourceExhausted,
+    "Free space on it, or move the folder to a disk with room and point --out-dir there",
+)
+_READ_ONLY = (
+    "is read-only",
+    InvalidArgument,
+    "Remount it read-write, or move the folder somewhere writable and point --out-dir there",
+)
+_DENIED = (
+    "is not writable by this user",
+    InvalidArgument,
+    "Give this user write access to it, or move the folder somewhere writable and point --out-dir there",
+)
+_OUTPUT_PROBLEMS = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EROFS: _READ_ONLY,
+    errno.EACCES: _DENIED,
+    errno.EPERM: _DENIED,
+}
+
+
+def _output_folder_error(error: OSError, out_dir: Path, doing: str, progress: str) -> ZSplitError | None:
+    """The plain-words error for a write to out_dir that failed, or None for an errno it does not explain.
+
+    A full disk is RESOURCE_EXHAUSTED (gRPC's own example of it); a read-only or forbidden folder is
+    INVALID_ARGUMENT: --out-dir names a folder this job cannot write, and only the caller can fix that,
+    so it is not UNAVAILABLE, which invites retrying the same call.
+    """
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return InvalidArgument(
+            f"--out-dir {out_dir} is not a folder ({reason} while {doing}). {progress} Pass a folder's "
+            "path (it is created if missing)."
+        )
+    if error.errno not in _OUTPUT_PROBLEMS:
+        return None
+    problem, kind, fix = _OUTPUT_PROBLEMS[error.errno]
+    return kind(
+        f"The output folder {out_dir} {problem} ({reason} while {doing}). {progress} {fix}; then run the "
+        "same command again: finished images are kept and skipped."
+    )
+
+
+@contextlib.contextmanager
+def explaining_output_errors(out_dir: Path, doing: str, progress: Callable[[], str]) -> Iterator[None]:
+    """Turns an OSError from writing out_dir into the typed error above; `progress()` says what is saved."""
+    try:
+        yield
+    except OSError as error:
+        explained = _output_folder_error(error, out_dir, doing, progress())
+        if explained is None:
+            raise
+        logger.info("Writing to %s failed while %s: %s", out_dir, doing, error)
+        raise explained from error
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Creates out_dir and writes a probe file in it, so a folder the job cannot use fails before any work."""
+    with explaining_output_errors(out_dir, "creating it", lambda: "Nothing was generated."):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with explaining_output_errors(out_dir, "creating a file in it", lambda: "Nothing was generated."):
+        descriptor, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=out_dir)
+        os.close(descriptor)
+        os.unlink(probe)
 
 
 @dataclass(frozen=True)
@@ -215,7 +294,13 @@ async def run_batch(
     """Makes every image of embeddings x seeds x sizes that out_dir does not already hold."""
     manifest = Manifest(out_dir)
     planned = plan_jobs(len(embeddings), seeds, sizes)
-    manifest.load_verified(embeddings, settings)
+    check_out_dir(out_dir)
+    with explaining_output_errors(
+        out_dir,
+        f"tidying {MANIFEST_NAME}",
+        lambda: f"Nothing new was generated; {len(manifest.entries)} of {len(planned)} images are there.",
+    ):
+        manifest.load_verified(embeddings, settings)
     remaining = [job for job in planned if not manifest.is_done(job)]
     done = len(planned) - len(remaining)
     on_start(len(planned), done)
@@ -230,9 +315,16 @@ async def run_batch(
             steps=settings.steps,
             guidance_scale=settings.guidance_scale,
         )
-        async for result in results:
-            entry = manifest.record(result, embeddings[result.job.prompt_index])
-            timings = entry["timings"] or {}
-            dit_seconds += timings.get("denoise", 0.0) + timings.get("decode", 0.0)
-            on_image(entry)
+        # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
+        async with contextlib.aclosing(results):
+            async for result in results:
+                with explaining_output_errors(
+                    out_dir,
+                    f"saving {result.job.file_name}",
+                    lambda: f"The job stopped with {len(manifest.entries)} of {len(planned)} images saved.",
+                ):
+                    entry = manifest.record(result, embeddings[result.job.prompt_index])
+                timings = entry["timings"] or {}
+                dit_seconds += timings.get("denoise", 0.0) + timings.get("decode", 0.0)
+                on_image(entry)
     return BatchReport(len(planned), done, len(remaining), time.perf_counter() - started, dit_seconds)

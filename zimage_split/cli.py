@@ -558,7 +558,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
     """Every prompt of an embeddings file x seeds x sizes into --out-dir; a re-run resumes."""
     from tqdm import tqdm
 
-    from zimage_split.batch_jobs import BatchSettings, run_batch
+    from zimage_split.batch_jobs import BatchSettings, check_out_dir, run_batch
     from zimage_split.client.aio import AsyncClient
     from zimage_split.client.batch import parse_seeds, parse_sizes
     from zimage_split.client.embeddings import Embeddings, check_for_generator
@@ -583,6 +583,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes or "1024x1024")
     settings = BatchSettings(steps=args.steps, guidance_scale=args.guidance_scale)
     out_dir = Path(args.out_dir)
+    check_out_dir(out_dir)  # a folder we cannot write fails now, not after loading the model
     bars: list[tqdm] = []  # made once the generator is up, so loading the model does not count
 
     def on_start(planned: int, done: int) -> None:

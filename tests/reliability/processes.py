@@ -54,7 +54,14 @@ def health_status(port: int, service: str = "", timeout: float = 2) -> int:
 class ServiceProcess:
     """`zsplit serve encoder|generator --insecure` on a free loopback port; its log goes to a file."""
 
-    def __init__(self, service: str, model: Path, *flags: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        model: Path,
+        *flags: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.service = service
         self.port = port or free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"zsplit-{service}-", suffix=".log", delete=False)  # noqa: SIM115
@@ -74,7 +81,7 @@ class ServiceProcess:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
         )
 
     @property

@@ -29,6 +29,15 @@ from zimage_split.common.server import GRPC_OPTIONS
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
+CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    # A restarted service is reached again within seconds, not after gRPC's default backoff of up to 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+    # Each client owns its connections (gRPC would otherwise share one between all clients of a process
+    # with the same target), so closing a client and the servers' per-connection limits behave as expected.
+    ("grpc.use_local_subchannel_pool", 1),
+]
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
@@ -109,7 +118,7 @@ class AsyncClient:
                 logger.warning(
                     "Plaintext connection to %s: no TLS. Pass security=ClientSecurity(...).", address
                 )
-            self._channels[address] = self.security.channel(address, GRPC_OPTIONS)
+            self._channels[address] = self.security.channel(address, CHANNEL_OPTIONS)
         return self._channels[address]
 
     def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:

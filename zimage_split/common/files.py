@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,5 +22,26 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        # Quietly: on a file system that just turned read-only the unlink fails too, and the caller
+        # needs the first error (whoever writes here next sweeps `.*.tmp` files up).
+        with contextlib.suppress(OSError):
+            Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def append_synced(path: Path, data: bytes) -> None:
+    """Appends data and syncs; if that fails, cuts the file back, so no partial record stays behind."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(descriptor, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:  # unbuffered: a short write on a filling disk must not be retried later
+                view = view[os.write(descriptor, view) :]
+            os.fsync(descriptor)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, start)
+            raise
+    finally:
+        os.close(descriptor)

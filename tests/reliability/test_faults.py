@@ -1,0 +1,340 @@
+"""Faults, each injected for real: SIGTERM, an encoder killed during a call, deadlines, client cancels.
+
+Every test records what it measured in `figures` (docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+
+from tests.conftest import LoopThread, start_generator
+from tests.reliability.conftest import Figures
+from tests.reliability.processes import ServiceProcess, health_status
+from zimage_split.client import AsyncClient, Client, DeadlineExceeded, Unavailable
+from zimage_split.common.errors import Cancelled
+
+pytestmark = pytest.mark.timeout(600)
+
+SECTION = "Faults"
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def embedding() -> torch.Tensor:
+    return torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Runs `call` on a thread; the dict gets "result" or "error" and "ended" (monotonic time)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = error
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Polls until `condition()`; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def step_starts(engine: Any) -> tuple[list[float], Any]:
+    """Monotonic start time of every DiT forward pass of an in-process engine."""
+    starts: list[float] = []
+    handle = engine.pipe.transformer.register_forward_pre_hook(lambda *_: starts.append(time.monotonic()))
+    return starts, handle
+
+
+def test_sigterm_drains_in_flight_calls_then_exits_0(tiny_model_dir: Path, figures: Figures) -> None:
+    with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "60") as server:
+        server.wait_serving()
+        started = threading.Event()
+
+        def long_call() -> Any:
+            with Client(generator=server.address, timeout=120) as client:
+                return client.generate(
+                    embeddings=embedding(),
+                    steps=60,
+                    width=512,
+                    height=512,
+                    seed=3,
+                    on_progress=lambda step, total: started.set(),
+                )
+
+        thread, outcome = in_thread(long_call)
+        assert started.wait(60), outcome
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        to_not_serving = wait_for(
+            lambda: health_status(server.port) == NOT_SERVING, 5, "health to report NOT_SERVING"
+        )
+        with Client(generator=server.address, timeout=30) as late, pytest.raises(Unavailable) as refused:
+            late.generate(embeddings=embedding(), steps=1, width=64, height=64, seed=0)
+        assert "shutting down" in refused.value.message
+        assert "ended" not in outcome, "the in-flight call ended before the refusal was checked"
+        thread.join(120)
+        assert "result" in outcome, outcome.get("error")
+        assert outcome["result"].size == (512, 512)
+        exit_code = server.process.wait(60)
+        exit_seconds = time.monotonic() - signalled
+        assert exit_code == 0, server.log_text()
+        assert exit_seconds < 60
+    figures.record(SECTION, "SIGTERM: health NOT_SERVING after", round(to_not_serving, 2), "s")
+    figures.record(SECTION, "SIGTERM: new call during the drain", "UNAVAILABLE (shutting down)")
+    figures.record(SECTION, "SIGTERM: in-flight 60-step 512² call", "finished, image returned")
+    figures.record(
+        SECTION,
+        "SIGTERM: exit code, seconds from signal to exit (grace 60 s)",
+        f"{exit_code}, {exit_seconds:.1f} s",
+    )
+
+
+def test_sigterm_past_the_grace_period_cancels_and_still_exits_0(
+    tiny_model_dir: Path, figures: Figures
+) -> None:
+    with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "1") as server:
+        server.wait_serving()
+        started = threading.Event()
+
+        def too_long() -> Any:
+            with Client(generator=server.address, timeout=120) as client:
+                return client.generate(
+                    embeddings=embedding(),
+                    steps=100,
+                    width=512,
+                    height=512,
+                    on_progress=lambda step, total: started.set(),
+                )
+
+        thread, outcome = in_thread(too_long)
+        assert started.wait(60), outcome
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        exit_code = server.process.wait(60)
+        exit_seconds = time.monotonic() - signalled
+        thread.join(60)
+        assert exit_code == 0, server.log_text()
+        assert isinstance(outcome.get("error"), Unavailable | Cancelled), outcome
+        assert exit_seconds < 10
+        assert "still running after the 1.0 s grace period" in server.log_text()
+    figures.record(
+        SECTION,
+        "SIGTERM with a call longer than the grace (1 s): exit code, seconds to exit",
+        f"{exit_code}, {exit_seconds:.1f} s (the call got {outcome['error'].code})",
+    )
+
+
+def kill_encoder_during_a_call(
+    encoder: ServiceProcess, generator_address: str, prompt: str
+) -> dict[str, Any]:
+    """Freezes the encoder, starts a text-prompt call through the generator, then SIGKILLs the encoder
+    while the generator's Encode call to it is open. Returns the call's outcome and the kill time."""
+    encoder.signal(signal.SIGSTOP)
+
+    def call() -> Any:
+        with Client(generator=generator_address, timeout=120) as client:
+            return client.generate(prompt, steps=1, width=64, height=64, seed=0)
+
+    thread, outcome = in_thread(call)
+    time.sleep(1.0)  # the request reaches the frozen encoder's socket
+    assert "ended" not in outcome, outcome
+    outcome["killed"] = time.monotonic()
+    encoder.signal(signal.SIGKILL)
+    encoder.process.wait(10)
+    return {"thread": thread, "outcome": outcome}
+
+
+def test_encoder_killed_during_a_call(
+    tiny_model_dir: Path, loop_thread: LoopThread, figures: Figures
+) -> None:
+    encoder = ServiceProcess("encoder", tiny_model_dir, "--dtype", "float32").wait_serving()
+    port = encoder.port
+    plain = start_generator(loop_thread, tiny_model_dir, port, encoder_retries=0)
+    retrying = start_generator(loop_thread, tiny_model_dir, port, encoder_retries=30)
+    restarted: list[ServiceProcess] = []
+    try:
+        # Without retries: UNAVAILABLE, with a message that says what to do.
+        killed = kill_encoder_during_a_call(encoder, f"127.0.0.1:{plain.port}", "killed without retries")
+        killed["thread"].join(60)
+        outcome = killed["outcome"]
+        assert isinstance(outcome.get("error"), Unavailable), outcome
+        assert "encoder is unreachable" in outcome["error"].message
+        error_after_kill = outcome["ended"] - outcome["killed"]
+
+        # The encoder comes back on the same port: the generator serves text prompts again.
+        restarted.append(ServiceProcess("encoder", tiny_model_dir, "--dtype", "float32", port=port))
+        restarted[-1].wait_serving()
+
+        def serves_again() -> bool:
+            try:
+                with Client(generator=f"127.0.0.1:{plain.port}", timeout=30) as client:
+                    client.generate("after the restart", steps=1, width=64, height=64, seed=0)
+                return True
+            except Unavailable:
+                return False
+
+        recovery = wait_for(serves_again, 30, "the generator to reach the restarted encoder")
+
+        # With --encoder-retries: the call survives the kill and is answered once the encoder is back.
+        killed = kill_encoder_during_a_call(
+            restarted[-1], f"127.0.0.1:{retrying.port}", "killed with retries"
+        )
+        restarted.append(ServiceProcess("encoder", tiny_model_dir, "--dtype", "float32", port=port))
+        restarted[-1].wait_serving()
+        killed["thread"].join(60)
+        outcome = killed["outcome"]
+        assert "result" in outcome, outcome.get("error")
+        assert outcome["result"].size == (64, 64)
+        retried_seconds = outcome["ended"] - outcome["killed"]
+    finally:
+        loop_thread.run(plain.stop(grace=0))
+        loop_thread.run(retrying.stop(grace=0))
+        for process in (encoder, *restarted):
+            process.stop()
+    figures.record(
+        SECTION,
+        "encoder SIGKILLed during an Encode call, --encoder-retries 0",
+        f"UNAVAILABLE {error_after_kill:.2f} s after the kill",
+    )
+    figures.record(
+        SECTION,
+        "encoder restarted: generator serves text prompts again",
+        f"{recovery:.2f} s after the encoder reported SERVING",
+    )
+    figures.record(
+        SECTION,
+        "encoder SIGKILLed during an Encode call, --encoder-retries 30, encoder restarted",
+        f"the call succeeded, {retried_seconds:.1f} s after the kill (includes the encoder's restart)",
+    )
+
+
+def test_deadline_is_passed_to_the_encoder_and_its_work_cancelled(
+    tiny_model_dir: Path, loop_thread: LoopThread, figures: Figures
+) -> None:
+    # An encoder that waits 5 s for a batch to fill: slower than the caller's deadline.
+    encoder = ServiceProcess(
+        "encoder",
+        tiny_model_dir,
+        "--dtype",
+        "float32",
+        "--max-batch-wait-ms",
+        "5000",
+        env={"ZSPLIT_LOG_LEVEL": "DEBUG"},
+    ).wait_serving()
+    generator = start_generator(loop_thread, tiny_model_dir, encoder.port)
+    try:
+        with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+            began = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                client.generate("a slow encoder", steps=1, width=64, height=64, timeout=1.0)
+            caller_waited = time.monotonic() - began
+        wait_for(lambda: "Encode cancelled by the caller" in encoder.log_text(), 10, "the encoder to see it")
+        log = encoder.log_text()
+    finally:
+        loop_thread.run(generator.stop(grace=0))
+        encoder.stop()
+    passed_on = [
+        float(seconds) for seconds in re.findall(r"Encode: 1 prompt\(s\), deadline in ([\d.]+) s", log)
+    ]
+    cancelled_after = float(re.findall(r"Encode cancelled by the caller after ([\d.]+) s", log)[0])
+    assert caller_waited < 1.5
+    assert len(passed_on) == 1 and 0.5 < passed_on[0] <= 1.0, passed_on
+    assert cancelled_after < 1.5
+    figures.record(
+        SECTION,
+        "deadline 1.0 s, encoder slower: caller got DEADLINE_EXCEEDED after",
+        round(caller_waited, 2),
+        "s",
+    )
+    figures.record(SECTION, "deadline the encoder received from the generator", passed_on[0], "s")
+    figures.record(SECTION, "encoder call cancelled after", cancelled_after, "s")
+
+
+def test_deadline_during_denoising_stops_the_dit(generator: Any, figures: Figures) -> None:
+    engine = generator.servicer.worker.engine
+    starts, handle = step_starts(engine)
+    try:
+        with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+            client.upload(embedding())
+            began = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                client.generate(embeddings=embedding(), steps=100, width=512, height=512, timeout=1.0)
+            deadline = began + 1.0
+        freed = wait_for(lambda: generator.servicer.worker.outstanding == 0, 30, "the replica to be free")
+    finally:
+        handle.remove()
+    after_deadline = [start for start in starts if start > deadline + 0.05]
+    assert 1 <= len(starts) < 100
+    assert len(after_deadline) <= 1, f"{len(after_deadline)} DiT steps started after the deadline"
+    figures.record(
+        SECTION,
+        "deadline 1.0 s during a 100-step 512² generation: DiT steps started after it",
+        len(after_deadline),
+    )
+    figures.record(SECTION, "deadline during denoising: replica free again after", round(freed, 2), "s")
+
+
+def test_client_cancel_stops_the_work_within_one_step(generator: Any, figures: Figures) -> None:
+    engine = generator.servicer.worker.engine
+    starts, handle = step_starts(engine)
+    marks: dict[str, float] = {}
+
+    async def cancel_after_step_3() -> None:
+        third = asyncio.Event()
+        async with AsyncClient(generator=f"127.0.0.1:{generator.port}") as client:
+            await client.upload(embedding())
+            task = asyncio.ensure_future(
+                client.generate(
+                    embeddings=embedding(),
+                    steps=100,
+                    width=512,
+                    height=512,
+                    seed=0,
+                    on_progress=lambda step, total: step >= 3 and third.set(),
+                )
+            )
+            await asyncio.wait_for(third.wait(), 60)
+            marks["cancelled"] = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    try:
+        asyncio.run(cancel_after_step_3())
+        wait_for(lambda: generator.servicer.worker.outstanding == 0, 30, "the replica to be free")
+        freed_at = time.monotonic()
+    finally:
+        handle.remove()
+    step_seconds = (starts[2] - starts[0]) / 2
+    after_cancel = [start for start in starts if start > marks["cancelled"]]
+    assert len(after_cancel) <= 1, f"{len(after_cancel)} DiT steps started after the cancel"
+    figures.record(
+        SECTION, "client cancel at step 3 of 100 (512²): DiT steps started after it", len(after_cancel)
+    )
+    figures.record(
+        SECTION,
+        "client cancel: replica free again after (one step takes)",
+        f"{freed_at - marks['cancelled']:.3f} s ({step_seconds:.3f} s)",
+    )
