@@ -73,12 +73,24 @@ def _jsonl_prompt(text: str, path: Path, number: int) -> str:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidArgument(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+    except (ValueError, RecursionError) as error:  # a number of over 4300 digits; arrays nested too deep
+        raise InvalidArgument(
+            f"{path}, line {number}: not a usable JSON value ({type(error).__name__}: {str(error)[:80]}); "
+            'write a string, or an object with a "prompt" string.'
+        ) from None
     if isinstance(value, dict):
         value = value.get("prompt")
     if not isinstance(value, str):
         raise InvalidArgument(
             f'{path}, line {number}: each JSONL line must be a string or an object with a "prompt" string.'
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # "\ud800": valid JSON, but no UTF-8 text can hold it
+        raise InvalidArgument(
+            f"{path}, line {number}: the prompt holds a lone surrogate escape ({value[error.start]!a}), which "
+            "is not text; write the character itself, or both halves of its surrogate pair."
+        ) from None
     return value
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,16 +141,35 @@ def _check_format(metadata: dict[str, str], source: Path) -> None:
         )
 
 
+_REQUIRED_FIELDS = ("tensor", "text", "content_key", "dtype", "token_count", "sha256")
+_FIELD_TYPES: dict[str, type] = {
+    **dict.fromkeys(("tensor", "text", "content_key", "dtype", "sha256", "formatted_text"), str),
+    **dict.fromkeys(("token_count", "hidden_layer", "max_sequence_length"), int),
+    "truncated": bool,
+}
+
+
 def _prompt_entries(metadata: dict[str, str], source: Path) -> list[dict[str, Any]]:
     try:
         prompts = json.loads(metadata["prompts"])
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("no prompts")
         for entry in prompts:
-            for field in ("tensor", "text", "content_key", "dtype", "token_count", "sha256"):
+            if not isinstance(entry, dict):
+                raise ValueError(f"a prompt is a JSON {type(entry).__name__}, not an object")
+            for field in _REQUIRED_FIELDS:
                 if field not in entry:
                     raise ValueError(f"a prompt has no {field!r}")
-    except (KeyError, ValueError, TypeError) as error:
+            for field, kind in _FIELD_TYPES.items():
+                value = entry.get(field)
+                # bool is an int to Python, but no count is true or false.
+                if field in entry and (
+                    not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+                ):
+                    raise ValueError(f"a prompt's {field!r} is {value!r:.40}, not a {kind.__name__}")
+        if "hidden_size" in metadata and not re.fullmatch(r"[0-9]{1,9}", metadata["hidden_size"]):
+            raise ValueError(f"hidden_size is {metadata['hidden_size']!r:.40}, not a number")
+    except (KeyError, ValueError, TypeError, RecursionError) as error:  # RecursionError: nested too deep
         raise DataLoss(
             f"The prompt list in {source}'s header is damaged ({error}). Make the file again with `zsplit encode`."
         ) from None
@@ -160,6 +180,11 @@ def _checked_item(
     entry: dict[str, Any], tensor: torch.Tensor, metadata: dict[str, str], source: Path
 ) -> PromptEmbedding:
     where = f"{source}, prompt {entry['tensor']} ({entry['text'][:40]!r})"
+    if tensor.dim() != 2:
+        raise DataLoss(
+            f"{where}: tensor is {list(tensor.shape)}, not [tokens, hidden_size]. Make the file again with "
+            "`zsplit encode`."
+        )
     hidden_size = int(metadata.get("hidden_size", tensor.shape[-1]))
     expected_shape = (int(entry["token_count"]), hidden_size)
     if tuple(tensor.shape) != expected_shape or wire.DTYPE_NAMES.get(tensor.dtype) != entry["dtype"]:

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
-from zimage_split.common.errors import Unavailable, ZSplitError
+from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 
 logger = logging.getLogger(__name__)
 
@@ -24,30 +25,42 @@ UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 StreamingBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
 
 
+_KEEP = object()
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[UnaryBehavior], UnaryBehavior],
     streaming: Callable[[StreamingBehavior], StreamingBehavior],
+    request_deserializer: Any = _KEEP,
 ) -> grpc.RpcMethodHandler:
-    """The same kind of handler as `handler`, its behavior wrapped by `unary` or `streaming`."""
+    """The same kind of handler as `handler`, its behavior wrapped by `unary` or `streaming` (and its
+    request deserializer replaced, when one is given; None means the behavior gets the raw bytes)."""
+    deserializer = handler.request_deserializer if request_deserializer is _KEEP else request_deserializer
+    serializer = handler.response_serializer
     if handler.response_streaming:
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                streaming(handler.unary_stream), deserializer, serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            streaming(handler.stream_stream), deserializer, serializer
         )
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_unary_rpc_method_handler(
-        unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), deserializer, serializer)
+    return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), deserializer, serializer)
+
+
+def _undecodable(method: str, error: DecodeError) -> InvalidArgument:
+    return InvalidArgument(
+        f"The request to {method} is not a valid protobuf message of its type ({error}). Build it from the "
+        ".proto files in proto/zimage/ (or use the zimage_split SDK)."
     )
 
 
 async def _abort(error: Exception, context: aio.ServicerContext, method: str) -> None:
+    if isinstance(error, DecodeError):  # a streamed request message that does not parse
+        error = _undecodable(method, error)
     if isinstance(error, ZSplitError):
         metadata = [(ORIGIN_KEY, error.code)]
         if error.retry_after_seconds is not None:
@@ -77,11 +90,22 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        # gRPC parses a single request message before any handler runs and answers UNKNOWN when it does not
+        # parse; parsing it here instead turns that into INVALID_ARGUMENT.
+        parse = None if handler.request_streaming else handler.request_deserializer
+
+        def parsed(request: Any) -> Any:
+            if parse is None:
+                return request
+            try:
+                return parse(request)
+            except DecodeError as error:
+                raise _undecodable(method, error) from None
 
         def streaming(behavior: StreamingBehavior) -> StreamingBehavior:
             async def mapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    async for response in behavior(request, context):
+                    async for response in behavior(parsed(request), context):
                         yield response
                 except Exception as error:
                     if _is_abort(error):
@@ -93,7 +117,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         def unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def mapped(request: Any, context: aio.ServicerContext) -> Any:
                 try:
-                    return await behavior(request, context)
+                    return await behavior(parsed(request), context)
                 except Exception as error:
                     if _is_abort(error):
                         raise
@@ -101,7 +125,9 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
             return mapped
 
-        return wrap_handler(handler, unary, streaming)
+        if parse is None:
+            return wrap_handler(handler, unary, streaming)
+        return wrap_handler(handler, unary, streaming, request_deserializer=None)
 
 
 class ServingGate(aio.ServerInterceptor):

@@ -16,6 +16,8 @@ from zimage_split.common.errors import DataLoss, InvalidArgument
 CHUNK_BYTES = 1 << 20
 # An embedding is at most a few MiB (512 x 2560 x 4 bytes is 5 MiB); anything far above is a mistake.
 MAX_TENSOR_BYTES = 256 << 20
+# Embeddings are 2-D; a header with thousands of dimensions is hostile (their product takes minutes to compute).
+MAX_TENSOR_DIMS = 8
 
 _DTYPES: dict[int, torch.dtype] = {
     tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
@@ -103,14 +105,23 @@ def meta_to_proto(meta: TensorMeta) -> tensor_pb2.TensorHeader:
 def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR_BYTES) -> TensorMeta:
     """Checks a received header: known dtype, sane shape, and a byte count that matches both."""
     dtype = dtype_from_proto(header.dtype)
+    if len(header.shape) > MAX_TENSOR_DIMS:
+        raise InvalidArgument(
+            f"Tensor shape has {len(header.shape)} dimensions; send at most {MAX_TENSOR_DIMS} "
+            "(an embedding is [tokens, hidden_size])."
+        )
     shape = tuple(int(dim) for dim in header.shape)
     if not shape or any(dim < 0 for dim in shape):
         raise InvalidArgument(f"Tensor shape {list(shape)} is invalid; send non-negative dimensions.")
-    expected = math.prod(shape) * dtype.itemsize
-    if expected > max_bytes:
+    # Zero dimensions count as 1: [0, 2**40, 2**40] holds no bytes but still overflows torch's strides.
+    size = math.prod(dim for dim in shape if dim) * dtype.itemsize
+    if size > max_bytes:
+        counted = " (counting zero dimensions as 1)" if 0 in shape else ""
         raise InvalidArgument(
-            f"Tensor of shape {list(shape)} would take {expected} bytes, over the {max_bytes}-byte limit."
+            f"Tensor of shape {list(shape)} would take {size} bytes{counted}, over the {max_bytes}-byte "
+            "limit; send a smaller tensor."
         )
+    expected = math.prod(shape) * dtype.itemsize
     if header.byte_length != expected:
         raise InvalidArgument(
             f"Header says {header.byte_length} bytes but shape {list(shape)} in {DTYPE_NAMES[dtype]} "
@@ -122,11 +133,15 @@ def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR
 
 
 class TensorAssembler:
-    """Collects one tensor's chunks into a preallocated buffer and checks it when complete."""
+    """Collects one tensor's chunks and checks it when complete.
+
+    The buffer grows as chunks arrive rather than being preallocated from the header: a sender that
+    announces 256 MiB and then stalls must not make the receiver hold 256 MiB.
+    """
 
     def __init__(self, meta: TensorMeta) -> None:
         self.meta = meta
-        self._buffer = bytearray(meta.byte_length)
+        self._buffer = bytearray()
         self._received = 0
         self._hash = hashlib.sha256()
 
@@ -141,7 +156,7 @@ class TensorAssembler:
                 f"Received {end} bytes for a tensor announced as {self.meta.byte_length}; "
                 "the sender sent more data than its header said."
             )
-        self._buffer[self._received : end] = chunk
+        self._buffer += chunk
         self._hash.update(chunk)
         self._received = end
 
