@@ -43,6 +43,8 @@ def read_prompt_file(path: Path, warn: Callable[[str], None] = logger.warning) -
         raw = path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"No prompt file at {path}.") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a folder, not a prompt file; pass a .txt or .jsonl file.") from None
     is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     prompts: list[str] = []
     empty: list[int] = []

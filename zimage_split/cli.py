@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument(
         "--max-steps", type=int, default=Limits.max_steps, help=f"most steps per request ({Limits.max_steps})"
     )
-    _add_server_limits(generator)
+    _add_server_limits(generator).add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=Limits.max_images_per_request,
+        help=f"most images one request may ask for, num_images ({Limits.max_images_per_request})",
+    )
     generator.add_argument(
         "--encoder-retries",
         type=int,
@@ -204,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(generate, default=None)  # resolved later: a batch defaults to its embeddings' model
     generate.add_argument(
         "--seed", type=int, default=None, help="random if unset; printed and stored in the PNG"
+    )
+    generate.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help="images of the prompt, seeds seed..seed+N-1, -o stem-I.png (1)",
     )
     generate.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (1024)")
     generate.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (1024)")
@@ -337,13 +348,15 @@ def _server_security(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     tokens = read_tokens(args.auth_token_file)
     if os.environ.get("ZSPLIT_AUTH_TOKEN"):
         tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
-    return ServerSecurity(
+    security = ServerSecurity(
         cert_file=args.tls_cert,
         key_file=args.tls_key,
         client_ca_file=args.tls_client_ca,
         tokens=tokens,
         insecure=args.insecure,
     )
+    security.check_files()  # the server reads them only once the model is loaded
+    return security
 
 
 def _client_security(args: argparse.Namespace, address: str | None, prefix: str = ""):  # type: ignore[no-untyped-def]
@@ -364,7 +377,7 @@ def _client_security(args: argparse.Namespace, address: str | None, prefix: str 
             f"{address} is not on this host: pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`), or "
             f"{flag}insecure for plaintext on a trusted network."
         )
-    return ClientSecurity(
+    security = ClientSecurity(
         ca_file=get("tls_ca"),
         cert_file=get("tls_cert"),
         key_file=get("tls_key"),
@@ -372,11 +385,14 @@ def _client_security(args: argparse.Namespace, address: str | None, prefix: str 
         token=token,
         insecure=not uses_tls,
     )
+    security.check_files()  # the channel reads them only at the first call, maybe after loading a model
+    return security
 
 
 def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from zimage_split.encoder_service.server import EncoderConfig
 
+    _check_serve_limits(args)
     return EncoderConfig(
         model=args.model,
         host=args.host,
@@ -393,6 +409,41 @@ def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         transport=_transport_limits(args),
         security=_server_security(args),
     )
+
+
+def _check_serve_limits(args: argparse.Namespace) -> None:
+    """Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads."""
+    uint32 = 2**32 - 1
+    bounds = [
+        ("--port", args.port, 0, 65535, "0 picks a free port"),
+        ("--max-message-mb", args.max_message_mb, 2, 2047, "1 MiB chunks need 2; gRPC sizes are 32-bit"),
+        ("--max-prompt-bytes", args.max_prompt_bytes, 1, None, "0 would refuse every prompt"),
+    ]
+    if args.service == "encoder":
+        bounds += [
+            ("--max-prompts-per-request", args.max_prompts_per_request, 1, None, "0 refuses every call"),
+            ("--max-sequence-length", args.max_sequence_length, 1, 4096, "the default is 512 tokens"),
+            ("--max-batch-size", args.max_batch_size, 1, None, "a forward pass takes one prompt or more"),
+        ]
+    else:
+        bounds += [
+            ("--max-pixels", args.max_pixels, 64 * 64, uint32, "the smallest image, 64x64, needs 4096"),
+            ("--max-steps", args.max_steps, 1, uint32, "an image needs at least one step"),
+            ("--max-queue", args.max_queue, 1, None, "0 would refuse every request"),
+            ("--max-batch-size", args.max_batch_size, 1, None, "a batch holds one request or more"),
+            ("--encoder-retries", args.encoder_retries, 0, None, "0 tries the encoder once"),
+            (
+                "--max-images-per-request",
+                args.max_images_per_request,
+                1,
+                None,
+                "a request makes one image or more",
+            ),
+        ]
+    for flag, value, low, high, why in bounds:
+        if value < low or (high is not None and value > high):
+            allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise InvalidArgument(f"{flag} must be {allowed} (got {value}); {why}.")
 
 
 def _transport_limits(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -416,6 +467,7 @@ def _replicas(value: str) -> int | None:
 def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from zimage_split.dit_service.server import GeneratorConfig, RayOptions
 
+    _check_serve_limits(args)
     ray = None
     if args.ray_address:
         ray = RayOptions(
@@ -444,7 +496,10 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         completed_cache_bytes=args.result_cache_mb << 20,
         embedding_store=args.embedding_store,
         limits=Limits(
-            max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes
+            max_pixels=args.max_pixels,
+            max_steps=args.max_steps,
+            max_prompt_bytes=args.max_prompt_bytes,
+            max_images_per_request=args.max_images_per_request,
         ),
         transport=_transport_limits(args),
         encoder_retries=args.encoder_retries,
@@ -488,6 +543,16 @@ async def local_services(
             await encoder_server.stop(grace=1)
 
 
+def _check_output_folder(output: Path) -> None:
+    """The file is written once the work is done; a folder that cannot be made fails before it."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidArgument(
+            f"--output {output}: cannot make the folder {output.parent} ({error.strerror}); pick another path."
+        ) from None
+
+
 async def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -504,6 +569,7 @@ async def _generate(args: argparse.Namespace) -> int:
     output = Path(args.output or "out.png")
     if output.suffix.lower() != ".png":
         raise InvalidArgument(f"--output {output} must end in .png; PNG is the only format written.")
+    _check_output_folder(output)
     bars: list[tqdm] = []  # created on the first step, after any local services have loaded
 
     def on_progress(step: int, total: int) -> None:
@@ -519,7 +585,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
     async def run(address: str, security: ClientSecurity) -> None:
         async with AsyncClient(generator=address, timeout=args.timeout, security=security) as client:
-            image = await client.generate(
+            images = await client.generate_images(
                 args.prompt,
                 seed=args.seed,
                 width=args.width,
@@ -527,17 +593,22 @@ async def _generate(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 negative_prompt=args.negative_prompt,
+                num_images=args.num_images,
                 on_progress=on_progress,
             )
         close_bar()
-        write_atomically(output, png_bytes(image, image.info))
-        timings = image.info["timings"]
-        print(
-            f"wrote {output} ({image.width}x{image.height}, seed {image.info['seed']}, "
-            f"{image.info['steps']} steps) in {timings['total']:.2f}s "
-            f"[queue {timings['queue']:.2f}s, encode {timings['encode']:.2f}s, "
-            f"denoise {timings['denoise']:.2f}s, decode {timings['decode']:.2f}s]"
-        )
+        for image in images:
+            path = (
+                output if len(images) == 1 else output.with_stem(f"{output.stem}-{image.info['image_index']}")
+            )
+            write_atomically(path, png_bytes(image, image.info))
+            timings = image.info["timings"]
+            print(
+                f"wrote {path} ({image.width}x{image.height}, seed {image.info['seed']}, "
+                f"{image.info['steps']} steps) in {timings['total']:.2f}s "
+                f"[queue {timings['queue']:.2f}s, encode {timings['encode']:.2f}s, "
+                f"denoise {timings['denoise']:.2f}s, decode {timings['decode']:.2f}s]"
+            )
 
     try:
         if args.generator:
@@ -645,6 +716,7 @@ async def _encode(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".safetensors":
         raise InvalidArgument(f"--output {output} must end in .safetensors.")
+    _check_output_folder(output)
     prompts = read_prompt_file(Path(args.prompts), warn=lambda message: print(message, file=sys.stderr))
 
     async def run(address: str, security: ClientSecurity) -> None:

@@ -119,7 +119,7 @@ def test_bad_encode_requests_are_refused_with_a_fix(encoder_fp32) -> None:  # ty
     from zimage_split.client import InvalidArgument
 
     with Client(generator=None, encoder=f"127.0.0.1:{encoder_fp32.port}") as client:
-        with pytest.raises(InvalidArgument, match="at most 100000"):
+        with pytest.raises(InvalidArgument, match=r"at most 65536 \(--max-prompt-bytes\)"):
             client.encode(["x" * 100_001])
         with pytest.raises(InvalidArgument, match="at most 64 per call"):
             client.encode(["x"] * 65)

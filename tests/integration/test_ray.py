@@ -178,3 +178,14 @@ def test_cancellation_reaches_the_replica(ray_generator) -> None:  # type: ignor
     time.sleep(2)
     assert steps_run() == settled, "the replica kept working after the call was cancelled"
     assert settled - before < 50
+
+
+def test_num_images_run_as_jobs_on_the_replicas(ray_generator) -> None:  # type: ignore[no-untyped-def]
+    prompt = embedding(5, 42)
+    with Client(generator=address(ray_generator)) as client:
+        images = client.generate_images(
+            embeddings=prompt, num_images=4, seed=20, width=64, height=64, steps=2
+        )
+        alone = client.generate(embeddings=prompt, seed=23, width=64, height=64, steps=2)
+    assert [image.info["seed"] for image in images] == [20, 21, 22, 23]
+    assert np.array_equal(pixels(images[3]), pixels(alone))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
 import random
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +42,20 @@ CHANNEL_OPTIONS = [
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
+
+
+@contextlib.contextmanager
+def _fields_in_range() -> Iterator[None]:
+    """Protobuf refuses a value its field cannot hold (a negative seed, a width past 32 bits) with a bare
+    ValueError or TypeError; the caller gets an InvalidArgument that names the ranges instead."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise InvalidArgument(
+            f"A request field is out of range or of the wrong type ({error}). seed takes 0 to 2**64-1; "
+            "width, height, steps and max_sequence_length take integers from 0 to 2**32-1; hidden_layer a "
+            "32-bit integer; guidance values numbers."
+        ) from None
 
 
 def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
@@ -137,10 +152,11 @@ class AsyncClient:
     ) -> Embeddings:
         """Encodes prompts on the encoder service; returns one PromptEmbedding per prompt."""
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        options = encoder_pb2.EncodeOptions(
-            max_sequence_length=max_sequence_length, hidden_layer=hidden_layer
-        )
-        request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
+        with _fields_in_range():
+            options = encoder_pb2.EncodeOptions(
+                max_sequence_length=max_sequence_length, hidden_layer=hidden_layer
+            )
+            request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
         target = f"encoder {self.encoder_address}"
         try:
             stream = self._encoder().Encode(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -220,12 +236,11 @@ class AsyncClient:
         Give `prompt` text, or `embeddings` from `encode()`. The returned PIL image's `.info` holds the
         seed, size, steps, guidance, timings, request id, model and replica.
         """
-        if (prompt is None) == (embeddings is None):
-            raise InvalidArgument("Pass exactly one of `prompt` (text) or `embeddings` (from encode()).")
-        if negative_prompt is not None and negative_embeddings is not None:
-            raise InvalidArgument("Pass at most one of `negative_prompt` or `negative_embeddings`.")
-        request = generator_pb2.GenerateRequest(
-            request_id=request_id or uuid.uuid4().hex,
+        images = await self.generate_images(
+            prompt=prompt,
+            embeddings=embeddings,
+            negative_prompt=negative_prompt,
+            negative_embeddings=negative_embeddings,
             seed=seed,
             width=width,
             height=height,
@@ -233,9 +248,57 @@ class AsyncClient:
             guidance_scale=guidance_scale,
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
-            model=model,
             max_sequence_length=max_sequence_length,
+            model=model,
+            request_id=request_id,
+            on_progress=on_progress,
+            timeout=timeout,
         )
+        return images[0]
+
+    async def generate_images(
+        self,
+        prompt: str | None = None,
+        *,
+        embeddings: EmbeddingLike | None = None,
+        negative_prompt: str | None = None,
+        negative_embeddings: EmbeddingLike | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        cfg_normalization: float = 0.0,
+        cfg_truncation: float | None = None,
+        max_sequence_length: int | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        num_images: int = 1,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> list[Image.Image]:
+        """Generates `num_images` images of one prompt, with seeds seed, seed+1, ... (the server picks
+        `seed` when unset); the prompt is encoded once. Parameters as for `generate`. Progress counts the
+        steps of all the images.
+        """
+        if (prompt is None) == (embeddings is None):
+            raise InvalidArgument("Pass exactly one of `prompt` (text) or `embeddings` (from encode()).")
+        if negative_prompt is not None and negative_embeddings is not None:
+            raise InvalidArgument("Pass at most one of `negative_prompt` or `negative_embeddings`.")
+        with _fields_in_range():
+            request = generator_pb2.GenerateRequest(
+                request_id=request_id or uuid.uuid4().hex,
+                seed=seed,
+                width=width,
+                height=height,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                cfg_normalization=cfg_normalization,
+                cfg_truncation=cfg_truncation,
+                model=model,
+                max_sequence_length=max_sequence_length,
+                num_images=None if num_images == 1 else num_images,
+            )
         if negative_prompt is not None:
             request.negative_prompt.text = negative_prompt
         if prompt is not None:
@@ -326,7 +389,7 @@ class AsyncClient:
         negative_embeddings: EmbeddingLike | None,
         on_progress: ProgressCallback | None,
         timeout: float | None,
-    ) -> Image.Image:
+    ) -> list[Image.Image]:
         for attempt in range(2):
             if embeddings is not None:
                 request.prompt.embedding_key = await self._upload(
@@ -349,9 +412,8 @@ class AsyncClient:
         request: generator_pb2.GenerateRequest,
         on_progress: ProgressCallback | None,
         timeout: float | None,
-    ) -> Image.Image:
-        header: generator_pb2.ImageHeader | None = None
-        data = bytearray()
+    ) -> list[Image.Image]:
+        received: list[tuple[generator_pb2.ImageHeader, bytearray]] = []
         try:
             async for response in self._generator().Generate(
                 request, timeout=timeout or self.timeout, metadata=self._metadata
@@ -361,24 +423,28 @@ class AsyncClient:
                     if on_progress is not None:
                         on_progress(response.progress.step, response.progress.total_steps)
                 elif kind == "image":
-                    header = response.image
-                elif kind == "image_chunk":
-                    data += response.image_chunk
+                    received.append((response.image, bytearray()))
+                elif kind == "image_chunk" and received:
+                    received[-1][1].extend(response.image_chunk)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
-        if header is None or len(data) != header.byte_length:
+        expected = request.num_images if request.HasField("num_images") else 1
+        if len(received) != expected or any(len(data) != header.byte_length for header, data in received):
             raise DataLoss(
-                f"The image stream from {self.generator_address} ended early "
-                f"({len(data)} of {header.byte_length if header else '?'} bytes). Retry the request."
+                f"The image stream from {self.generator_address} ended early ({len(received)} of {expected} "
+                "images, or an image cut short). Retry the request."
             )
-        if hashlib.sha256(data).hexdigest() != header.sha256:
-            raise DataLoss(
-                "The image bytes do not match their sha256; they were corrupted. Retry the request."
-            )
-        image = Image.open(io.BytesIO(bytes(data)))
-        image.load()
-        image.info.update(image_metadata(header))
-        return image
+        images: list[Image.Image] = []
+        for header, data in received:
+            if hashlib.sha256(data).hexdigest() != header.sha256:
+                raise DataLoss(
+                    "The image bytes do not match their sha256; they were corrupted. Retry the request."
+                )
+            image = Image.open(io.BytesIO(bytes(data)))
+            image.load()
+            image.info.update(image_metadata(header))
+            images.append(image)
+        return images
 
 
 def _key_of(item: PromptEmbedding | torch.Tensor) -> str:
@@ -400,6 +466,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "model_id": header.model_id,
         "replica": header.replica,
         "batch_size": header.batch_size,
+        "image_index": header.image_index,
         "sha256": header.sha256,
         "prompt_key": header.prompt_key,
         "timings": {

@@ -56,6 +56,11 @@ def job_request_id(content_key: str, job: ImageJob, options: dict[str, Any]) -> 
     return "batch-" + hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
+# Seeds travel as uint64 (GenerateRequest.seed).
+MAX_SEED = 2**64 - 1
+MAX_SEEDS = 100_000
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-7', '3', '0,5,9' or '0-3,10-12' -> seeds, in order, without repeats."""
     seeds: list[int] = []
@@ -64,12 +69,18 @@ def parse_seeds(text: str) -> list[int]:
             first, _, last = part.partition("-") if not part.startswith("-") else (part, "", "")
             low = int(first)
             high = int(last) if last else low
-            if low < 0 or high < low:
+            if low < 0 or high < low or high > MAX_SEED:
                 raise ValueError
+            # Checked before the range is listed: '0-10**12' would otherwise fill the memory.
+            if len(seeds) + high - low + 1 > MAX_SEEDS:
+                raise InvalidArgument(
+                    f"--seeds {text!r} asks for more than {MAX_SEEDS} seeds per prompt; split the batch "
+                    "into several runs (each resumes in the same --out-dir)."
+                )
             seeds.extend(range(low, high + 1))
     except ValueError:
         raise InvalidArgument(
-            f"--seeds {text!r} is not a seed list; use e.g. '0-7', '42' or '0,5,9' (non-negative)."
+            f"--seeds {text!r} is not a seed list; use e.g. '0-7', '42' or '0,5,9' (0 to 2**64-1)."
         ) from None
     if not seeds:
         raise InvalidArgument("--seeds is empty; use e.g. '0-7'.")

@@ -22,4 +22,10 @@ def from_rpc_error(error: aio.AioRpcError, target: str) -> ZSplitError:
         details = (
             f"{target} did not answer in time ({details}). Raise the timeout or check the server's load."
         )
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own message-size check, before any of our code ran.
+        details = (
+            f"{target} refused a message over its size limit ({details}). Send less in one call (a shorter "
+            "prompt, fewer prompts), or raise the server's --max-message-mb."
+        )
     return error_for_code(code.name, details, retry_after)

@@ -89,5 +89,6 @@ class Client:
     encode = _blocking(AsyncClient.encode)
     upload = _blocking(AsyncClient.upload)
     generate = _blocking(AsyncClient.generate)
+    generate_images = _blocking(AsyncClient.generate_images)
     encoder_info = _blocking(AsyncClient.encoder_info)
     generator_info = _blocking(AsyncClient.generator_info)

@@ -35,6 +35,43 @@ def read_pem(path: str | None, what: str) -> bytes | None:
     return data
 
 
+def _certificates(data: bytes, path: str, what: str) -> list[Any]:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as error:
+        raise InvalidArgument(
+            f"The {what} {path} holds no usable PEM certificate ({error}). Make it again (see `zsplit certs`)."
+        ) from None
+
+
+def check_key_pair(cert_file: str, key_file: str) -> None:
+    """Both files parse, and the key belongs to the chain's first certificate (gRPC says only 'failed to bind')."""
+    from cryptography.hazmat.primitives import serialization
+
+    chain = read_pem(cert_file, "TLS certificate") or b""
+    certificate = _certificates(chain, cert_file, "TLS certificate")[0]
+    try:
+        key = serialization.load_pem_private_key(read_pem(key_file, "TLS key") or b"", password=None)
+    except (ValueError, TypeError) as error:  # TypeError: an encrypted key, which gRPC cannot use either
+        raise InvalidArgument(
+            f"The TLS key {key_file} is not a usable PEM private key ({error}). Pass the unencrypted key "
+            "made with the certificate (see `zsplit certs`)."
+        ) from None
+    public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
+        raise InvalidArgument(
+            f"The TLS key {key_file} does not belong to the certificate {cert_file}; pass the key that was "
+            "made with that certificate."
+        )
+
+
+def check_ca(path: str | None, what: str) -> None:
+    if path:
+        _certificates(read_pem(path, what) or b"", path, what)
+
+
 def read_tokens(path: str | None) -> tuple[str, ...]:
     """Tokens from a file, one per line; blank lines and lines starting with '#' are skipped."""
     if not path:
@@ -95,6 +132,12 @@ class ServerSecurity:
     def mutual_tls(self) -> bool:
         return bool(self.client_ca_file)
 
+    def check_files(self) -> None:
+        """Reads and parses the PEM files now, so a missing or garbled one fails before a model is loaded."""
+        if self.cert_file and self.key_file:
+            check_key_pair(self.cert_file, self.key_file)
+        check_ca(self.client_ca_file, "client CA certificate")
+
     def credentials(self) -> grpc.ServerCredentials | None:
         if self.insecure:
             return None
@@ -135,6 +178,12 @@ class ClientSecurity:
     @classmethod
     def plaintext(cls, token: str | None = None) -> ClientSecurity:
         return cls(insecure=True, token=token)
+
+    def check_files(self) -> None:
+        """Reads and parses the PEM files now, so a missing or garbled one fails before any other work."""
+        check_ca(self.ca_file, "CA certificate")
+        if self.cert_file and self.key_file:
+            check_key_pair(self.cert_file, self.key_file)
 
     def channel(self, address: str, options: list[tuple[str, Any]]) -> aio.Channel:
         if self.insecure:

@@ -114,6 +114,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         max_steps=config.limits.max_steps,
         max_guidance_scale=config.limits.max_guidance_scale,
         max_prompt_bytes=config.limits.max_prompt_bytes,
+        max_images_per_request=config.limits.max_images_per_request,
     )
     encoder = (
         AsyncClient(generator=None, encoder=config.encoder, security=config.encoder_security)

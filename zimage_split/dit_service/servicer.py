@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -23,15 +24,19 @@ from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
-class CompletedImage:
-    """A finished Generate, kept so that a retry with the same request_id gets the same image back."""
+class CompletedImages:
+    """A finished Generate, kept so that a retry with the same request_id gets the same images back."""
 
     fingerprint: str
-    header: generator_pb2.ImageHeader
-    png: bytes
+    images: tuple[tuple[generator_pb2.ImageHeader, bytes], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(png) + header.ByteSize() for header, png in self.images)
 
 
 def request_fingerprint(request: generator_pb2.GenerateRequest) -> str:
@@ -75,8 +80,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.encoder_address = encoder_address
         self._active: set[threading.Event] = set()
         # Images by request_id: a client that lost the response and retries gets the same image, not a new run.
-        self.completed: ByteBoundedLRU[CompletedImage] = ByteBoundedLRU(
-            completed_bytes, lambda done: len(done.png) + done.header.ByteSize()
+        self.completed: ByteBoundedLRU[CompletedImages] = ByteBoundedLRU(
+            completed_bytes, lambda done: done.size
         )
 
     def cancel_all(self) -> None:
@@ -115,6 +120,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         max_length = request.max_sequence_length if request.HasField("max_sequence_length") else None
         return params, prompt, negative, max_length
 
+    def _image_count(self, request: generator_pb2.GenerateRequest, seed: int) -> int:
+        count = request.num_images if request.HasField("num_images") else 1
+        if not 1 <= count <= self.limits.max_images_per_request:
+            raise InvalidArgument(
+                f"num_images must be between 1 and {self.limits.max_images_per_request} (got {count}); send "
+                "several requests for more (this generator's --max-images-per-request)."
+            )
+        if seed + count - 1 > MAX_SEED:
+            raise InvalidArgument(
+                f"seed {seed} + num_images {count} runs past the largest seed, 2**64 - 1; pick a smaller seed."
+            )
+        return count
+
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
@@ -126,10 +144,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     f"request_id {request.request_id!r} was already used for a different request; "
                     "give every distinct request its own request_id."
                 )
-            for response in _image_responses(done.header, done.png):
-                yield response
+            for header, png in done.images:
+                for response in _image_responses(header, png):
+                    yield response
             return
         params, prompt, negative, max_length = self._job_parts(request)
+        count = self._image_count(request, params.seed)
         # The caller's deadline also bounds the call to the encoder.
         positive_embedding, negative_embedding = await self.store.resolve_pair(
             prompt, negative, max_length, timeout=context.time_remaining()
@@ -143,66 +163,94 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         cancelled = threading.Event()
         self._active.add(cancelled)
 
-        def on_step(step: int, total: int, replica: str = "") -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (step, total, replica))
+        def step_reporter(index: int) -> Callable[..., None]:
+            def on_step(step: int, total: int, replica: str = "") -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (index, step, replica))
 
-        job = GenerationJob(
-            params=params,
-            prompt_embeds=positive_embedding.tensor,
-            negative_prompt_embeds=negative_embedding.tensor if negative_embedding else None,
-            on_step=on_step,
-            is_cancelled=cancelled.is_set,
-        )
-        task = asyncio.ensure_future(self.worker.run(job, request_id=request.request_id))
-        task.add_done_callback(lambda _: events.put_nowait(_DONE))
+            return on_step
+
+        # Image i has seed + i; each is a job of its own, so replicas (and Ray's batching) share them out.
+        tasks = []
+        for index in range(count):
+            job = GenerationJob(
+                params=dataclasses.replace(params, seed=params.seed + index),
+                prompt_embeds=positive_embedding.tensor,
+                negative_prompt_embeds=negative_embedding.tensor if negative_embedding else None,
+                on_step=step_reporter(index),
+                is_cancelled=cancelled.is_set,
+            )
+            job_id = (
+                f"{request.request_id}#{index}" if request.request_id and count > 1 else request.request_id
+            )
+            task = asyncio.ensure_future(self.worker.run(job, request_id=job_id))
+            task.add_done_callback(lambda _: events.put_nowait(_DONE))
+            tasks.append(task)
+        steps_done = [0] * count
         try:
-            while (event := await events.get()) is not _DONE:
-                step, total, replica = cast(tuple[int, int, str], event)
+            finished = 0
+            while finished < count:
+                event = await events.get()
+                if event is _DONE:
+                    finished += 1
+                    # A failed image fails the request at once; the finally below stops the others.
+                    if failed := next(
+                        (t for t in tasks if t.done() and not t.cancelled() and t.exception()), None
+                    ):
+                        await failed
+                    continue
+                index, step, replica = cast(tuple[int, int, str], event)
+                steps_done[index] = step
                 yield generator_pb2.GenerateResponse(
                     progress=generator_pb2.Progress(
-                        step=step,
-                        total_steps=total,
+                        step=sum(steps_done),
+                        total_steps=params.steps * count,
                         elapsed_seconds=time.perf_counter() - received,
                         replica=replica,
                     )
                 )
-            result = await task
+            results = [await task for task in tasks]
         finally:
             # Reached on client cancel, deadline or error: the engine stops before its next step.
             cancelled.set()
-            task.cancel()  # a no-op once done; a Ray worker passes it on to the replica
+            for task in tasks:
+                task.cancel()  # a no-op once done; a Ray worker passes it on to the replica
+                # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
+                task.add_done_callback(lambda done: done.cancelled() or done.exception())
             self._active.discard(cancelled)
-            # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
-            task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-        image = result.image
-        header = generator_pb2.ImageHeader(
-            request_id=request.request_id,
-            seed=params.seed,
-            width=image.width,
-            height=image.height,
-            steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            format="png",
-            byte_length=len(image.png),
-            sha256=hashlib.sha256(image.png).hexdigest(),
-            timings=generator_pb2.Timings(
-                queue_seconds=result.queue_seconds,
-                encode_seconds=encode_seconds,
-                denoise_seconds=image.denoise_seconds,
-                decode_seconds=image.decode_seconds,
-                total_seconds=time.perf_counter() - received,
-            ),
-            model_id=self.info.model_id,
-            replica=result.replica,
-            batch_size=result.batch_size,
-            prompt_key=positive_embedding.key,
-            negative_prompt_key=negative_embedding.key if negative_embedding else "",
-        )
+        images = []
+        for index, result in enumerate(results):
+            image = result.image
+            header = generator_pb2.ImageHeader(
+                request_id=request.request_id,
+                seed=params.seed + index,
+                width=image.width,
+                height=image.height,
+                steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                format="png",
+                byte_length=len(image.png),
+                sha256=hashlib.sha256(image.png).hexdigest(),
+                timings=generator_pb2.Timings(
+                    queue_seconds=result.queue_seconds,
+                    encode_seconds=encode_seconds,
+                    denoise_seconds=image.denoise_seconds,
+                    decode_seconds=image.decode_seconds,
+                    total_seconds=time.perf_counter() - received,
+                ),
+                model_id=self.info.model_id,
+                replica=result.replica,
+                batch_size=result.batch_size,
+                prompt_key=positive_embedding.key,
+                negative_prompt_key=negative_embedding.key if negative_embedding else "",
+                image_index=index,
+            )
+            images.append((header, image.png))
         if request.request_id:
-            self.completed.put(request.request_id, CompletedImage(fingerprint, header, image.png))
-        for response in _image_responses(header, image.png):
-            yield response
+            self.completed.put(request.request_id, CompletedImages(fingerprint, tuple(images)))
+        for header, png in images:
+            for response in _image_responses(header, png):
+                yield response
 
     async def UploadEmbedding(
         self,
@@ -238,6 +286,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             components=list(self.info.components),
             max_pixels=self.limits.max_pixels,
             max_steps=self.limits.max_steps,
+            max_images_per_request=self.limits.max_images_per_request,
             embedding_cache_hits=cache.hits,
             embedding_cache_misses=cache.misses,
             embedding_cache_bytes=cache.bytes,

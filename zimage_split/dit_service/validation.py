@@ -25,6 +25,7 @@ class Limits:
     max_guidance_scale: float = 30.0
     # Prompt text, checked before the encoder is asked (the encoder has its own limit).
     max_prompt_bytes: int = 64 << 10
+    max_images_per_request: int = 4
 
 
 def validate_params(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from zimage.tensor.v1 import tensor_pb2 as zimage_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#zimage/generator/v1/generator.proto\x12\x13zimage.generator.v1\x1a\x1dzimage/tensor/v1/tensor.proto\"A\n\x0c\x43onditioning\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xd0\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12:\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x19\n\x11\x63\x66g_normalization\x18\t \x01(\x02\x12\x1b\n\x0e\x63\x66g_truncation\x18\n \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\rH\x06\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_cfg_truncationB\x16\n\x14_max_sequence_length\"W\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x80\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\xc1\x02\n\x0bImageHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12-\n\x07timings\x18\n \x01(\x0b\x32\x1c.zimage.generator.v1.Timings\x12\x10\n\x08model_id\x18\x0b \x01(\t\x12\x0f\n\x07replica\x18\x0c \x01(\t\x12\x12\n\nprompt_key\x18\r \x01(\t\x12\x1b\n\x13negative_prompt_key\x18\x0e \x01(\t\x12\x12\n\nbatch_size\x18\x0f \x01(\r\"\x98\x01\n\x10GenerateResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.zimage.generator.v1.ProgressH\x00\x12\x31\n\x05image\x18\x02 \x01(\x0b\x32 .zimage.generator.v1.ImageHeaderH\x00\x12\x15\n\x0bimage_chunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"S\n\x0cUploadHeader\x12.\n\x06tensor\x18\x01 \x01(\x0b\x32\x1e.zimage.tensor.v1.TensorHeader\x12\x13\n\x0b\x63ontent_key\x18\x02 \x01(\t\"f\n\x16UploadEmbeddingRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.zimage.generator.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"0\n\x17UploadEmbeddingResponse\x12\x15\n\rembedding_key\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xb7\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61ption_dim\x18\x02 \x01(\r\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0f\x65ncoder_address\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x12\n\ncomponents\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\r\x12\x11\n\tmax_steps\x18\t \x01(\r\x12\x1c\n\x14\x65mbedding_cache_hits\x18\n \x01(\x04\x12\x1e\n\x16\x65mbedding_cache_misses\x18\x0b \x01(\x04\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x0c \x01(\x04\x32\xaa\x02\n\x10GeneratorService\x12Y\n\x08Generate\x12$.zimage.generator.v1.GenerateRequest\x1a%.zimage.generator.v1.GenerateResponse0\x01\x12n\n\x0fUploadEmbedding\x12+.zimage.generator.v1.UploadEmbeddingRequest\x1a,.zimage.generator.v1.UploadEmbeddingResponse(\x01\x12K\n\x04Info\x12 .zimage.generator.v1.InfoRequest\x1a!.zimage.generator.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#zimage/generator/v1/generator.proto\x12\x13zimage.generator.v1\x1a\x1dzimage/tensor/v1/tensor.proto\"A\n\x0c\x43onditioning\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xf8\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12:\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x19\n\x11\x63\x66g_normalization\x18\t \x01(\x02\x12\x1b\n\x0e\x63\x66g_truncation\x18\n \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x17\n\nnum_images\x18\r \x01(\rH\x07\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_cfg_truncationB\x16\n\x14_max_sequence_lengthB\r\n\x0b_num_images\"W\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x80\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\xd6\x02\n\x0bImageHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12-\n\x07timings\x18\n \x01(\x0b\x32\x1c.zimage.generator.v1.Timings\x12\x10\n\x08model_id\x18\x0b \x01(\t\x12\x0f\n\x07replica\x18\x0c \x01(\t\x12\x12\n\nprompt_key\x18\r \x01(\t\x12\x1b\n\x13negative_prompt_key\x18\x0e \x01(\t\x12\x12\n\nbatch_size\x18\x0f \x01(\r\x12\x13\n\x0bimage_index\x18\x10 \x01(\r\"\x98\x01\n\x10GenerateResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.zimage.generator.v1.ProgressH\x00\x12\x31\n\x05image\x18\x02 \x01(\x0b\x32 .zimage.generator.v1.ImageHeaderH\x00\x12\x15\n\x0bimage_chunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"S\n\x0cUploadHeader\x12.\n\x06tensor\x18\x01 \x01(\x0b\x32\x1e.zimage.tensor.v1.TensorHeader\x12\x13\n\x0b\x63ontent_key\x18\x02 \x01(\t\"f\n\x16UploadEmbeddingRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.zimage.generator.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"0\n\x17UploadEmbeddingResponse\x12\x15\n\rembedding_key\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xd7\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61ption_dim\x18\x02 \x01(\r\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0f\x65ncoder_address\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x12\n\ncomponents\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\r\x12\x11\n\tmax_steps\x18\t \x01(\r\x12\x1c\n\x14\x65mbedding_cache_hits\x18\n \x01(\x04\x12\x1e\n\x16\x65mbedding_cache_misses\x18\x0b \x01(\x04\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r2\xaa\x02\n\x10GeneratorService\x12Y\n\x08Generate\x12$.zimage.generator.v1.GenerateRequest\x1a%.zimage.generator.v1.GenerateResponse0\x01\x12n\n\x0fUploadEmbedding\x12+.zimage.generator.v1.UploadEmbeddingRequest\x1a,.zimage.generator.v1.UploadEmbeddingResponse(\x01\x12K\n\x04Info\x12 .zimage.generator.v1.InfoRequest\x1a!.zimage.generator.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONDITIONING']._serialized_start=91
   _globals['_CONDITIONING']._serialized_end=156
   _globals['_GENERATEREQUEST']._serialized_start=159
-  _globals['_GENERATEREQUEST']._serialized_end=623
-  _globals['_PROGRESS']._serialized_start=625
-  _globals['_PROGRESS']._serialized_end=712
-  _globals['_TIMINGS']._serialized_start=715
-  _globals['_TIMINGS']._serialized_end=843
-  _globals['_IMAGEHEADER']._serialized_start=846
-  _globals['_IMAGEHEADER']._serialized_end=1167
-  _globals['_GENERATERESPONSE']._serialized_start=1170
-  _globals['_GENERATERESPONSE']._serialized_end=1322
-  _globals['_UPLOADHEADER']._serialized_start=1324
-  _globals['_UPLOADHEADER']._serialized_end=1407
-  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_start=1409
-  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_end=1511
-  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_start=1513
-  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_end=1561
-  _globals['_INFOREQUEST']._serialized_start=1563
-  _globals['_INFOREQUEST']._serialized_end=1576
-  _globals['_INFORESPONSE']._serialized_start=1579
-  _globals['_INFORESPONSE']._serialized_end=1890
-  _globals['_GENERATORSERVICE']._serialized_start=1893
-  _globals['_GENERATORSERVICE']._serialized_end=2191
+  _globals['_GENERATEREQUEST']._serialized_end=663
+  _globals['_PROGRESS']._serialized_start=665
+  _globals['_PROGRESS']._serialized_end=752
+  _globals['_TIMINGS']._serialized_start=755
+  _globals['_TIMINGS']._serialized_end=883
+  _globals['_IMAGEHEADER']._serialized_start=886
+  _globals['_IMAGEHEADER']._serialized_end=1228
+  _globals['_GENERATERESPONSE']._serialized_start=1231
+  _globals['_GENERATERESPONSE']._serialized_end=1383
+  _globals['_UPLOADHEADER']._serialized_start=1385
+  _globals['_UPLOADHEADER']._serialized_end=1468
+  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_start=1470
+  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_end=1572
+  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_start=1574
+  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_end=1622
+  _globals['_INFOREQUEST']._serialized_start=1624
+  _globals['_INFOREQUEST']._serialized_end=1637
+  _globals['_INFORESPONSE']._serialized_start=1640
+  _globals['_INFORESPONSE']._serialized_end=1983
+  _globals['_GENERATORSERVICE']._serialized_start=1986
+  _globals['_GENERATORSERVICE']._serialized_end=2284
 # @@protoc_insertion_point(module_scope)

@@ -16,7 +16,7 @@ class Conditioning(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Conditioning
     negative_prompt: Conditioning
@@ -41,7 +42,8 @@ class GenerateRequest(_message.Message):
     cfg_truncation: float
     model: str
     max_sequence_length: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    num_images: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "elapsed_seconds", "replica")
@@ -70,7 +72,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size")
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +88,7 @@ class ImageHeader(_message.Message):
     PROMPT_KEY_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_KEY_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seed: int
     width: int
@@ -101,7 +104,8 @@ class ImageHeader(_message.Message):
     prompt_key: str
     negative_prompt_key: str
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    image_index: int
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "image", "image_chunk")
@@ -140,7 +144,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes")
+    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTION_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +157,7 @@ class InfoResponse(_message.Message):
     EMBEDDING_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     caption_dim: int
     dtype: _tensor_pb2.DType
@@ -165,4 +170,5 @@ class InfoResponse(_message.Message):
     embedding_cache_hits: int
     embedding_cache_misses: int
     embedding_cache_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ...) -> None: ...
+    max_images_per_request: int
+    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...

@@ -57,9 +57,10 @@ class GeneratorServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generates one image. The stream carries `progress` events (one per denoising step), then one
-        `image` header, then the encoded image bytes as `image_chunk` messages of at most 1 MiB.
-        Cancelling the call stops the work before the next denoising step.
+        """Generates `num_images` images (default one). The stream carries `progress` events (one per
+        denoising step), then for each image, in order, an `image` header followed by the encoded image
+        bytes as `image_chunk` messages of at most 1 MiB. Cancelling the call stops the work before the
+        next denoising step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
