@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.conftest import LoopThread, start_generator
 from tests.reliability.conftest import Figures
-from tests.reliability.processes import ServiceProcess, health_status
+from tests.reliability.processes import ServiceProcess, free_port, health_status
 from zimage_split.client import AsyncClient, Client, DeadlineExceeded, Unavailable
 from zimage_split.common.errors import Cancelled
 
@@ -337,4 +337,28 @@ def test_client_cancel_stops_the_work_within_one_step(generator: Any, figures: F
         SECTION,
         "client cancel: replica free again after (one step takes)",
         f"{freed_at - marks['cancelled']:.3f} s ({step_seconds:.3f} s)",
+    )
+
+
+def test_a_generator_started_before_its_encoder_serves_once_the_encoder_is_up(
+    tiny_model_dir: Path, loop_thread: LoopThread, figures: Figures
+) -> None:
+    port = free_port()
+    generator = start_generator(loop_thread, tiny_model_dir, port)  # default --encoder-retries 2
+    encoder = ServiceProcess("encoder", tiny_model_dir, "--dtype", "float32", port=port)
+    try:
+        time.sleep(3)  # the generator's channel has failed to connect a few times by now
+        encoder.wait_serving()
+        with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+            began = time.monotonic()
+            image = client.generate("the first prompt", steps=1, width=64, height=64)
+            first_call = time.monotonic() - began
+    finally:
+        loop_thread.run(generator.stop(grace=0))
+        encoder.stop()
+    assert image.size == (64, 64)
+    figures.record(
+        SECTION,
+        "generator started before its encoder: first text prompt once the encoder serves",
+        f"served in {first_call:.2f} s (default --encoder-retries 2)",
     )

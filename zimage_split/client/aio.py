@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 600.0
 CHANNEL_OPTIONS = [
     *GRPC_OPTIONS,
-    # A restarted service is reached again within seconds, not after gRPC's default backoff of up to 2 min.
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),
+    # A restarted service is reached again within a second, not after gRPC's default backoff of up to 2
+    # min (the generator's encoder retries, 0.5 s then 1 s, outlast this).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     # Each client owns its connections (gRPC would otherwise share one between all clients of a process
     # with the same target), so closing a client and the servers' per-connection limits behave as expected.
     ("grpc.use_local_subchannel_pool", 1),

@@ -6,8 +6,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +27,7 @@ from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.validation import validate_embedding
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The encoder Info fields that change what it outputs for the same text; text keys include them.
 IDENTITY_FIELDS = ("model_id", "dtype", "hidden_layer", "max_sequence_length")
@@ -46,6 +48,14 @@ def tensor_key(tensor: torch.Tensor) -> str:
 
 def encoder_identity(info: dict[str, Any]) -> str:
     return "|".join(str(info.get(field, "")) for field in IDENTITY_FIELDS)
+
+
+def _left(deadline: float | None, cap: float | None = None) -> float | None:
+    """Seconds until `deadline` (None: no deadline), at most `cap`."""
+    left = None if deadline is None else deadline - time.monotonic()
+    if cap is not None:
+        left = cap if left is None else min(left, cap)
+    return left
 
 
 class EncoderRefused(Unavailable):
@@ -97,11 +107,11 @@ class EmbeddingStore:
             )
         return self.encoder
 
-    async def check_encoder(self) -> dict[str, Any]:
+    async def check_encoder(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Fetches the encoder's Info once and refuses an encoder made for another DiT."""
         encoder = self._require_encoder()
         try:
-            info = await encoder.encoder_info(timeout=10)
+            info = await encoder.encoder_info(timeout=timeout)
         except Unauthenticated as error:
             raise encoder_refused(encoder.encoder_address, error) from None
         if int(info.get("hidden_size", 0)) != self.caption_dim:
@@ -159,28 +169,37 @@ class EmbeddingStore:
         self, text: str, max_sequence_length: int | None, timeout: float | None = None
     ) -> Embedding:
         encoder = self._require_encoder()
+        deadline = None if timeout is None else time.monotonic() + timeout
         identity = self._encoder_identity
-        unreachable: Unavailable | DeadlineExceeded | None = None
-        if identity is None:
+        if identity is None:  # the encoder was not reachable at start-up, or not since
             try:
-                identity = encoder_identity(await self.check_encoder())
+                identity = encoder_identity(await self.check_encoder(timeout=_left(deadline, cap=10.0)))
             except EncoderRefused:
                 raise
             except (Unavailable, DeadlineExceeded) as error:
                 # Prompts encoded before a restart are on disk under the identity of the encoder then.
-                unreachable = error
-                identity = await asyncio.to_thread(self.disk.read_identity) if self.disk is not None else None
-                if identity is None:
-                    raise self._not_cached(error) from None
+                stored = await asyncio.to_thread(self.disk.read_identity) if self.disk is not None else None
+                if stored is not None:
+                    key = self._text_key(stored, text, max_sequence_length)
+                    if (cached := await self._cached(key)) is not None:
+                        return Embedding(cached, key)
+                try:
+                    info = await self._retrying(
+                        lambda left: self.check_encoder(timeout=left), deadline, first_failure=error
+                    )
+                except Unavailable as again:
+                    raise self._not_cached(again) from None
+                identity = encoder_identity(info)
         key = self._text_key(identity, text, max_sequence_length)
         cached = await self._cached(key)
         if cached is not None:
             return Embedding(cached, key)
-        if unreachable is not None:
-            raise self._not_cached(unreachable)
         started = time.perf_counter()
         try:
-            encoded = await self._encode_with_retries(encoder, text, max_sequence_length, timeout)
+            encoded = await self._retrying(
+                lambda left: encoder.encode([text], max_sequence_length=max_sequence_length, timeout=left),
+                deadline,
+            )
         except Unauthenticated as error:
             raise encoder_refused(encoder.encoder_address, error) from None
         except Unavailable as error:
@@ -189,35 +208,40 @@ class EmbeddingStore:
         await self._keep(key, tensor)
         return Embedding(tensor, key, encode_seconds=time.perf_counter() - started)
 
-    async def _encode_with_retries(
-        self, encoder: AsyncClient, text: str, max_sequence_length: int | None, timeout: float | None
-    ) -> Any:
-        """Encode is idempotent: an UNAVAILABLE encoder (restarting, connection dropped mid-stream) is tried
-        again `encoder_retries` times with backoff, each try given what is left of the caller's deadline."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for attempt in range(self.encoder_retries + 1):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("The request's deadline passed while waiting for the encoder.")
-            try:
-                return await encoder.encode(
-                    [text], max_sequence_length=max_sequence_length, timeout=remaining
-                )
-            except Unavailable as error:
-                if isinstance(error, EncoderRefused) or attempt == self.encoder_retries:
-                    raise
-                backoff = min(2.0, max(error.retry_after_seconds or 0.0, 0.25 * 2**attempt))
+    async def _retrying(
+        self,
+        call: Callable[[float | None], Awaitable[T]],
+        deadline: float | None,
+        first_failure: Unavailable | DeadlineExceeded | None = None,
+    ) -> T:
+        """Encoder calls are idempotent: one that fails UNAVAILABLE (a restart, a connection dropped
+        mid-stream) is tried again `encoder_retries` times with backoff, each try given what is left of the
+        caller's deadline. `first_failure`: the first try already happened and failed so."""
+        failure = first_failure
+        for attempt in range(0 if first_failure is None else 1, self.encoder_retries + 1):
+            if failure is not None:
+                backoff = min(2.0, max(failure.retry_after_seconds or 0.0, 0.5 * 2 ** (attempt - 1)))
                 if deadline is not None and time.monotonic() + backoff >= deadline:
-                    raise
+                    raise failure
                 logger.info(
                     "Encoder unavailable (%s); retry %d of %d in %.2f s.",
-                    error.message,
-                    attempt + 1,
+                    failure.message,
+                    attempt,
                     self.encoder_retries,
                     backoff,
                 )
                 await asyncio.sleep(backoff)
-        raise AssertionError("unreachable")
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                raise DeadlineExceeded("The request's deadline passed while waiting for the encoder.")
+            try:
+                return await call(left)
+            except Unavailable as error:
+                failure = error
+                if attempt == self.encoder_retries or isinstance(error, EncoderRefused):
+                    raise
+        assert failure is not None
+        raise failure
 
     async def from_key(self, key: str) -> Embedding:
         tensor = await self._cached(key)
