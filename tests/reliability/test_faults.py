@@ -146,6 +146,37 @@ def test_sigterm_past_the_grace_period_cancels_and_still_exits_0(
     )
 
 
+def test_sigterm_drains_the_encoder_too(tiny_model_dir: Path, figures: Figures) -> None:
+    # The encoder's slowest path: a lone prompt waits 3 s for its batch to fill, so it is in flight at SIGTERM.
+    with ServiceProcess(
+        "encoder", tiny_model_dir, "--dtype", "float32", "--max-batch-wait-ms", "3000"
+    ) as server:
+        server.wait_serving()
+
+        def encode() -> Any:
+            with Client(generator=None, encoder=server.address, timeout=60) as client:
+                return client.encode(["in flight at SIGTERM"])
+
+        thread, outcome = in_thread(encode)
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: health_status(server.port) == NOT_SERVING, 5, "health to report NOT_SERVING")
+        with Client(generator=None, encoder=server.address, timeout=30) as late, pytest.raises(Unavailable):
+            late.encode(["too late"])
+        thread.join(60)
+        exit_code = server.process.wait(60)
+        exit_seconds = time.monotonic() - signalled
+    assert "result" in outcome, outcome.get("error")
+    assert outcome["result"][0].tensor.shape[0] > 0
+    assert exit_code == 0
+    figures.record(
+        SECTION,
+        "SIGTERM to the encoder with an Encode call in flight: the call, exit code, seconds to exit",
+        f"answered, {exit_code}, {exit_seconds:.1f} s",
+    )
+
+
 def kill_encoder_during_a_call(
     encoder: ServiceProcess, generator_address: str, prompt: str
 ) -> dict[str, Any]:

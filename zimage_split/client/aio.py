@@ -161,12 +161,14 @@ class AsyncClient:
         target = f"encoder {self.encoder_address}"
         try:
             stream = self._encoder().Encode(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            items = await read_embedding_stream(stream, texts)
+            items, model_id = await read_embedding_stream(stream, texts)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, target) from None
-        if self._encoder_model_id is None:
-            self._encoder_model_id = str((await self.encoder_info(timeout=timeout)).get("model_id", ""))
-        return Embeddings(items, model_id=self._encoder_model_id)
+        if not model_id:  # an encoder from before EmbeddingHeader.model_id: ask it once
+            if self._encoder_model_id is None:
+                self._encoder_model_id = str((await self.encoder_info(timeout=timeout)).get("model_id", ""))
+            model_id = self._encoder_model_id
+        return Embeddings(items, model_id=model_id)
 
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
@@ -482,9 +484,11 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
 
 async def read_embedding_stream(
     stream: AsyncIterator[encoder_pb2.EncodeResponse], texts: Sequence[str]
-) -> list[PromptEmbedding]:
-    """Reassembles an Encode stream (header, chunks, header, chunks, ...) and checks every tensor."""
+) -> tuple[list[PromptEmbedding], str]:
+    """Reassembles an Encode stream (header, chunks, header, chunks, ...) and checks every tensor; returns
+    the embeddings and the model id the headers name."""
     items: list[PromptEmbedding] = []
+    model_id = ""
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
 
     def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
@@ -508,6 +512,7 @@ async def read_embedding_stream(
                 if current is not None:
                     finish(*current)
                 header = response.header
+                model_id = model_id or header.model_id
                 if header.prompt_index >= len(texts):
                     raise DataLoss(
                         f"Encoder sent prompt_index {header.prompt_index} for {len(texts)} prompts."
@@ -525,7 +530,7 @@ async def read_embedding_stream(
         raise DataLoss(
             f"Encoder returned {len(items)} embeddings for {len(texts)} prompts. Retry the request."
         )
-    return items
+    return items, model_id
 
 
 __all__ = ["AsyncClient", "ZSplitError", "read_embedding_stream"]

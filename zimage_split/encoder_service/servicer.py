@@ -149,6 +149,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     formatted_text=item.prompt.formatted_text,
                     hidden_layer=item.prompt.hidden_layer,
                     max_sequence_length=item.prompt.max_sequence_length,
+                    model_id=self.encoder.model_id,
                 )
             )
             for chunk in wire.iter_chunks(payload):

@@ -24,7 +24,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
 
 class EmbeddingHeader(_message.Message):
-    __slots__ = ("prompt_index", "content_key", "tensor", "token_count", "truncated", "cache_hit", "encode_seconds", "formatted_text", "hidden_layer", "max_sequence_length")
+    __slots__ = ("prompt_index", "content_key", "tensor", "token_count", "truncated", "cache_hit", "encode_seconds", "formatted_text", "hidden_layer", "max_sequence_length", "model_id")
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class EmbeddingHeader(_message.Message):
     FORMATTED_TEXT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_LAYER_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_index: int
     content_key: str
     tensor: _tensor_pb2.TensorHeader
@@ -45,7 +46,8 @@ class EmbeddingHeader(_message.Message):
     formatted_text: str
     hidden_layer: int
     max_sequence_length: int
-    def __init__(self, prompt_index: _Optional[int] = ..., content_key: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., cache_hit: _Optional[bool] = ..., encode_seconds: _Optional[float] = ..., formatted_text: _Optional[str] = ..., hidden_layer: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    model_id: str
+    def __init__(self, prompt_index: _Optional[int] = ..., content_key: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., cache_hit: _Optional[bool] = ..., encode_seconds: _Optional[float] = ..., formatted_text: _Optional[str] = ..., hidden_layer: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("header", "chunk")
