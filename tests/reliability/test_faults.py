@@ -67,24 +67,30 @@ def step_starts(engine: Any) -> tuple[list[float], Any]:
     return starts, handle
 
 
+def long_call_under_way(address: str, steps: int) -> tuple[threading.Thread, dict[str, Any]]:
+    """Starts a `steps`-step 512x512 generation on a thread; returns once its first step is done."""
+    started = threading.Event()
+
+    def call() -> Any:
+        with Client(generator=address, timeout=120) as client:
+            return client.generate(
+                embeddings=embedding(),
+                steps=steps,
+                width=512,
+                height=512,
+                seed=3,
+                on_progress=lambda step, total: started.set(),
+            )
+
+    thread, outcome = in_thread(call)
+    assert started.wait(60), outcome
+    return thread, outcome
+
+
 def test_sigterm_drains_in_flight_calls_then_exits_0(tiny_model_dir: Path, figures: Figures) -> None:
     with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "60") as server:
         server.wait_serving()
-        started = threading.Event()
-
-        def long_call() -> Any:
-            with Client(generator=server.address, timeout=120) as client:
-                return client.generate(
-                    embeddings=embedding(),
-                    steps=60,
-                    width=512,
-                    height=512,
-                    seed=3,
-                    on_progress=lambda step, total: started.set(),
-                )
-
-        thread, outcome = in_thread(long_call)
-        assert started.wait(60), outcome
+        thread, outcome = long_call_under_way(server.address, steps=60)
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         to_not_serving = wait_for(
@@ -116,20 +122,7 @@ def test_sigterm_past_the_grace_period_cancels_and_still_exits_0(
 ) -> None:
     with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "1") as server:
         server.wait_serving()
-        started = threading.Event()
-
-        def too_long() -> Any:
-            with Client(generator=server.address, timeout=120) as client:
-                return client.generate(
-                    embeddings=embedding(),
-                    steps=100,
-                    width=512,
-                    height=512,
-                    on_progress=lambda step, total: started.set(),
-                )
-
-        thread, outcome = in_thread(too_long)
-        assert started.wait(60), outcome
+        thread, outcome = long_call_under_way(server.address, steps=100)
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         exit_code = server.process.wait(60)
