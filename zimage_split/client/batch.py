@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.wire import MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ def job_request_id(content_key: str, job: ImageJob, options: dict[str, Any]) -> 
     return "batch-" + hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
-# Seeds travel as uint64 (GenerateRequest.seed).
-MAX_SEED = 2**64 - 1
 MAX_SEEDS = 100_000
 
 

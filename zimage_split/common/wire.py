@@ -14,6 +14,8 @@ from zimage.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
 
 CHUNK_BYTES = 1 << 20
+# Seeds travel as uint64 (GenerateRequest.seed): the largest one, for the client's and the server's checks.
+MAX_SEED = 2**64 - 1
 # An embedding is at most a few MiB (512 x 2560 x 4 bytes is 5 MiB); anything far above is a mistake.
 MAX_TENSOR_BYTES = 256 << 20
 # Embeddings are 2-D; a header with thousands of dimensions is hostile (their product takes minutes to compute).

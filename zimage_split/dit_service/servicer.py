@@ -24,7 +24,6 @@ from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
-MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"num_images must be between 1 and {self.limits.max_images_per_request} (got {count}); send "
                 "several requests for more (this generator's --max-images-per-request)."
             )
-        if seed + count - 1 > MAX_SEED:
+        if seed + count - 1 > wire.MAX_SEED:
             raise InvalidArgument(
                 f"seed {seed} + num_images {count} runs past the largest seed, 2**64 - 1; pick a smaller seed."
             )
