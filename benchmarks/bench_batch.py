@@ -7,7 +7,7 @@ the manifest. Both services are real gRPC servers on loopback in this process, w
 generator worker. The figures: the encoder's forward passes and prompts encoded (from its Info), and
 the job's wall time against the sum of the generator's own DiT time (denoise + decode) of its images.
 
-    python benchmarks/bench_batch.py --rounds 3
+    python -m benchmarks.bench_batch --rounds 3
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from report import clock, machine_info, model_info, parse_arguments, since, write_json
+from benchmarks.report import (
+    Settings,
+    clock,
+    headline_row,
+    machine_info,
+    model_folder,
+    model_info,
+    options,
+    since,
+    standalone,
+    write_json,
+)
 
 TARGET_OVERHEAD = 1.05  # job wall time / sum of DiT-only time
 STEPS = 8
@@ -114,26 +125,22 @@ async def run(args: argparse.Namespace, folder: str) -> list[dict]:
     return rounds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="whole batch jobs (3)")
-    parser.add_argument("--warmup", type=int, default=0, help="unused; every round starts its own services")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts P (16)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds K per prompt (8)")
-    parser.add_argument("--size", type=int, default=96, help="image width and height (96)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
-    args, folder = parse_arguments(parser, "batch")
+DEFAULTS = {"rounds": 1, "prompts": 16, "seeds": 8, "size": 96, "concurrency": 8}
+QUICK = {"prompts": 2, "seeds": 2, "size": 64, "concurrency": 2}
+
+
+def measure(settings: Settings, **overrides: object) -> dict:
+    args = options(settings, DEFAULTS, QUICK, overrides)
+    folder = model_folder(settings.model)
     machine = machine_info()
     rounds = asyncio.run(run(args, folder))
     ratios = [r["overhead_ratio"] for r in rounds]
     encoder_passes_ok = all(r["prompts_encoded"] == args.prompts for r in rounds)
     result = {
         "benchmark": "batch",
-        "description": __doc__.split("\n\n")[1].replace("\n", " "),
+        "description": (__doc__ or "").split("\n\n")[1].replace("\n", " "),
         "machine": machine,
-        "model": model_info(folder, args.model),
+        "model": model_info(folder, settings.model),
         "settings": {
             "prompts": args.prompts,
             "seeds": args.seeds,
@@ -145,6 +152,7 @@ def main() -> None:
             "concurrency": args.concurrency,
             "generator_workers": 1,
             "rounds": args.rounds,
+            "quick": settings.quick,
         },
         "rounds": rounds,
         "overhead_ratio_median": statistics.median(ratios),
@@ -153,13 +161,48 @@ def main() -> None:
         "target": f"prompts encoded == {args.prompts} and job wall / DiT sum <= {TARGET_OVERHEAD}",
         "target_met": encoder_passes_ok and statistics.median(ratios) <= TARGET_OVERHEAD,
     }
+    result["headline"] = headline(result)
+    return result
+
+
+def headline(result: dict) -> list[dict]:
+    settings = result["settings"]
+    images = settings["prompts"] * settings["seeds"]
+    return [
+        headline_row(
+            "batch",
+            f"encode-once job: {settings['prompts']} prompts x {settings['seeds']} seeds, "
+            f"{settings['width']}x{settings['height']}",
+            unit="s per job",
+            ours=statistics.median(r["job_wall_s"] for r in result["rounds"]),
+            baseline=statistics.median(r["dit_sum_s"] for r in result["rounds"]),
+            baseline_name="the generator's own DiT + VAE time for the same images",
+            ratio=result["overhead_ratio_median"],
+            ratio_meaning="job wall / DiT time (lower is better)",
+            target=f"<= {TARGET_OVERHEAD}, one encode per prompt",
+            target_met=result["target_met"],
+            note=f"{images} images; prompts encoded per job {result['prompts_encoded_per_round']} in "
+            f"{result['encoder_forward_passes_per_round']} forward passes",
+        )
+    ]
+
+
+def main() -> None:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--prompts", type=int, default=None, help="prompts P (16)")
+        parser.add_argument("--seeds", type=int, default=None, help="seeds K per prompt (8)")
+        parser.add_argument("--size", type=int, default=None, help="image width and height (96)")
+        parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (8)")
+
+    settings, overrides, out = standalone(__doc__, "batch", flags)
+    result = measure(settings, **overrides)
     print(
-        f"\n{args.prompts} prompts x {args.seeds} seeds, {args.size}x{args.size}, {STEPS} steps: job / DiT-only "
+        f"\n{result['settings']['prompts']} prompts x {result['settings']['seeds']} seeds: job / DiT-only "
         f"median {result['overhead_ratio_median']:.3f}x (target <= {TARGET_OVERHEAD}); prompts encoded per "
         f"round {result['prompts_encoded_per_round']} in {result['encoder_forward_passes_per_round']} forward "
         f"passes; target {'met' if result['target_met'] else 'NOT met'}"
     )
-    print(f"wrote {write_json(result, args.out, 'batch')}")
+    print(f"wrote {write_json(result, out, 'batch')}")
 
 
 if __name__ == "__main__":

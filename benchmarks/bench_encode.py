@@ -4,7 +4,7 @@ diffusers pads every prompt to 512 tokens and runs all decoder layers; ours runs
 only the layers up to hidden_states[-2]. Both sides include the chat template and the tokenizer, run under
 torch.inference_mode() in this process, and are checked to give the same values.
 
-    python benchmarks/bench_encode.py --rounds 20
+    python -m benchmarks.bench_encode --rounds 20
 """
 
 from __future__ import annotations
@@ -13,7 +13,20 @@ import argparse
 import os
 
 import torch
-from report import clock, machine_info, model_info, parse_arguments, since, summary, write_json
+
+from benchmarks.report import (
+    Settings,
+    clock,
+    headline_row,
+    machine_info,
+    model_folder,
+    model_info,
+    options,
+    since,
+    standalone,
+    summary,
+    write_json,
+)
 
 TARGET_SPEEDUP = 3.0  # diffusers median / ours median
 MAX_ABS_DIFF_FP32 = 1e-5
@@ -60,7 +73,7 @@ def side_summary(rounds: list[dict], side: str) -> dict:
     return result
 
 
-def bench_dtype(folder: str, dtype: torch.dtype, prompt: str, count: int, warmup: int) -> dict:
+def bench_dtype(folder: str, dtype: torch.dtype, prompt: str, count: int, warmup: int, device: str) -> dict:
     from diffusers import ZImagePipeline
 
     from zimage_split.encoder_service.engine import TextEncoder
@@ -68,19 +81,19 @@ def bench_dtype(folder: str, dtype: torch.dtype, prompt: str, count: int, warmup
 
     encoder = TextEncoder(
         ModelSource(location=folder, model_id=folder),
-        device=torch.device("cpu"),
+        device=torch.device(device),
         dtype=dtype,
         hidden_layer=-2,
     )
     # The reference needs only its tokenizer and text encoder.
-    pipe = ZImagePipeline.from_pretrained(folder, transformer=None, vae=None, dtype=dtype)
+    pipe = ZImagePipeline.from_pretrained(folder, transformer=None, vae=None, dtype=dtype).to(device)
 
     def ours() -> torch.Tensor:
         tokens = encoder.tokenize(prompt, hidden_layer=-2, max_sequence_length=512)
         return encoder.encode([tokens])[0]
 
     def theirs() -> torch.Tensor:
-        embeds, _ = pipe.encode_prompt([prompt], device="cpu", do_classifier_free_guidance=False)
+        embeds, _ = pipe.encode_prompt([prompt], device=device, do_classifier_free_guidance=False)
         return embeds[0]
 
     name = str(dtype).removeprefix("torch.")
@@ -101,7 +114,7 @@ def bench_dtype(folder: str, dtype: torch.dtype, prompt: str, count: int, warmup
             flush=True,
         )
 
-    check = compare(results["ours"], results["diffusers"])
+    check = compare(results["ours"].cpu(), results["diffusers"].cpu())
     ours_summary, their_summary = side_summary(rounds, "ours"), side_summary(rounds, "diffusers")
     speedup = their_summary["median_s"] / ours_summary["median_s"]
     if dtype == torch.float32:
@@ -161,18 +174,16 @@ def print_table(result: dict) -> None:
     print(f"note: {TOKENIZER_NOTE}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per dtype (20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (2)")
-    parser.add_argument("--prompt", default=PROMPT, help="prompt to encode (a 30-word English sentence)")
-    args, folder = parse_arguments(parser, "encode")
+DEFAULTS = {"rounds": 20, "warmup": 2, "prompt": PROMPT}
+QUICK = {"warmup": 0}
 
+
+def measure(settings: Settings, **overrides: object) -> dict:
+    args = options(settings, DEFAULTS, QUICK, overrides)
+    folder = model_folder(settings.model)
     machine = machine_info()
     rows = [
-        bench_dtype(folder, dtype, args.prompt, args.rounds, args.warmup)
+        bench_dtype(folder, dtype, args.prompt, args.rounds, args.warmup, settings.device)
         for dtype in (torch.float32, torch.bfloat16)
     ]
     result = {
@@ -180,16 +191,53 @@ def main() -> None:
         "description": "seconds per prompt, text to embedding: TextEncoder (unpadded, layers after "
         "hidden_states[-2] dropped) against ZImagePipeline.encode_prompt (padded to 512, all layers)",
         "machine": machine | {"load_average_at_end": list(os.getloadavg())},
-        "model": model_info(folder, args.model),
-        "settings": {"rounds": args.rounds, "warmup_rounds": args.warmup, "device": "cpu"},
+        "model": model_info(folder, settings.model),
+        "settings": {
+            "rounds": args.rounds,
+            "warmup_rounds": args.warmup,
+            "device": settings.device,
+            "quick": settings.quick,
+        },
         "prompt": args.prompt,
         "prompt_words": len(args.prompt.split()),
         "tokenizer_note": TOKENIZER_NOTE,
         "dtypes": rows,
+        "target": f"speedup >= {TARGET_SPEEDUP} in each dtype, with the same values",
         "target_met": all(row["target_met"] for row in rows),
     }
+    result["headline"] = headline(result)
+    return result
+
+
+def headline(result: dict) -> list[dict]:
+    return [
+        headline_row(
+            "encode",
+            f"encode a {result['prompt_words']}-word prompt, {row['dtype']}",
+            unit="ms",
+            ours=row["ours"]["median_s"] * 1000,
+            baseline=row["diffusers"]["median_s"] * 1000,
+            baseline_name="diffusers encode_prompt",
+            ratio=row["speedup_median"],
+            ratio_meaning="diffusers / ours (speedup)",
+            target=f">= {TARGET_SPEEDUP}",
+            target_met=row["target_met"],
+            note=f"{row['tokens']['ours_processed']} tokens against 512 padded; "
+            f"{row['layers']['ours_run']} of {row['layers']['diffusers_run']} layers",
+        )
+        for row in result["dtypes"]
+    ]
+
+
+def main() -> None:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (2)")
+        parser.add_argument("--prompt", default=None, help="prompt to encode (a 30-word English sentence)")
+
+    settings, overrides, out = standalone(__doc__, "encode", flags)
+    result = measure(settings, **overrides)
     print_table(result)
-    print(f"wrote {write_json(result, args.out, 'encode')}")
+    print(f"wrote {write_json(result, out, 'encode')}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Both sides run in this process on the same CPU threads, in float32, from the sam
 interleave the two (the order flips each round) and every round uses a new prompt, so no embedding cache
 helps either side; the services also run with their caches off.
 
-    python benchmarks/bench_generate.py --rounds 20
+    python -m benchmarks.bench_generate --rounds 20
 """
 
 from __future__ import annotations
@@ -16,9 +16,22 @@ import statistics
 
 import numpy as np
 import torch
-from report import clock, machine_info, model_info, parse_arguments, since, summary, write_json
 
-TARGET_RATIO = 1.05  # ours / diffusers, per-image median
+from benchmarks.report import (
+    Settings,
+    clock,
+    headline_row,
+    machine_info,
+    model_folder,
+    model_info,
+    options,
+    since,
+    standalone,
+    summary,
+    write_json,
+)
+
+TARGET_RATIO = 1.03  # ours / diffusers, per-image median
 STEPS = 8
 # The default side gives the DiT 1024 image tokens, as the real model has at 512x512: the side is
 # 64 x the VAE's scale factor. The bench model's VAE downsamples 2x, so that is 128x128 (a few seconds on
@@ -188,20 +201,13 @@ def print_table(result: dict) -> None:
         print("warning: the median diffusers image took under 1 s; pass a larger --size")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds, each one image per side (20)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help=f"image width and height in pixels (default: {DEFAULT_IMAGE_TOKENS} DiT image tokens, 128 on bench)",
-    )
-    args, folder = parse_arguments(parser, "generate")
+DEFAULTS = {"rounds": 20, "warmup": 1, "size": None}
+QUICK = {"warmup": 0, "size": 64}
 
+
+def measure(settings: Settings, **overrides: object) -> dict:
+    args = options(settings, DEFAULTS, QUICK, overrides)
+    folder = model_folder(settings.model)
     machine = machine_info()
     side, image_tokens, rounds = asyncio.run(run(args, folder))
 
@@ -212,7 +218,7 @@ def main() -> None:
         "description": "seconds per image, prompt text to PIL image: AsyncClient.generate through the "
         "generator and encoder gRPC services on loopback, against ZImagePipeline.__call__ in-process",
         "machine": machine | {"load_average_at_end": list(os.getloadavg())},
-        "model": model_info(folder, args.model),
+        "model": model_info(folder, settings.model),
         "settings": {
             "width": side,
             "height": side,
@@ -223,6 +229,7 @@ def main() -> None:
             "device": "cpu",
             "rounds": args.rounds,
             "warmup_rounds": args.warmup,
+            "quick": settings.quick,
             "service_caches": "off (cache_bytes=0), and a new prompt every round",
         },
         "rounds": rounds,
@@ -245,8 +252,45 @@ def main() -> None:
         "target_met": ratio <= TARGET_RATIO,
         "diffusers_at_least_1s": theirs["median_s"] >= 1.0,
     }
+    result["headline"] = headline(result)
+    return result
+
+
+def headline(result: dict) -> list[dict]:
+    settings = result["settings"]
+    return [
+        headline_row(
+            "generate",
+            f"prompt to image, {settings['width']}x{settings['height']}, {settings['steps']} steps, "
+            f"{settings['dtype']} on {settings['device']}",
+            unit="s",
+            ours=result["ours"]["median_s"],
+            baseline=result["diffusers"]["median_s"],
+            baseline_name="diffusers ZImagePipeline in-process",
+            ratio=result["ratio_median"],
+            ratio_meaning="ours / diffusers (lower is better)",
+            target=f"<= {TARGET_RATIO}",
+            target_met=result["target_met"],
+            note=f"median per-round ratio {result['ratio_per_round_median']:.3f}; largest pixel difference "
+            f"{result['max_pixel_diff']}/255",
+        )
+    ]
+
+
+def main() -> None:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (1)")
+        parser.add_argument(
+            "--size",
+            type=int,
+            default=None,
+            help=f"image width and height in pixels (default: {DEFAULT_IMAGE_TOKENS} DiT image tokens, 128 on bench)",
+        )
+
+    settings, overrides, out = standalone(__doc__, "generate", flags)
+    result = measure(settings, **overrides)
     print_table(result)
-    print(f"wrote {write_json(result, args.out, 'generate')}")
+    print(f"wrote {write_json(result, out, 'generate')}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ burst of concurrent `AsyncClient.generate` calls with uploaded random embeddings
 Each round starts every configuration afresh, runs one untimed warm-up burst, then one timed burst; the
 order within each pair flips every round, and both sides of a pair get the same embeddings and seeds.
 
-    python benchmarks/bench_ray.py --rounds 3
+    python -m benchmarks.bench_ray --rounds 3
 """
 
 from __future__ import annotations
@@ -22,7 +22,19 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC logs a line for every p
 
 import numpy as np
 import torch
-from report import _host_cpu_seconds, machine_info, model_info, parse_arguments, summary, write_json
+
+from benchmarks.report import (
+    Settings,
+    _host_cpu_seconds,
+    headline_row,
+    machine_info,
+    model_folder,
+    model_info,
+    options,
+    standalone,
+    summary,
+    write_json,
+)
 
 TARGET_REPLICA_SPEEDUP = 1.8  # images/s of 2 replicas / 1 replica, 1 torch thread each
 STEPS = 8
@@ -40,10 +52,6 @@ PAIRS = {  # comparison: (baseline, candidate)
     "replicas": ("1 replica x 1 thread", "2 replicas x 1 thread"),
     "batching": ("batch 1 (2 threads)", "batch 4 (2 threads)"),
 }
-GPU_NOTE = (
-    "Not measured: one GPU replica of the full-size random model against diffusers' ZImagePipeline. "
-    "This session had no GPU; every figure here is from CPU replicas of the bench model."
-)
 
 
 def tree_cpu_seconds() -> float:
@@ -138,8 +146,8 @@ async def run(args: argparse.Namespace, folder: str) -> list[dict]:
     for index in range(args.rounds):
         seeds = [1000 * (index + 1) + i for i in range(args.requests)]
         result: dict = {"round": index + 1, "seeds": seeds, "order": [], "bursts": {}, "pairs": {}}
-        for pair, names in PAIRS.items():
-            pixels = {}
+        for pair in pairs_to_run(args):
+            names, pixels = PAIRS[pair], {}
             for name in names if index % 2 == 0 else names[::-1]:
                 result["order"].append(name)
                 result["bursts"][name], pixels[name] = await run_config(name, folder, args, seeds)
@@ -159,6 +167,11 @@ async def run(args: argparse.Namespace, folder: str) -> list[dict]:
             }
         rounds.append(result)
     return rounds
+
+
+def pairs_to_run(args: argparse.Namespace) -> list[str]:
+    """Quick mode (the test suite) runs only the replica pair: every configuration costs a Ray start."""
+    return ["replicas"] if args.quick else list(PAIRS)
 
 
 def config_summary(rounds: list[dict], name: str) -> dict:
@@ -212,40 +225,42 @@ def print_table(result: dict) -> None:
         f"{replicas['ratio_per_round_median']:.2f}x; target >= {TARGET_REPLICA_SPEEDUP}: {verdict}); both "
         f"replicas served every round: {replicas['both_replicas_served_every_round']}"
     )
-    print(
-        f"batch 4 / batch 1: {batching['ratio_median']:.2f}x (median per round "
-        f"{batching['ratio_per_round_median']:.2f}x); batched images differ from unbatched by at most "
-        f"{batching['max_pixel_diff']}/255"
-    )
+    if batching is not None:
+        print(
+            f"batch 4 / batch 1: {batching['ratio_median']:.2f}x (median per round "
+            f"{batching['ratio_per_round_median']:.2f}x); batched images differ from unbatched by at most "
+            f"{batching['max_pixel_diff']}/255"
+        )
     print(f"other processes used a median {result['others_cpu_share_median']:.0%} of the CPUs meanwhile")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="timed bursts per configuration (3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed bursts after each server start (1)")
-    parser.add_argument("--requests", type=int, default=8, help="concurrent requests per burst (8)")
-    parser.add_argument("--size", type=int, default=96, help="image width and height in pixels (96)")
-    args, folder = parse_arguments(parser, "ray")
+DEFAULTS = {"rounds": 3, "warmup": 1, "requests": 8, "size": 96}
+QUICK = {"warmup": 0, "requests": 2, "size": 64}
+
+
+def measure(settings: Settings, **overrides: object) -> dict:
+    args = options(settings, DEFAULTS, QUICK, overrides)
+    folder = model_folder(settings.model)
     import ray.serve  # noqa: F401  (it sets its logger's level on import; quiet it afterwards)
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
     machine = machine_info()
-    model = model_info(folder, args.model)
+    model = model_info(folder, settings.model)
     rounds = asyncio.run(run(args, folder))
 
-    configs = {name: config_summary(rounds, name) for name in CONFIGS}
-    replicas, batching = pair_summary(rounds, configs, "replicas"), pair_summary(rounds, configs, "batching")
+    pairs = pairs_to_run(args)
+    configs = {name: config_summary(rounds, name) for pair in pairs for name in PAIRS[pair]}
+    replicas = pair_summary(rounds, configs, "replicas")
+    batching = pair_summary(rounds, configs, "batching") if "batching" in pairs else None
     replicas["both_replicas_served_every_round"] = all(
         count == 2 for count in configs["2 replicas x 1 thread"]["replicas_per_round"]
     )
     replicas["target"] = f"ratio_median >= {TARGET_REPLICA_SPEEDUP}"
     replicas["target_met"] = replicas["ratio_median"] >= TARGET_REPLICA_SPEEDUP
-    batching["target"] = None  # none set; batching should at least not lose throughput
-    batching["faster"] = batching["ratio_median"] > 1.0
+    if batching is not None:
+        batching["target"] = None  # none set; batching should at least not lose throughput
+        batching["faster"] = batching["ratio_median"] > 1.0
     result = {
         "benchmark": "ray",
         "description": "images/s of a burst of concurrent AsyncClient.generate calls (uploaded random "
@@ -263,6 +278,7 @@ def main() -> None:
             "requests_per_burst": args.requests,
             "rounds": args.rounds,
             "warmup_bursts_per_server_start": args.warmup,
+            "quick": settings.quick,
             "max_batch_wait_ms": MAX_BATCH_WAIT_MS,
             "ray_address": "local",
             "configurations": CONFIGS,
@@ -279,11 +295,59 @@ def main() -> None:
         ),
         "target": f"2 replicas / 1 replica images/s (medians) >= {TARGET_REPLICA_SPEEDUP}",
         "target_met": replicas["target_met"] and replicas["both_replicas_served_every_round"],
-        "not_measured": GPU_NOTE,
     }
+    result["headline"] = headline(result)
+    return result
+
+
+def headline(result: dict) -> list[dict]:
+    configs, replicas, batching = result["configurations"], result["replicas"], result["batching"]
+    size = f"{result['settings']['width']}x{result['settings']['height']}"
+    rows = [
+        headline_row(
+            "ray",
+            f"2 Ray replicas against 1 (1 thread each), {size}",
+            unit="images/s",
+            ours=configs[replicas["candidate"]]["images_per_s"]["median"],
+            baseline=configs[replicas["baseline"]]["images_per_s"]["median"],
+            baseline_name="1 replica",
+            ratio=replicas["ratio_median"],
+            ratio_meaning="2 replicas / 1 (higher is better)",
+            target=f">= {TARGET_REPLICA_SPEEDUP}",
+            target_met=result["target_met"],
+            note=f"both replicas served every burst: {replicas['both_replicas_served_every_round']}",
+        )
+    ]
+    if batching is not None:
+        rows.append(
+            headline_row(
+                "ray",
+                f"batch 4 against batch 1 (one replica, 2 threads), {size}",
+                unit="images/s",
+                ours=configs[batching["candidate"]]["images_per_s"]["median"],
+                baseline=configs[batching["baseline"]]["images_per_s"]["median"],
+                baseline_name="batch 1",
+                ratio=batching["ratio_median"],
+                ratio_meaning="batch 4 / batch 1 (higher is better)",
+                note=f"batch sizes seen {configs[batching['candidate']]['batch_sizes']}; largest pixel "
+                f"difference {batching['max_pixel_diff']}/255",
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--warmup", type=int, default=None, help="untimed bursts after each server start (1)"
+        )
+        parser.add_argument("--requests", type=int, default=None, help="concurrent requests per burst (8)")
+        parser.add_argument("--size", type=int, default=None, help="image width and height in pixels (96)")
+
+    settings, overrides, out = standalone(__doc__, "ray", flags)
+    result = measure(settings, **overrides)
     print_table(result)
-    print(GPU_NOTE)
-    print(f"wrote {write_json(result, args.out, 'ray')}")
+    print(f"wrote {write_json(result, out, 'ray')}")
 
 
 if __name__ == "__main__":

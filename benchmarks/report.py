@@ -10,11 +10,60 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the runner (`python -m benchmarks`) passes to every benchmark's `measure(settings)`.
+
+    `quick` is the test suite's mode: the tiny model, the smallest sizes and one round, to show the
+    harness works and writes well-formed JSON; its figures mean nothing.
+    """
+
+    model: str = "bench"  # a preset (tiny, bench, full) or a diffusers folder
+    quick: bool = False
+    rounds: int | None = None  # None: the benchmark's own default (1 when quick)
+    device: str = "cpu"  # cpu, cuda or cuda:N
+
+    def rounds_or(self, default: int) -> int:
+        return self.rounds if self.rounds is not None else (1 if self.quick else default)
+
+
+def headline_row(
+    benchmark: str,
+    metric: str,
+    *,
+    unit: str,
+    ours: float | None,
+    baseline: float | None = None,
+    baseline_name: str = "",
+    ratio: float | None = None,
+    ratio_meaning: str = "",
+    target: str = "",
+    target_met: bool | None = None,
+    note: str = "",
+) -> dict:
+    """One line of the markdown summary. `ratio_meaning` says which way is better ("ours / diffusers")."""
+    return {
+        "benchmark": benchmark,
+        "metric": metric,
+        "unit": unit,
+        "ours": ours,
+        "baseline": baseline,
+        "baseline_name": baseline_name,
+        "ratio": ratio,
+        "ratio_meaning": ratio_meaning,
+        "target": target,
+        "target_met": target_met,
+        "note": note,
+    }
 
 
 def machine_info() -> dict:
@@ -117,14 +166,53 @@ def write_json(result: dict, out: str | None, name: str) -> Path:
     return path
 
 
-def parse_arguments(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, str]:
-    """Adds --model and --out, parses, checks --rounds/--warmup, and returns the model folder to load."""
-    parser.add_argument("--model", default="bench", help="bench, tiny, or a diffusers folder (bench)")
-    parser.add_argument("--out", default=None, help=f"JSON file (benchmarks/results/{name}.json)")
-    args = parser.parse_args()
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never reach for the hub
+def model_folder(model: str) -> str:
+    """The folder a preset (tiny, bench, full) or path resolves to; never reaches for the hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from zimage_split.model_source import resolve_model
 
-    return args, resolve_model(args.model).location
+    return resolve_model(model).location
+
+
+def options(
+    settings: Settings, defaults: dict, quick: dict, overrides: dict | None = None
+) -> argparse.Namespace:
+    """A benchmark's knobs: its defaults, then its quick-mode values, then what the caller set."""
+    values = dict(defaults)
+    if settings.quick:
+        values |= quick
+    values["rounds"] = settings.rounds_or(defaults["rounds"])
+    values |= {key: value for key, value in (overrides or {}).items() if value is not None}
+    if values["rounds"] < 1 or values.get("warmup", 0) < 0:
+        raise ValueError("rounds must be >= 1 and warmup >= 0")
+    return argparse.Namespace(model=settings.model, quick=settings.quick, **values)
+
+
+def standalone(
+    doc: str | None, name: str, add_flags: Callable[[argparse.ArgumentParser], None]
+) -> tuple[Settings, dict, str | None]:
+    """The command line of one benchmark run alone: `python -m benchmarks.bench_<name> [flags]`.
+
+    Returns the settings, the flags the user set (None where not given) and the --out path.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (the benchmark's default)")
+    parser.add_argument("--model", default=None, help="bench (default), tiny, full, or a diffusers folder")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N where it applies")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model, smallest sizes, one round: checks the harness only"
+    )
+    parser.add_argument("--out", default=None, help=f"JSON file (benchmarks/results/{name}.json)")
+    add_flags(parser)
+    args = parser.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    settings = Settings(
+        model=args.model or ("tiny" if args.quick else "bench"),
+        quick=args.quick,
+        rounds=args.rounds,
+        device=args.device,
+    )
+    common = {"rounds", "model", "device", "quick", "out"}
+    overrides = {key: value for key, value in vars(args).items() if key not in common}
+    return settings, overrides, args.out
