@@ -24,7 +24,8 @@ def _add_model(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MO
     parser.add_argument(
         "--model",
         default=default,
-        help=f"hub id, local diffusers folder, or 'tiny' (offline random model). Default {DEFAULT_MODEL}.",
+        help="hub id, local diffusers folder, or a random model: 'tiny', 'bench', or 'full' (the real "
+        f"architecture, random weights built on the device, for GPU timings). Default {DEFAULT_MODEL}.",
     )
 
 
@@ -140,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_security(generator, "encoder-", "the encoder")
     generator.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    generator.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "native", "flash", "_flash_3", "sage"],
+        help="attention kernel: auto (the fastest that works here; native off CUDA), native (SDPA), flash, "
+        "_flash_3, sage (auto)",
+    )
+    generator.add_argument(
+        "--compile",
+        action="store_true",
+        help="regional torch.compile of the DiT blocks, compiled before health reports SERVING (off)",
+    )
+    generator.add_argument(
+        "--vae-tiling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode in 1024-pixel tiles: auto (above 2048x2048 pixels), on, off (auto)",
+    )
     generator.add_argument("--max-queue", type=int, default=32, help="requests waiting or running (32)")
     generator.add_argument("--cache-mb", type=int, default=2048, help="embedding cache size in MiB (2048)")
     generator.add_argument(
@@ -259,8 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write the offline random model to DIR")
     tiny.add_argument("directory")
-    tiny.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    tiny.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "bench", "full"],
+        help="tiny (tests), bench (CPU timings) or full (the real architecture; configs only)",
+    )
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="write configs only: the services build the random weights on their device (always so for full)",
+    )
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks against diffusers (python -m benchmarks; needs a source checkout)",
+        add_help=False,  # --help goes to the benchmark runner with the rest
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     certs = commands.add_parser(
         "certs", help="write a development CA and certificates for the encoder, the generator and a client"
@@ -491,6 +527,9 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        attention=args.attention,
+        compile=args.compile,
+        vae_tiling=args.vae_tiling,
         max_queue=args.max_queue,
         cache_bytes=args.cache_mb << 20,
         completed_cache_bytes=args.result_cache_mb << 20,
@@ -750,7 +789,29 @@ async def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(arguments: list[str]) -> int:
+    """`zsplit bench` is `python -m benchmarks`: the benchmarks live beside the package in a checkout."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        raise NotFound(
+            "zsplit bench runs the benchmarks of a source checkout, and this zimage-split was installed "
+            "without one. Clone the repository, `pip install -e .` from it, and run `zsplit bench` again."
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.__main__ import main as run_benchmarks
+
+    return run_benchmarks(arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:  # argparse would claim the runner's own flags, --help among them
+        try:
+            return _bench(arguments[1:])
+        except ZSplitError as error:
+            print(f"zsplit: error ({error.code}): {error.message}", file=sys.stderr)
+            return 2
     try:
         args = parse_settings(argv)
     except ZSplitError as error:
@@ -772,14 +833,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = write_dev_certificates(Path(args.out_dir), hosts, overwrite=args.overwrite)
             print(f"wrote {len(written)} files to {args.out_dir} for {', '.join(hosts)} (development only)")
             return 0
+        if args.command == "bench":
+            return _bench(args.bench_args)
         if args.command == "make-tiny-model":
             from zimage_split.tiny_model import build_tiny_model
 
             try:
-                path = build_tiny_model(args.directory, size=args.size, seed=args.seed)
+                path = build_tiny_model(
+                    args.directory,
+                    size=args.size,
+                    seed=args.seed,
+                    store_weights=False if args.no_weights else None,
+                )
             except FileExistsError as error:
                 raise InvalidArgument(str(error)) from None
-            print(f"wrote the {args.size} random Z-Image model to {path}")
+            configs_only = (path / "random_weights.json").exists()
+            what = " (configs only: weights are drawn on the device at load time)" if configs_only else ""
+            print(f"wrote the {args.size} random Z-Image model to {path}{what}")
             return 0
         if args.command == "serve" and args.service == "encoder":
             from zimage_split.encoder_service.server import serve_encoder

@@ -1,4 +1,4 @@
-"""Finds a model folder: `tiny`/`bench` (built locally), a local diffusers folder, or a Hugging Face hub id."""
+"""Finds a model: `tiny`/`bench`/`full` (built locally), a local diffusers folder, or a Hugging Face hub id."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from zimage_split.common.errors import NotFound
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import ZImagePipeline
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -17,10 +21,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where to load from (`location`) and the identity reported to clients and hashed into keys."""
+    """Where to load from (`location`) and the identity reported to clients and hashed into keys.
+
+    `random_weights_seed` is set for folders that hold configs only (`full`, or any folder with
+    `random_weights.json`): every model is then built from its config on the device, with random weights
+    drawn from this seed, instead of being read from files.
+    """
 
     location: str
     model_id: str
+    random_weights_seed: int | None = None
 
 
 def how_to_get(model: str) -> str:
@@ -36,22 +46,33 @@ def how_to_get(model: str) -> str:
 def resolve_model(model: str) -> ModelSource:
     """Turns the user's --model value into a ModelSource, building the tiny model if asked for.
 
-    The built-in random models answer to their model ids too ("zimage-split/tiny"), so a model id
-    read back from an embeddings file resolves.
+    `tiny`, `bench` and `full` are the built-in random models (`full`: the real architecture, configs
+    only). They answer to their model ids too ("zimage-split/tiny"), so a model id read back from an
+    embeddings file resolves.
     """
+    from zimage_split.random_weights import read_marker
+
     size = model.removeprefix("zimage-split/")
-    if size in ("tiny", "bench"):
+    if size in ("tiny", "bench", "full"):
         from zimage_split.tiny_model import cached_tiny_model
 
         path = cached_tiny_model(size)
-        return ModelSource(location=str(path), model_id=f"zimage-split/{size}")
+        return ModelSource(
+            location=str(path), model_id=f"zimage-split/{size}", random_weights_seed=read_marker(path)
+        )
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():
             raise NotFound(
                 f"{path} is not a diffusers model folder (no model_index.json). {how_to_get(model)}"
             )
-        return ModelSource(location=str(path.resolve()), model_id=str(path.resolve()))
+        try:
+            seed = read_marker(path)
+        except ValueError as error:
+            raise NotFound(f"{path}: {error}") from error
+        return ModelSource(
+            location=str(path.resolve()), model_id=str(path.resolve()), random_weights_seed=seed
+        )
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise NotFound(f"No model folder at {model!r}. {how_to_get(model)}")
@@ -72,3 +93,89 @@ def load_component(source: ModelSource, component: str, loader: Callable[[str, s
         raise NotFound(
             f"Could not load {component}/ of {source.model_id!r}{offline}: {error}. {how_to_get(source.model_id)}"
         ) from error
+
+
+def load_model(
+    source: ModelSource, component: str, model_class: Any, *, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """Loads one model (`transformer`, `vae`, `text_encoder`) of `source` in `dtype`.
+
+    From files, `model_class.from_pretrained` (safetensors only) loads it on the CPU, and the caller moves
+    it to `device`. For a random-weights source it is built from its config directly on `device`, with
+    the weights every process builds for that seed, device and dtype. `model_class` is a diffusers model
+    class or transformers' `AutoModel`.
+    """
+    seed = source.random_weights_seed
+    if seed is None:
+        return load_component(
+            source,
+            component,
+            lambda loc, sub: model_class.from_pretrained(
+                loc, subfolder=sub, dtype=dtype, use_safetensors=True
+            ),
+        )
+    from zimage_split.random_weights import build_random_model, load_config
+
+    return load_component(
+        source,
+        component,
+        lambda loc, sub: build_random_model(
+            model_class,
+            load_config(model_class, loc, sub),
+            seed=seed,
+            component=component,
+            device=device,
+            dtype=dtype,
+        ),
+    )
+
+
+def reference_pipeline(
+    source: ModelSource,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    text_encoder_dtype: torch.dtype | None = None,
+) -> ZImagePipeline:
+    """diffusers' own, complete `ZImagePipeline` for `source` on `device`: the reference to time and compare
+    the services against.
+
+    Text encoder, tokenizer, transformer, VAE and scheduler load the way the services load them
+    (`load_model`): from the folder or hub id, or, for a random-weights source such as `full`, built on
+    `device` with the same weights the encoder and generator services build for the same seed, device and
+    dtype. Models are in `dtype`, the text encoder in `text_encoder_dtype` (default: `dtype`); it keeps all
+    its layers, since the pipeline runs them all and takes `hidden_states[-2]`. Progress bars are off.
+    Example: `reference_pipeline(resolve_model("full"), device="cuda", dtype=torch.bfloat16)`.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import AutoModel, AutoTokenizer
+
+    device = torch.device(device)
+    tokenizer = load_component(
+        source, "tokenizer", lambda loc, sub: AutoTokenizer.from_pretrained(loc, subfolder=sub)
+    )
+    scheduler = load_component(
+        source,
+        "scheduler",
+        lambda loc, sub: FlowMatchEulerDiscreteScheduler.from_pretrained(loc, subfolder=sub),
+    )
+    text_encoder = load_model(
+        source, "text_encoder", AutoModel, device=device, dtype=text_encoder_dtype or dtype
+    )
+    transformer = load_model(source, "transformer", ZImageTransformer2DModel, device=device, dtype=dtype)
+    vae = load_model(source, "vae", AutoencoderKL, device=device, dtype=dtype)
+    pipe = ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -2,7 +2,8 @@
 
 The folder is a complete diffusers layout (model_index.json, text_encoder/, tokenizer/, transformer/,
 vae/, scheduler/), so tests and the offline demo go through the same `from_pretrained` code as the
-real model. Building needs no network and is deterministic for a given seed.
+real model. Building needs no network and is deterministic for a given seed. The `full` size (the real
+architecture) stores configs only: its weights are drawn on the device at load time (random_weights.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Qwen3's template reduced to what Z-Image uses: user turns, the generation prompt, and the
 # enable_thinking switch (False adds the empty think block, as the real template does).
@@ -35,7 +37,8 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Sizes of a random Z-Image model. `TINY` is for tests; `BENCH` is slow enough to time."""
+    """Sizes of a random Z-Image model. `TINY` is for tests, `BENCH` is slow enough to time on a CPU, and
+    `FULL` is the real Z-Image-Turbo architecture (for timings on a GPU)."""
 
     text_hidden_size: int
     text_layers: int
@@ -46,6 +49,18 @@ class TinyModelSpec:
     dit_heads: int
     axes_dims: tuple[int, int, int]
     vae_channels: tuple[int, ...]
+    # The defaults below are what TINY and BENCH have always had; FULL sets the real model's values.
+    text_intermediate_size: int | None = None  # None: 2 * text_hidden_size
+    text_kv_heads: int | None = None  # None: text_heads
+    text_head_dim: int | None = None  # None: text_hidden_size // text_heads
+    text_vocab_size: int | None = None  # None: the tokenizer's size
+    text_max_positions: int = 4096
+    text_rope_theta: float = 10000.0
+    text_rms_norm_eps: float = 1e-6
+    vae_layers_per_block: int = 1
+    vae_sample_size: int = 32
+    # False: the folder holds configs only, and the services build the random weights on their device.
+    store_weights: bool = True
 
 
 TINY = TinyModelSpec(
@@ -75,7 +90,31 @@ BENCH = TinyModelSpec(
     vae_channels=(64, 128),
 )
 
-SPECS = {"tiny": TINY, "bench": BENCH}
+# Tongyi-MAI/Z-Image-Turbo's configs (Qwen3-4B, the 6.15B DiT, the FLUX VAE) with random weights: 31 GB
+# that are never written anywhere. The tokenizer stays our byte-level one; its ids fit the real vocabulary.
+FULL = TinyModelSpec(
+    text_hidden_size=2560,
+    text_layers=36,
+    text_heads=32,
+    text_kv_heads=8,
+    text_head_dim=128,
+    text_intermediate_size=9728,
+    text_vocab_size=151936,
+    text_max_positions=40960,
+    text_rope_theta=1e6,
+    text_rms_norm_eps=1e-6,
+    dit_dim=3840,
+    dit_layers=30,
+    dit_refiner_layers=2,
+    dit_heads=30,
+    axes_dims=(32, 48, 48),
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_sample_size=1024,
+    store_weights=False,
+)
+
+SPECS = {"tiny": TINY, "bench": BENCH, "full": FULL}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -114,68 +153,100 @@ def save_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
-def _build_into(root: Path, spec: TinyModelSpec, seed: int) -> None:
+def text_encoder_config(spec: TinyModelSpec, tokenizer: Any) -> Any:
+    """The Qwen3Config of `spec`'s text encoder (a transformers `Qwen3Config`)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=spec.text_hidden_size,
+        intermediate_size=spec.text_intermediate_size or spec.text_hidden_size * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads or spec.text_heads,
+        head_dim=spec.text_head_dim or spec.text_hidden_size // spec.text_heads,
+        vocab_size=spec.text_vocab_size or len(tokenizer),
+        max_position_embeddings=spec.text_max_positions,
+        rope_theta=spec.text_rope_theta,
+        rms_norm_eps=spec.text_rms_norm_eps,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def transformer_kwargs(spec: TinyModelSpec) -> dict[str, Any]:
+    """`ZImageTransformer2DModel(**kwargs)` for `spec`."""
+    return {
+        "all_patch_size": (2,),
+        "all_f_patch_size": (1,),
+        "in_channels": 16,
+        "dim": spec.dit_dim,
+        "n_layers": spec.dit_layers,
+        "n_refiner_layers": spec.dit_refiner_layers,
+        "n_heads": spec.dit_heads,
+        "n_kv_heads": spec.dit_heads,
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+        "cap_feat_dim": spec.text_hidden_size,
+        "rope_theta": 256.0,
+        "t_scale": 1000.0,
+        "axes_dims": list(spec.axes_dims),
+        "axes_lens": [1536, 512, 512],
+    }
+
+
+def vae_kwargs(spec: TinyModelSpec) -> dict[str, Any]:
+    """`AutoencoderKL(**kwargs)` for `spec`: the FLUX VAE's layout (no quant convs, Z-Image's factors)."""
+    channels = list(spec.vae_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "block_out_channels": channels,
+        "layers_per_block": spec.vae_layers_per_block,
+        "latent_channels": 16,
+        "norm_num_groups": 32,
+        "sample_size": spec.vae_sample_size,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "force_upcast": True,
+    }
+
+
+def _save_model(model_class: Any, kwargs: dict[str, Any], directory: Path, seed: int, weights: bool) -> None:
+    import torch
+
+    if weights:
+        torch.manual_seed(seed)
+        model_class(**kwargs).save_pretrained(str(directory))
+    else:
+        with torch.device("meta"):  # no memory and no init: only the config is written
+            model_class(**kwargs).save_config(str(directory))
+
+
+def _build_into(root: Path, spec: TinyModelSpec, seed: int, weights: bool) -> None:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+    from transformers import AutoTokenizer, Qwen3Model
+
+    from zimage_split.random_weights import write_marker
 
     save_tokenizer(root / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
 
-    torch.manual_seed(seed)
-    text_config = Qwen3Config(
-        hidden_size=spec.text_hidden_size,
-        intermediate_size=spec.text_hidden_size * 2,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        head_dim=spec.text_hidden_size // spec.text_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    Qwen3Model(text_config).save_pretrained(str(root / "text_encoder"))
-
-    torch.manual_seed(seed + 1)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=spec.dit_dim,
-        n_layers=spec.dit_layers,
-        n_refiner_layers=spec.dit_refiner_layers,
-        n_heads=spec.dit_heads,
-        n_kv_heads=spec.dit_heads,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=spec.text_hidden_size,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=list(spec.axes_dims),
-        axes_lens=[1536, 512, 512],
-    )
-    transformer.save_pretrained(str(root / "transformer"))
-
-    torch.manual_seed(seed + 2)
-    channels = list(spec.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(channels),
-        up_block_types=["UpDecoderBlock2D"] * len(channels),
-        block_out_channels=channels,
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        force_upcast=True,
-    )
-    vae.save_pretrained(str(root / "vae"))
+    text_config = text_encoder_config(spec, tokenizer)
+    if weights:
+        torch.manual_seed(seed)
+        Qwen3Model(text_config).save_pretrained(str(root / "text_encoder"))
+    else:
+        # What the model's save_pretrained records, so both kinds of folder have the same configs.
+        text_config.architectures = ["Qwen3Model"]
+        text_config.dtype = torch.float32
+        text_config.save_pretrained(str(root / "text_encoder"))
+    _save_model(ZImageTransformer2DModel, transformer_kwargs(spec), root / "transformer", seed + 1, weights)
+    _save_model(AutoencoderKL, vae_kwargs(spec), root / "vae", seed + 2, weights)
 
     FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, use_dynamic_shifting=False, shift=3.0
@@ -191,23 +262,41 @@ def _build_into(root: Path, spec: TinyModelSpec, seed: int) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    if not weights:
+        write_marker(root, seed)
 
 
-def build_tiny_model(directory: str | os.PathLike[str], *, size: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_model(
+    directory: str | os.PathLike[str],
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    store_weights: bool | None = None,
+) -> Path:
     """Builds the random model into `directory` (which must not exist yet) and returns its path.
+
+    `store_weights=False` writes configs only, plus `random_weights.json` with the seed: the services
+    then draw the weights on their own device when they load it (see random_weights.py). That is always
+    so for `full`, whose weights would take 31 GB; by default `tiny` and `bench` store theirs.
 
     The folder appears atomically: it is built beside the target and renamed into place, so an
     interrupted build never leaves a half-written model behind.
     """
     if size not in SPECS:
         raise ValueError(f"Unknown tiny model size {size!r}; choose one of {sorted(SPECS)}.")
+    spec = SPECS[size]
+    weights = spec.store_weights if store_weights is None else store_weights
+    if weights and not spec.store_weights:
+        raise ValueError(
+            f"The {size} model's random weights are not written to disk; they are built on the device at load time."
+        )
     target = Path(directory).expanduser().resolve()
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it or pick another directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _build_into(staging, SPECS[size], seed)
+        _build_into(staging, spec, seed, weights)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -216,7 +305,7 @@ def build_tiny_model(directory: str | os.PathLike[str], *, size: str = "tiny", s
 
 
 def cached_tiny_model(size: str = "tiny") -> Path:
-    """Returns the cached random model of this size, building it on first use."""
+    """Returns the cached random model of this size, building it on first use (`full`: configs only)."""
     cache_home = os.environ.get("ZSPLIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-split"
     )

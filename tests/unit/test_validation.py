@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zimage_split.common.errors import InvalidArgument
-from zimage_split.dit_service.validation import Limits, validate_embedding, validate_params
+from zimage_split.dit_service.validation import Limits, all_finite, validate_embedding, validate_params
 
 LIMITS = Limits()
 
@@ -60,3 +60,45 @@ def test_embedding_checks() -> None:
         validate_embedding(torch.randn(1, 5, 16), caption_dim=16, max_tokens=10, what="e")
     with pytest.raises(InvalidArgument, match="11 tokens"):
         validate_embedding(torch.randn(11, 16), caption_dim=16, max_tokens=10, what="e")
+
+
+BAD_VALUES = [math.nan, -math.nan, math.inf, -math.inf]
+FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("value", BAD_VALUES, ids=["nan", "-nan", "+inf", "-inf"])
+def test_a_non_finite_value_anywhere_is_refused(dtype: torch.dtype, value: float) -> None:
+    # The check reduces to a min and a max; it must still see one bad value in any position: the
+    # vectorised body and tail of a small odd shape, and first, last and random ones of the real size,
+    # which torch splits between threads.
+    small = torch.randn(3, 37, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for position in range(small.numel()):
+        bad = small.clone()
+        bad.view(-1)[position] = value
+        with pytest.raises(InvalidArgument, match="e contains NaN or infinite values; re-encode the prompt"):
+            validate_embedding(bad, caption_dim=37, max_tokens=10, what="e")
+    real = torch.randn(512, 2560, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rng = torch.Generator().manual_seed(2)
+    positions = [0, 1, real.numel() - 1, *torch.randint(real.numel(), (8,), generator=rng).tolist()]
+    for position in positions:
+        bad = real.clone()
+        bad.view(-1)[position] = value
+        with pytest.raises(InvalidArgument, match="NaN or infinite"):
+            validate_embedding(bad, caption_dim=2560, max_tokens=512, what="e")
+    assert validate_embedding(real, caption_dim=2560, max_tokens=512, what="e") is real
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_finite_check_agrees_with_isfinite(dtype: torch.dtype) -> None:
+    extremes = torch.tensor([[torch.finfo(dtype).max, torch.finfo(dtype).min, torch.finfo(dtype).tiny, -0.0]])
+    assert all_finite(extremes.to(dtype))
+    transposed = torch.randn(64, 16).to(dtype).t()  # not contiguous
+    transposed[3, 5] = math.inf
+    assert not all_finite(transposed)
+    both = torch.randn(4, 16).to(dtype)
+    both[0, 0], both[-1, -1] = math.inf, -math.inf
+    assert not all_finite(both)
+    assert not all_finite(torch.full((2, 16), math.nan, dtype=dtype))
+    for shape in [(0,), (0, 16), (5, 0)]:  # torch.aminmax refuses empty tensors; isfinite().all() is True
+        assert all_finite(torch.empty(shape, dtype=dtype)) == bool(torch.isfinite(torch.empty(shape)).all())

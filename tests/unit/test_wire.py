@@ -83,3 +83,19 @@ def test_header_checks_dtype_shape_and_length() -> None:
 def test_unsupported_tensor_dtype_is_refused_by_the_sender() -> None:
     with pytest.raises(InvalidArgument, match="bfloat16, float16, float32"):
         wire.describe(torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_frozen_tensor_is_a_copy_with_the_same_header_and_bytes() -> None:
+    tensor = torch.randn(700, 1000).to(torch.bfloat16)
+    meta, payload = wire.describe(tensor)
+    frozen = wire.freeze(tensor)
+    assert frozen.meta == meta and frozen.data == bytes(payload) and isinstance(frozen.data, bytes)
+    tensor.zero_()  # the copy does not follow the tensor, so its sha256 stays true
+    assert (
+        frozen.meta.sha256
+        == wire.describe(torch.frombuffer(bytearray(frozen.data), dtype=torch.bfloat16))[0].sha256
+    )
+    assembler = wire.TensorAssembler(frozen.meta)
+    for chunk in wire.iter_chunks(frozen.data):
+        assembler.add(chunk)
+    assert assembler.finish().view(torch.uint8).numpy().tobytes() == frozen.data

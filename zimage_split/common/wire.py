@@ -72,13 +72,32 @@ def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
     """Returns the header fields for `tensor` and the bytes to send after it."""
     dtype_to_proto(tensor.dtype)  # rejects dtypes the wire does not carry
     payload = payload_view(tensor)
-    meta = TensorMeta(
+    return _meta(tensor, payload), payload
+
+
+@dataclass(frozen=True)
+class FrozenTensor:
+    """A tensor's header fields and a copy of its bytes: `bytes` cannot change, so the sha256 stays true
+    however often it is sent."""
+
+    meta: TensorMeta
+    data: bytes
+
+
+def freeze(tensor: torch.Tensor) -> FrozenTensor:
+    """Copies and hashes `tensor` once, for a tensor sent many times (the encoder's cache)."""
+    dtype_to_proto(tensor.dtype)
+    data = bytes(payload_view(tensor))
+    return FrozenTensor(_meta(tensor, data), data)
+
+
+def _meta(tensor: torch.Tensor, payload: bytes | memoryview) -> TensorMeta:
+    return TensorMeta(
         dtype=tensor.dtype,
         shape=tuple(tensor.shape),
-        byte_length=payload.nbytes,
+        byte_length=memoryview(payload).nbytes,
         sha256=hashlib.sha256(payload).hexdigest(),
     )
-    return meta, payload
 
 
 def embedding_key(meta: TensorMeta) -> str:
@@ -90,9 +109,10 @@ def embedding_key(meta: TensorMeta) -> str:
     return hashlib.sha256(f"{DTYPE_NAMES[meta.dtype]}|{list(meta.shape)}|{meta.sha256}".encode()).hexdigest()
 
 
-def iter_chunks(payload: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    for start in range(0, payload.nbytes, chunk_bytes):
-        yield bytes(payload[start : start + chunk_bytes])
+def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    view = memoryview(payload)  # slicing a view copies nothing; bytes() then copies each chunk once
+    for start in range(0, view.nbytes, chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
 
 
 def meta_to_proto(meta: TensorMeta) -> tensor_pb2.TensorHeader:

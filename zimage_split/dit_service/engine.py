@@ -7,15 +7,27 @@ same embeddings and seed. No gRPC here: the servicer and the Ray workers both dr
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
 
 from zimage_split.common.errors import Cancelled, InvalidArgument
-from zimage_split.model_source import ModelSource, load_component
+from zimage_split.dit_service.attention import check_backend, choose_attention
+from zimage_split.model_source import ModelSource, load_component, load_model
+
+logger = logging.getLogger(__name__)
+
+VAE_TILING = ("auto", "on", "off")
+# `--vae-tiling auto` decodes in tiles above this many pixels (2048x2048), where an untiled decode of the
+# real VAE needs several GiB of activations; at or below it, the decode is diffusers' own, untiled.
+TILED_DECODE_ABOVE_PIXELS = 2048 * 2048
+# Tile side in pixels, with diffusers' 25% overlap. The real VAE's own default (its sample_size); set here
+# because a VAE's sample_size may be anything (32 in the tiny model, which would mean thousands of tiles).
+VAE_TILE_PIXELS = 1024
 
 
 @dataclass(frozen=True)
@@ -64,12 +76,91 @@ class GeneratedImage:
     height: int
     denoise_seconds: float
     decode_seconds: float
+    # Whether the VAE decoded this image in overlapping tiles (--vae-tiling).
+    vae_tiled: bool = False
 
 
 def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def decodes_tiled(vae_tiling: str, width: int, height: int) -> bool:
+    """Whether --vae-tiling `vae_tiling` decodes a width x height image in tiles (a single tile is not)."""
+    if vae_tiling == "off" or max(width, height) <= VAE_TILE_PIXELS:
+        return False
+    return vae_tiling == "on" or width * height > TILED_DECODE_ABOVE_PIXELS
+
+
+def check_engine_options(
+    device: torch.device, dtype: torch.dtype, *, attention: str, compile: bool, vae_tiling: str
+) -> None:
+    """Raises InvalidArgument, saying the fix, for options that cannot work here; needs no model."""
+    if vae_tiling not in VAE_TILING:
+        raise InvalidArgument(f"Unknown --vae-tiling {vae_tiling!r}; use auto, on or off.")
+    check_backend(attention, device, dtype)
+    if compile:
+        check_compiler(device)
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's inductor needs a C++ compiler for CPU code and Triton for CUDA code."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise InvalidArgument(
+                "--compile on CUDA needs Triton (`pip install triton`, usually installed with torch); "
+                "start without --compile."
+            )
+    elif device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as error:
+            raise InvalidArgument(
+                f"--compile on CPU needs a C++ compiler (g++, or the one the CXX variable names), and none "
+                f"was found ({error}). Install one or start without --compile."
+            ) from None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a generator runs its engine (--attention, --compile, --vae-tiling) and warms it up.
+
+    One value for the in-process worker and every Ray replica.
+    """
+
+    attention: str = "auto"
+    compile: bool = False
+    vae_tiling: str = "auto"
+    # The square side compiled graphs are warmed up at, and whether guided batches are warmed up too.
+    warm_up_side: int = 1024
+    warm_up_guidance: bool = True
+
+    def resolved(self, device: torch.device, dtype: torch.dtype) -> EngineOptions:
+        """These options with `auto` attention decided for `device`; raises InvalidArgument (saying the fix)
+        for options that cannot work there. Loads nothing.
+        """
+        check_engine_options(
+            device, dtype, attention=self.attention, compile=self.compile, vae_tiling=self.vae_tiling
+        )
+        return replace(self, attention=choose_attention(self.attention, device, dtype).backend)
+
+    def start_engine(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> DiTEngine:
+        """Loads the engine and warms it up (compiling it with --compile)."""
+        engine = DiTEngine(
+            source,
+            device=device,
+            dtype=dtype,
+            attention=self.attention,
+            compile=self.compile,
+            vae_tiling=self.vae_tiling,
+        )
+        engine.warm_up(self.warm_up_side, guidance=self.warm_up_guidance)
+        return engine
 
 
 @dataclass(frozen=True)
@@ -84,16 +175,43 @@ class EngineInfo:
     device: str
     parameter_count: int
     components: tuple[str, ...]
+    # The attention kernel for batches that need no padding mask (others run native); see attention.py.
+    attention_backend: str = "native"
+    compiled: bool = False
+    vae_tiling: str = "auto"
 
 
 class _AllCancelled(Exception):
     pass
 
 
-class DiTEngine:
-    """Holds `transformer/`, `vae/` and `scheduler/` only; the text encoder is never loaded."""
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host tensors go to a CUDA device through pinned memory, so the copy is queued on the stream instead
+    of blocking this thread, and are cast there; elsewhere a plain copy (pin_memory needs an accelerator).
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True).to(dtype)
+    return tensor.to(device, dtype=dtype)
 
-    def __init__(self, source: ModelSource, *, device: torch.device, dtype: torch.dtype) -> None:
+
+class DiTEngine:
+    """Holds `transformer/`, `vae/` and `scheduler/` only; the text encoder is never loaded.
+
+    `attention` is --attention (auto, native, flash, _flash_3, sage), `compile` turns on regional
+    torch.compile of the transformer blocks (compiled by `warm_up`), `vae_tiling` is --vae-tiling (auto, on,
+    off). Options that cannot work on `device` raise InvalidArgument before any weights load.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str = "auto",
+        compile: bool = False,
+        vae_tiling: str = "auto",
+    ) -> None:
         from diffusers import (
             AutoencoderKL,
             FlowMatchEulerDiscreteScheduler,
@@ -104,20 +222,14 @@ class DiTEngine:
         self.model_id = source.model_id
         self.device = device
         self.dtype = dtype
-        transformer = load_component(
-            source,
-            "transformer",
-            lambda loc, sub: ZImageTransformer2DModel.from_pretrained(
-                loc, subfolder=sub, dtype=dtype, use_safetensors=True
-            ),
-        )
-        vae = load_component(
-            source,
-            "vae",
-            lambda loc, sub: AutoencoderKL.from_pretrained(
-                loc, subfolder=sub, dtype=dtype, use_safetensors=True
-            ),
-        )
+        check_engine_options(device, dtype, attention=attention, compile=compile, vae_tiling=vae_tiling)
+        self.attention = choose_attention(attention, device, dtype)
+        self.compiled = compile
+        self.vae_tiling = vae_tiling
+        logger.info("DiT attention on %s: %s", device, self.attention.backend)
+        # From safetensors files, or for a random-weights source (`full`) built on the device directly.
+        transformer = load_model(source, "transformer", ZImageTransformer2DModel, device=device, dtype=dtype)
+        vae = load_model(source, "vae", AutoencoderKL, device=device, dtype=dtype)
         scheduler = load_component(
             source,
             "scheduler",
@@ -131,6 +243,12 @@ class DiTEngine:
         # Caption tokens take RoPE positions on the first axis, after a small reserve (1504 for the real model).
         self.max_caption_tokens = int(transformer.config.axes_lens[0]) - 32
         self.size_multiple = self.pipe.vae_scale_factor * 2
+        # enable_tiling() takes no sizes; these are the attributes AutoencoderKL's tiled decode reads.
+        vae.tile_sample_min_size = VAE_TILE_PIXELS
+        vae.tile_latent_min_size = VAE_TILE_PIXELS // self.pipe.vae_scale_factor
+        vae.tile_overlap_factor = 0.25
+        if compile:
+            self._compile()
 
     @property
     def info(self) -> EngineInfo:
@@ -144,18 +262,64 @@ class DiTEngine:
             device=str(self.device),
             parameter_count=sum(p.numel() for module in modules for p in module.parameters()),
             components=tuple(name for name, module in self.pipe.components.items() if module is not None),
+            attention_backend=self.attention.backend,
+            compiled=self.compiled,
+            vae_tiling=self.vae_tiling,
         )
 
-    def warm_up(self) -> None:
-        """One smallest-size, one-step image, so the first real request does not pay for lazy init."""
-        job = GenerationJob(
-            params=GenerationParams(width=64, height=64, steps=1, seed=0),
-            prompt_embeds=torch.zeros(4, self.caption_dim),
+    def _compile(self) -> None:
+        """Regional torch.compile: each transformer block kind is compiled once and reused by every layer.
+
+        Compilation itself happens in `warm_up`. dynamic=True makes the graphs shape-generic: captions pad to
+        32..1536 tokens, so the token count changes between requests even at one image size.
+        """
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        # A graph per block kind x batch of 1 or more x padding mask or not: more than dynamo's default of 8,
+        # past which it would quietly run the blocks uncompiled.
+        setattr(config, limit, max(getattr(config, limit), 64))
+        self.pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+
+    def warm_up(self, side: int = 1024, *, guidance: bool = True) -> None:
+        """Pays for lazy initialisation, and with --compile for compilation, before the first request.
+
+        Always one 64x64 one-step image. Compiled, also one step at `side` x `side` (the largest size the
+        server expects) and, with `guidance`, guided steps whose negative caption pads to another length
+        (a masked batch of 2) and to the same length (an unmasked one): the graphs requests need.
+        """
+        started = time.perf_counter()
+        zeros = lambda tokens: torch.zeros(tokens, self.caption_dim)  # noqa: E731
+        small = GenerationParams(width=64, height=64, steps=1, seed=0)
+        try:
+            self.generate([GenerationJob(params=small, prompt_embeds=zeros(4))])
+            if self.compiled:
+                self._denoise([GenerationJob(replace(small, width=side, height=side), zeros(40))])
+                for negative_tokens in (40, 5) if guidance else ():
+                    guided = replace(small, guidance_scale=2.0)
+                    self._denoise([GenerationJob(guided, zeros(4), zeros(negative_tokens))])
+        except Exception as error:
+            if not self.compiled:
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise InvalidArgument(
+                f"--compile: torch.compile could not compile the DiT on {self.device} "
+                f"({type(error).__name__}: {first_line}). On CPU it needs a working C++ compiler, on CUDA "
+                "Triton; start without --compile."
+            ) from error
+        logger.info(
+            "Warm-up took %.1f s%s",
+            time.perf_counter() - started,
+            f" (compiled at 64x64 and {side}x{side}{', guided' if guidance else ''})"
+            if self.compiled
+            else "",
         )
-        self.generate([job])
 
     def _embeds(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, dtype=self.pipe.transformer.dtype)
+        return to_device(tensor, self.device, self.pipe.transformer.dtype)
+
+    def decodes_tiled(self, width: int, height: int) -> bool:
+        """Whether `decode` splits a width x height image into tiles."""
+        return decodes_tiled(self.vae_tiling, width, height)
 
     @torch.inference_mode()
     def generate(self, jobs: Sequence[GenerationJob]) -> list[GeneratedImage | None]:
@@ -187,23 +351,7 @@ class DiTEngine:
             raise Cancelled("The request was cancelled before it started.")
         started = time.perf_counter()
         try:
-            latents = self.pipe(
-                prompt_embeds=[self._embeds(job.prompt_embeds) for job in jobs],
-                negative_prompt_embeds=(
-                    [self._embeds(job.negative_prompt_embeds) for job in jobs]  # type: ignore[arg-type]
-                    if params.uses_guidance
-                    else None
-                ),
-                height=params.height,
-                width=params.width,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                cfg_normalization=params.cfg_normalization,
-                cfg_truncation=params.cfg_truncation,
-                generator=[torch.Generator("cpu").manual_seed(job.params.seed) for job in jobs],
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-            ).images
+            latents = self._denoise(jobs, on_step_end)
         except _AllCancelled:
             raise Cancelled("The request was cancelled; work stopped after the current step.") from None
         denoise_seconds = time.perf_counter() - started
@@ -222,13 +370,49 @@ class DiTEngine:
                     height=params.height,
                     denoise_seconds=denoise_seconds,
                     decode_seconds=time.perf_counter() - started,
+                    vae_tiled=self.decodes_tiled(params.width, params.height),
                 )
             )
         return results
 
+    @torch.inference_mode()
+    def _denoise(
+        self, jobs: Sequence[GenerationJob], on_step_end: Callable[..., dict] | None = None
+    ) -> torch.Tensor:
+        """The pipeline's denoising loop over jobs sharing one batch_key; returns the latents."""
+        params = jobs[0].params
+        prompts = [job.prompt_embeds for job in jobs]
+        negatives = [job.negative_prompt_embeds for job in jobs] if params.uses_guidance else []
+        with self.attention.applied(len(embeds) for embeds in [*prompts, *negatives]):  # type: ignore[arg-type]
+            return self.pipe(
+                prompt_embeds=[self._embeds(embeds) for embeds in prompts],
+                negative_prompt_embeds=(
+                    [self._embeds(embeds) for embeds in negatives]  # type: ignore[arg-type]
+                    if params.uses_guidance
+                    else None
+                ),
+                height=params.height,
+                width=params.width,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                cfg_normalization=params.cfg_normalization,
+                cfg_truncation=params.cfg_truncation,
+                generator=[torch.Generator("cpu").manual_seed(job.params.seed) for job in jobs],
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+            ).images
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """ZImagePipeline's own decode step, one image at a time so results do not depend on batching."""
+        """ZImagePipeline's own decode step, one image at a time so results do not depend on batching.
+
+        Tiled (overlapping 1024-pixel tiles, blended) when `decodes_tiled` says so.
+        """
         vae = self.pipe.vae
+        height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
+        if self.decodes_tiled(width, height):
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
         latents = latents.to(vae.dtype)
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from zimage_split.common.errors import ResourceExhausted, Unavailable
-from zimage_split.dit_service.engine import EngineInfo, GenerationJob
+from zimage_split.common.errors import ERRORS_BY_CODE, ResourceExhausted, Unavailable, ZSplitError
+from zimage_split.dit_service.engine import EngineInfo, EngineOptions, GenerationJob
 from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
 from zimage_split.dit_service.server import RayOptions
 from zimage_split.dit_service.worker import WorkerResult
@@ -47,6 +47,25 @@ def connect(address: str) -> bool:
     return False
 
 
+def replica_failure(error: RuntimeError) -> ZSplitError:
+    """Why the replicas did not start, as our error: serve.run only says the deployment failed, and keeps the
+    constructor's traceback in the deployment's status. A replica on a GPU host that cannot run --attention
+    flash, say, then fails the front with the same InvalidArgument an in-process engine raises.
+    """
+    from ray import serve
+
+    try:
+        message = serve.status().applications[APP_NAME].deployments["DiTReplica"].message
+    except (KeyError, AttributeError):
+        message = ""
+    last = (message.strip().splitlines() or [str(error)])[-1]
+    name, _, text = last.partition(": ")
+    ours = {f"{cls.__module__}.{cls.__name__}": cls for cls in ERRORS_BY_CODE.values()}
+    if name in ours:
+        return ours[name](text)
+    return Unavailable(f"The Ray replicas failed to start: {last}")
+
+
 class RayWorkerPool:
     def __init__(self, handle: Any, info: EngineInfo, *, max_queue: int, owns_ray: bool) -> None:
         self.handle = handle
@@ -60,19 +79,32 @@ class RayWorkerPool:
 
     @classmethod
     async def start(
-        cls, source: ModelSource, options: RayOptions, *, device: str, dtype: str, max_queue: int
+        cls,
+        source: ModelSource,
+        options: RayOptions,
+        *,
+        device: str,
+        dtype: str,
+        max_queue: int,
+        engine: EngineOptions,
     ) -> RayWorkerPool:
-        """Joins or starts Ray, deploys the replicas and waits until they have loaded the model."""
+        """Joins or starts Ray, deploys the replicas and waits until they have loaded (and warmed up) the model."""
         # Ray's set-up calls block; run them off the event loop.
         handle, owns_ray = await asyncio.to_thread(
-            cls._deploy, source, options, device=device, dtype=dtype, max_queue=max_queue
+            cls._deploy, source, options, device=device, dtype=dtype, max_queue=max_queue, engine=engine
         )
         info, _ = await handle.info.remote()
         return cls(handle, info, max_queue=max_queue, owns_ray=owns_ray)
 
     @staticmethod
     def _deploy(
-        source: ModelSource, options: RayOptions, *, device: str, dtype: str, max_queue: int
+        source: ModelSource,
+        options: RayOptions,
+        *,
+        device: str,
+        dtype: str,
+        max_queue: int,
+        engine: EngineOptions,
     ) -> tuple[Any, bool]:
         import ray
         from ray import serve
@@ -85,6 +117,16 @@ class RayWorkerPool:
                 "Pass --replicas N for N CPU replicas."
             )
         use_gpu = gpus > 0 and device != "cpu"
+        if not use_gpu:  # the replicas run on CPU: options that need a GPU fail here, before any replica
+            from zimage_split.devices import parse_dtype
+
+            cpu = torch.device("cpu")
+            try:
+                engine.resolved(cpu, parse_dtype(dtype, cpu))
+            except Exception:
+                if owns_ray:
+                    ray.shutdown()
+                raise
         application = build_deployment(
             source,
             device=device,
@@ -97,9 +139,17 @@ class RayWorkerPool:
             max_batch_size=options.max_batch_size,
             max_batch_wait_seconds=options.max_batch_wait_ms / 1000,
             max_queue=max_queue,
+            engine=engine,
         )
         serve.start(http_options={"location": "NoServer"})
-        handle = serve.run(application, name=APP_NAME, route_prefix=None)
+        try:
+            handle = serve.run(application, name=APP_NAME, route_prefix=None)
+        except RuntimeError as error:
+            failure = replica_failure(error)
+            if owns_ray:
+                serve.shutdown()
+                ray.shutdown()
+            raise failure from None
         logger.info("Ray Serve application %s is running", APP_NAME)
         return handle, owns_ray
 

@@ -22,8 +22,8 @@ import torch
 from ray import serve
 
 from zimage_split.dit_service.engine import (
-    DiTEngine,
     EngineInfo,
+    EngineOptions,
     GeneratedImage,
     GenerationJob,
     GenerationParams,
@@ -73,14 +73,16 @@ class DiTReplica:
         torch_threads: int,
         max_batch_size: int,
         max_batch_wait_seconds: float,
+        engine: EngineOptions,
     ) -> None:
         from zimage_split.devices import parse_dtype, pick_device
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         resolved = pick_device(device)
-        self.engine = DiTEngine(source, device=resolved, dtype=parse_dtype(dtype, resolved))
-        self.engine.warm_up()
+        # Serve routes no request to a replica before its constructor returns: with --compile, the replica
+        # has compiled its graphs before it serves.
+        self.engine = engine.start_engine(source, resolved, parse_dtype(dtype, resolved))
         # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart.
         node_ip = ray.util.get_node_ip_address()
         self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{resolved}"
@@ -177,6 +179,7 @@ def build_deployment(
     max_batch_size: int,
     max_batch_wait_seconds: float,
     max_queue: int,
+    engine: EngineOptions,
 ):  # type: ignore[no-untyped-def]
     """A bound Serve application: `replicas` fixed, or None for one per GPU, scaling with the cluster."""
     if replicas is None:
@@ -205,4 +208,6 @@ def build_deployment(
         graceful_shutdown_timeout_s=5,
         **scaling,
     )
-    return deployment.bind(source, device, dtype, torch_threads, max_batch_size, max_batch_wait_seconds)
+    return deployment.bind(
+        source, device, dtype, torch_threads, max_batch_size, max_batch_wait_seconds, engine
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
 
 from zimage.generator.v1 import generator_pb2_grpc
@@ -13,7 +14,7 @@ from zimage_split.common.security import ClientSecurity, ServerSecurity
 from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
-from zimage_split.dit_service.engine import DiTEngine
+from zimage_split.dit_service.engine import EngineOptions
 from zimage_split.dit_service.servicer import GeneratorServicer
 from zimage_split.dit_service.validation import Limits
 from zimage_split.dit_service.worker import LocalWorker, Worker
@@ -49,6 +50,12 @@ class GeneratorConfig:
     port: int = DEFAULT_PORT
     device: str = "auto"
     dtype: str = "auto"
+    # Attention kernel: auto (the fastest that works here; native off CUDA), native, flash, _flash_3, sage.
+    attention: str = "auto"
+    # Regional torch.compile of the DiT blocks, compiled during warm-up, before health reports SERVING.
+    compile: bool = False
+    # VAE decode in tiles: auto (above 2048x2048 pixels), on, off.
+    vae_tiling: str = "auto"
     max_queue: int = 32
     cache_bytes: int = 2 << 30
     # A folder of <key>.safetensors embeddings behind the in-memory cache; survives restarts.
@@ -85,14 +92,29 @@ class GeneratorServer:
         return drained
 
 
+def warm_up_side(limits: Limits) -> int:
+    """The square side compiled graphs are warmed up at: the default 1024, or the largest allowed if smaller."""
+    largest = math.isqrt(limits.max_pixels) // limits.size_multiple * limits.size_multiple
+    return max(limits.min_side, min(1024, largest, limits.max_side))
+
+
 async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
-    source = resolve_model(config.model)
     worker: Worker
+    options = EngineOptions(
+        attention=config.attention,
+        compile=config.compile,
+        vae_tiling=config.vae_tiling,
+        warm_up_side=warm_up_side(config.limits),
+        warm_up_guidance=config.limits.max_guidance_scale > 0,
+    )
     if config.ray is None:
         device = pick_device(config.device)
-        engine = DiTEngine(source, device=device, dtype=parse_dtype(config.dtype, device))
-        engine.warm_up()
-        worker = LocalWorker(engine, max_queue=config.max_queue)
+        dtype = parse_dtype(config.dtype, device)
+        # Before the model loads, options this device cannot run fail, saying the fix; `auto` is decided.
+        options = options.resolved(device, dtype)
+        source = resolve_model(config.model)
+        # The warm-up (with --compile, the compilation) ends before the server even listens.
+        worker = LocalWorker(options.start_engine(source, device, dtype), max_queue=config.max_queue)
     else:
         try:
             from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used
@@ -101,8 +123,16 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
                 f"--ray-address needs Ray ({error}); install it with `pip install 'zimage-split[ray]'`."
             ) from error
 
+        if config.device == "cpu":  # so will the replicas: check the options before Ray starts
+            options.resolved(pick_device("cpu"), parse_dtype(config.dtype, pick_device("cpu")))
+        source = resolve_model(config.model)
         worker = await RayWorkerPool.start(
-            source, config.ray, device=config.device, dtype=config.dtype, max_queue=config.max_queue
+            source,
+            config.ray,
+            device=config.device,
+            dtype=config.dtype,
+            max_queue=config.max_queue,
+            engine=options,
         )
     info = worker.info
     limits = Limits(
@@ -155,10 +185,13 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     )
     await running.set_serving()
     logger.info(
-        "Generator %s on %s (%s%s) listening on %s:%d (%s), encoder %s",
+        "Generator %s on %s (%s, attention %s%s, VAE tiling %s%s) listening on %s:%d (%s), encoder %s",
         source.model_id,
         info.device,
         info.dtype,
+        info.attention_backend,
+        ", compiled" if info.compiled else "",
+        info.vae_tiling,
         f", Ray Serve at {config.ray.address}" if config.ray else "",
         config.host,
         running.port,

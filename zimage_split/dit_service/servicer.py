@@ -243,6 +243,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 prompt_key=positive_embedding.key,
                 negative_prompt_key=negative_embedding.key if negative_embedding else "",
                 image_index=index,
+                vae_tiled=image.vae_tiled,
             )
             images.append((header, image.png))
         if request.request_id:
@@ -286,6 +287,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             max_pixels=self.limits.max_pixels,
             max_steps=self.limits.max_steps,
             max_images_per_request=self.limits.max_images_per_request,
+            attention_backend=self.info.attention_backend,
+            compiled=self.info.compiled,
+            vae_tiling=self.info.vae_tiling,
             embedding_cache_hits=cache.hits,
             embedding_cache_misses=cache.misses,
             embedding_cache_bytes=cache.bytes,

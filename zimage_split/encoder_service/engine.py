@@ -11,6 +11,7 @@ import torch
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.model_source import ModelSource, load_component
+from zimage_split.random_weights import load_config, materialize, meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,22 @@ class TextEncoder:
         self.tokenizer = load_component(
             source, "tokenizer", lambda loc, sub: AutoTokenizer.from_pretrained(loc, subfolder=sub)
         )
-        model = load_component(
-            source,
-            "text_encoder",
-            lambda loc, sub: AutoModel.from_pretrained(loc, subfolder=sub, dtype=dtype, use_safetensors=True),
-        )
+        seed = source.random_weights_seed
+        if seed is None:
+            model = load_component(
+                source,
+                "text_encoder",
+                lambda loc, sub: AutoModel.from_pretrained(
+                    loc, subfolder=sub, dtype=dtype, use_safetensors=True
+                ),
+            )
+        else:
+            # Random weights: the model starts on the meta device, so the layers dropped below are never built.
+            model = load_component(
+                source,
+                "text_encoder",
+                lambda loc, sub: meta_model(AutoModel, load_config(AutoModel, loc, sub), dtype=dtype),
+            )
         self.total_layers = int(model.config.num_hidden_layers)
         self.hidden_layer = self._check_layer(hidden_layer, self.total_layers)
         keep = self.total_layers + 1 + self.hidden_layer
@@ -64,6 +76,9 @@ class TextEncoder:
             model.layers = model.layers[:keep]
             model.config.num_hidden_layers = keep
             model.norm = torch.nn.Identity()
+        if seed is not None:
+            # The kept layers get the same weights as in a full build (reference_pipeline) on this device.
+            materialize(model, seed=seed, component="text_encoder", device=device)
         self.layers_loaded = keep
         self.model = model.to(device).eval()
         self.hidden_size = int(model.config.hidden_size)

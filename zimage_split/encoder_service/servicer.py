@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from grpc import aio
 
 from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -24,18 +23,22 @@ MAX_PROMPTS_PER_CALL = 64
 # About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
 MAX_PROMPT_BYTES = 64 << 10
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+# Tokenized prompts kept, so a repeated prompt skips the chat template and the tokenizer (about 1 ms).
+TOKENIZED_CACHE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
 class EncodedPrompt:
     prompt: TokenizedPrompt
-    embedding: torch.Tensor
+    embedding: wire.FrozenTensor
     cache_hit: bool
     encode_seconds: float
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def tokenized_bytes(prompt: TokenizedPrompt) -> int:
+    """Roughly what a cached TokenizedPrompt holds: its key and texts (up to 4 bytes a character) and a
+    Python int per token id."""
+    return 4 * (2 * len(prompt.text) + len(prompt.formatted_text)) + 40 * len(prompt.input_ids)
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
@@ -54,16 +57,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.max_prompt_bytes = max_prompt_bytes
         self.max_prompts_per_call = max_prompts_per_call
         self.max_sequence_length = max_sequence_length
-        self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(cache_bytes, tensor_bytes)
-        self.batcher: MicroBatcher[TokenizedPrompt, torch.Tensor] = MicroBatcher(
+        self.cache: ByteBoundedLRU[wire.FrozenTensor] = ByteBoundedLRU(
+            cache_bytes, lambda frozen: len(frozen.data)
+        )
+        self.tokenized: ByteBoundedLRU[TokenizedPrompt] = ByteBoundedLRU(
+            min(cache_bytes, TOKENIZED_CACHE_BYTES), tokenized_bytes
+        )
+        self.batcher: MicroBatcher[TokenizedPrompt, wire.FrozenTensor] = MicroBatcher(
             self._forward, max_batch_size=max_batch_size, max_wait_seconds=max_batch_wait_seconds
         )
-        self._in_flight: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self._in_flight: dict[str, asyncio.Future[wire.FrozenTensor]] = {}
         self.prompts_encoded = 0
 
-    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[wire.FrozenTensor]:
         self.prompts_encoded += len(prompts)
-        return self.encoder.encode(prompts)
+        # Copied to immutable bytes and hashed once, here on the batcher's thread: a cache hit then sends
+        # them as they are, and nothing can change them under their sha256.
+        return [wire.freeze(embedding) for embedding in self.encoder.encode(prompts)]
 
     def _tokenize_request(self, request: encoder_pb2.EncodeRequest) -> list[TokenizedPrompt]:
         if not request.prompts:
@@ -92,10 +102,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
         layer = options.hidden_layer if options.HasField("hidden_layer") else self.encoder.hidden_layer
         layer = self.encoder.check_layer(layer)
-        return [
-            self.encoder.tokenize(text, hidden_layer=layer, max_sequence_length=max_length)
-            for text in request.prompts
-        ]
+        return [self._tokenize(text, layer, max_length) for text in request.prompts]
+
+    def _tokenize(self, text: str, hidden_layer: int, max_sequence_length: int) -> TokenizedPrompt:
+        # The template and the tokenizer are fixed for this process, so the text, layer and length decide.
+        key = f"{hidden_layer}|{max_sequence_length}|{text}"
+        prompt = self.tokenized.get(key)
+        if prompt is None:
+            prompt = self.encoder.tokenize(
+                text, hidden_layer=hidden_layer, max_sequence_length=max_sequence_length
+            )
+            self.tokenized.put(key, prompt)
+        return prompt
 
     async def encode_prompt(self, prompt: TokenizedPrompt) -> EncodedPrompt:
         """Cache, then an identical in-flight request, then a batched forward pass."""
@@ -113,7 +131,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         embedding = await asyncio.shield(pending)
         return EncodedPrompt(prompt, embedding, cache_hit=False, encode_seconds=time.perf_counter() - started)
 
-    def _finish_in_flight(self, key: str, done: asyncio.Future[torch.Tensor]) -> None:
+    def _finish_in_flight(self, key: str, done: asyncio.Future[wire.FrozenTensor]) -> None:
         self._in_flight.pop(key, None)
         if not done.cancelled() and done.exception() is None:
             self.cache.put(key, done.result())
@@ -136,7 +154,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             logger.debug("Encode cancelled by the caller after %.2f s.", time.perf_counter() - started)
             raise
         for index, item in enumerate(encoded):
-            meta, payload = wire.describe(item.embedding)
+            meta, payload = item.embedding.meta, item.embedding.data
             yield encoder_pb2.EncodeResponse(
                 header=encoder_pb2.EmbeddingHeader(
                     prompt_index=index,
