@@ -125,7 +125,7 @@ async def run(args: argparse.Namespace, folder: str) -> list[dict]:
     return rounds
 
 
-DEFAULTS = {"rounds": 1, "prompts": 16, "seeds": 8, "size": 96, "concurrency": 8}
+DEFAULTS = {"rounds": 1, "prompts": 16, "seeds": 8, "size": 256, "concurrency": 8}
 QUICK = {"prompts": 2, "seeds": 2, "size": 64, "concurrency": 2}
 
 
@@ -191,7 +191,7 @@ def main() -> None:
     def flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--prompts", type=int, default=None, help="prompts P (16)")
         parser.add_argument("--seeds", type=int, default=None, help="seeds K per prompt (8)")
-        parser.add_argument("--size", type=int, default=None, help="image width and height (96)")
+        parser.add_argument("--size", type=int, default=None, help="image width and height (256)")
         parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (8)")
 
     settings, overrides, out = standalone(__doc__, "batch", flags)

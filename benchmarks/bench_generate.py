@@ -33,10 +33,6 @@ from benchmarks.report import (
 
 TARGET_RATIO = 1.03  # ours / diffusers, per-image median
 STEPS = 8
-# The default side gives the DiT 1024 image tokens, as the real model has at 512x512: the side is
-# 64 x the VAE's scale factor. The bench model's VAE downsamples 2x, so that is 128x128 (a few seconds on
-# 2 cores); 256x256 would be 4096 tokens, like the real model at 1024x1024, and about 25 s.
-DEFAULT_IMAGE_TOKENS = 1024
 SUBJECTS = [
     "a red fox in fresh snow",
     "a lighthouse on a rocky coast at dusk",
@@ -104,7 +100,7 @@ async def run(args: argparse.Namespace, folder: str) -> tuple[int, int, list[dic
     )
     pipe = ZImagePipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    side = args.size or int(DEFAULT_IMAGE_TOKENS**0.5) * 2 * pipe.vae_scale_factor
+    side = args.size
     image_tokens = (side // (2 * pipe.vae_scale_factor)) ** 2
     print(f"{side}x{side} images, {image_tokens} image tokens in the DiT", flush=True)
 
@@ -201,7 +197,7 @@ def print_table(result: dict) -> None:
         print("warning: the median diffusers image took under 1 s; pass a larger --size")
 
 
-DEFAULTS = {"rounds": 20, "warmup": 1, "size": None}
+DEFAULTS = {"rounds": 20, "warmup": 1, "size": 256}
 QUICK = {"warmup": 0, "size": 64}
 
 
@@ -284,7 +280,7 @@ def main() -> None:
             "--size",
             type=int,
             default=None,
-            help=f"image width and height in pixels (default: {DEFAULT_IMAGE_TOKENS} DiT image tokens, 128 on bench)",
+            help="image width and height in pixels (256: about 1 s per image on the bench model, 2 CPU cores)",
         )
 
     settings, overrides, out = standalone(__doc__, "generate", flags)

@@ -198,7 +198,7 @@ async def measure_latency(source, model: str, device: torch.device, args: argpar
     backend = generator.servicer.info.attention_backend
     pipe = reference_pipeline(source, device=device, dtype=torch.bfloat16)
     if args.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)  # as the generator does
 
     def theirs(prompt: str, seed: int) -> tuple[float, np.ndarray]:
         started = time.perf_counter()

@@ -234,7 +234,7 @@ def print_table(result: dict) -> None:
     print(f"other processes used a median {result['others_cpu_share_median']:.0%} of the CPUs meanwhile")
 
 
-DEFAULTS = {"rounds": 3, "warmup": 1, "requests": 8, "size": 96}
+DEFAULTS = {"rounds": 3, "warmup": 1, "requests": 8, "size": 256}
 QUICK = {"warmup": 0, "requests": 2, "size": 64}
 
 
@@ -342,7 +342,7 @@ def main() -> None:
             "--warmup", type=int, default=None, help="untimed bursts after each server start (1)"
         )
         parser.add_argument("--requests", type=int, default=None, help="concurrent requests per burst (8)")
-        parser.add_argument("--size", type=int, default=None, help="image width and height in pixels (96)")
+        parser.add_argument("--size", type=int, default=None, help="image width and height in pixels (256)")
 
     settings, overrides, out = standalone(__doc__, "ray", flags)
     result = measure(settings, **overrides)

@@ -470,6 +470,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "replica": header.replica,
         "batch_size": header.batch_size,
         "image_index": header.image_index,
+        "vae_tiled": header.vae_tiled,
         "sha256": header.sha256,
         "prompt_key": header.prompt_key,
         "timings": {
