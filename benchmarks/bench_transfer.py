@@ -8,8 +8,9 @@ of the paths an embedding travels:
   server's interceptors, the generator joining the chunks and checking the header and sha256, back to a
   torch tensor, `validate_embedding` (shape, token count, every value finite) and the cache put.
 - encode (encoder -> client): `AsyncClient.encode(prompt)` for a prompt already in the encoder's cache.
-  Included: the request, the chat template, tokenizing and keying the prompt, the cache hit, sha256 on the
-  sender, a header and chunk messages, the client joining the chunks and checking sha256, back to a tensor.
+  Included: the request, the chat template and tokenizer (cached per prompt text), the cache hit (which
+  holds the bytes and sha256 made once, so the sender does not hash again), a header and chunk messages,
+  the client joining the chunks and checking sha256, back to a tensor.
 
 An embedding is as wide as the text encoder's hidden size, and the generator refuses one that does not
 match its DiT's `cap_feat_dim`. So both services load the tiny random model widened to the real 2560 (the
@@ -76,7 +77,7 @@ PATHS = {
         "ours": "AsyncClient.upload(tensor) to the generator's UploadEmbedding: wire.describe (zero-copy "
         "bytes view, sha256), header + 1 MiB chunk protobuf messages, the server's interceptors, "
         "wire.TensorAssembler (joins the chunks, sha256 check), torch.frombuffer, validate_embedding "
-        "(shape, tokens, torch.isfinite over every value), the generator's LRU put; the reply is the key",
+        "(shape, tokens, every value finite), the generator's LRU put; the reply is the key",
         "raw": "1 MiB bytes slices streamed (no serializer) to a generic stream_unary handler that joins "
         "them into one bytes object and answers its length",
         "raw_sha256": "raw, with the payload's hex sha256 sent first and the chunks hashed on arrival",
@@ -84,7 +85,7 @@ PATHS = {
     "encode": {
         "direction": "encoder -> client (server stream)",
         "ours": "AsyncClient.encode(prompt) for a prompt already in the encoder's cache: the request, chat "
-        "template, tokenizing and keying the prompt, the cache hit, wire.describe (sha256), header + 1 MiB "
+        "template and tokenizer (cached), the cache hit (bytes and sha256 made once), header + 1 MiB "
         "chunk protobuf messages, read_embedding_stream (joins the chunks, sha256 check, torch.frombuffer)",
         "raw": "a generic unary_stream handler yields 1 MiB slices of a bytes object (no serializer); the "
         "client joins them into one bytes object",
