@@ -743,7 +743,7 @@ def trapped_model_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
         raise ModelLoadStarted
 
     monkeypatch.setattr("zimage_split.encoder_service.server.TextEncoder", trap)
-    monkeypatch.setattr("zimage_split.dit_service.server.DiTEngine", trap)
+    monkeypatch.setattr("zimage_split.dit_service.engine.DiTEngine", trap)  # what start_engine builds
     for name in [name for name in os.environ if name.startswith("ZSPLIT_")]:
         if name != "ZSPLIT_RELIABILITY_FIGURES":
             monkeypatch.delenv(name)

@@ -284,7 +284,9 @@ def test_deadline_is_passed_to_the_encoder_and_its_work_cancelled(
     ]
     cancelled_after = float(re.findall(r"Encode cancelled by the caller after ([\d.]+) s", log)[0])
     assert caller_waited < 1.5
-    assert len(passed_on) == 1 and 0.5 < passed_on[0] <= 1.0, passed_on
+    # gRPC sends a timeout of a second or more rounded up to 10 ms (grpc-timeout "101" x 10 ms), so the
+    # encoder may see up to 10 ms more than the caller's 1.0 s; the log rounds to 10 ms too.
+    assert len(passed_on) == 1 and 0.5 < passed_on[0] <= 1.02, passed_on
     assert cancelled_after < 1.5
     figures.record(
         SECTION,
