@@ -30,14 +30,13 @@ BENCHMARKS = ("encode", "transfer", "generate", "batch", "ray", "gpu")
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, machine: dict) -> str:
     """What the results file is named after: the GPU's name on CUDA, else the CPU model and core count."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.get_device_name(torch.device(device))
-    cpu = machine_info()["cpu"]
-    return f"{os.cpu_count()} x {cpu}"
+    return f"{machine['cpu_count']} x {machine['cpu']}"
 
 
 def slug(text: str) -> str:
@@ -199,15 +198,17 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_one(name, args, device, Path(scratch))
             print(f"=== {name}: {results[name]['runner_seconds']:.0f} s ===", flush=True)
 
-    stem = f"{date}-{slug(device_name(device))}" + ("-quick" if args.quick else "")
+    machine = machine_info()
+    name = device_name(device, machine)
+    stem = f"{date}-{slug(name)}" + ("-quick" if args.quick else "")
     summary = {
         "suite": "zimage-split benchmarks",
         "date": date,
-        "device": device_name(device),
-        "gpu": device_name(device) if device.startswith("cuda") else None,
+        "device": name,
+        "gpu": name if device.startswith("cuda") else None,
         "quick": args.quick,
         "model": args.model or ("tiny" if args.quick else "bench (gpu: full)"),
-        "machine": machine_info(),
+        "machine": machine,
         "seconds": time.perf_counter() - started,
         "json_name": f"{stem}.json",
         "headline": [row for result in results.values() for row in result.get("headline", [])],

@@ -96,9 +96,11 @@ def measure_engine(source, device: torch.device, args: argparse.Namespace) -> di
 
     def jobs(count: int, seed: int) -> list:
         embeddings = torch.randn(count, 160, caption_dim, generator=torch.Generator().manual_seed(seed))
-        params = GenerationParams(width=args.size, height=args.size, steps=args.steps)
         return [
-            GenerationJob(params=GenerationParams(**{**params.__dict__, "seed": seed + i}), prompt_embeds=e)
+            GenerationJob(
+                params=GenerationParams(width=args.size, height=args.size, steps=args.steps, seed=seed + i),
+                prompt_embeds=e,
+            )
             for i, e in enumerate(embeddings)
         ]
 
