@@ -50,6 +50,16 @@ class GeneratorServiceStub:
                 request_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
                 response_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.UploadImage = channel.stream_unary(
+                '/zimage.generator.v1.GeneratorService/UploadImage',
+                request_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageRequest.SerializeToString,
+                response_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageResponse.FromString,
+                _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/zimage.generator.v1.GeneratorService/ListLoras',
+                request_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServiceServicer:
@@ -81,6 +91,22 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadImage(self, request_iterator, context):
+        """Uploads an image (a header, then the file's bytes in chunks) for img2img or as an inpainting mask,
+        so that Generate can use it through `InitImage.image_key` or `InitImage.mask_key`. The file is
+        decoded and checked on arrival. Idempotent: the key is the sha256 of the file bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoras(self, request, context):
+        """Lists the LoRA files this generator can load (those under its --lora-dir).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +124,16 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.InfoRequest.FromString,
                     response_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.InfoResponse.SerializeToString,
+            ),
+            'UploadImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadImage,
+                    request_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageRequest.FromString,
+                    response_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageResponse.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasRequest.FromString,
+                    response_serializer=zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +218,60 @@ class GeneratorService:
             '/zimage.generator.v1.GeneratorService/Info',
             zimage_dot_generator_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
             zimage_dot_generator_dot_v1_dot_generator__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/zimage.generator.v1.GeneratorService/UploadImage',
+            zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageRequest.SerializeToString,
+            zimage_dot_generator_dot_v1_dot_generator__pb2.UploadImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zimage.generator.v1.GeneratorService/ListLoras',
+            zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasRequest.SerializeToString,
+            zimage_dot_generator_dot_v1_dot_generator__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,
