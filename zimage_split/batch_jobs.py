@@ -101,6 +101,7 @@ async def encode_prompts(
     prompts: list[str],
     *,
     max_sequence_length: int | None = None,
+    long_prompt_mode: str | None = None,
     on_encoded: Callable[[int], None] = lambda count: None,
 ) -> Embeddings:
     """Encodes in calls of PROMPTS_PER_ENCODE_CALL prompts; `on_encoded(n)` after each call."""
@@ -108,7 +109,9 @@ async def encode_prompts(
     model_id = ""
     for start in range(0, len(prompts), PROMPTS_PER_ENCODE_CALL):
         part = await client.encode(
-            prompts[start : start + PROMPTS_PER_ENCODE_CALL], max_sequence_length=max_sequence_length
+            prompts[start : start + PROMPTS_PER_ENCODE_CALL],
+            max_sequence_length=max_sequence_length,
+            long_prompt_mode=long_prompt_mode,
         )
         items.extend(part)
         model_id = part.model_id

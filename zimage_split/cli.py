@@ -104,6 +104,22 @@ def _add_client_security(
     )
 
 
+def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--template", default=None, help="wrap each prompt in this template (zsplit templates lists them)"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None, help="prompt tokens kept, up to 1504 (512)"
+    )
+    parser.add_argument(
+        "--long-prompt-mode",
+        default=None,
+        choices=["truncate", "interpolate", "pool"],
+        help="prompts over --max-sequence-length: truncate (as diffusers), or interpolate or pool all of "
+        "the prompt's tokens down to it (truncate)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsplit", description=__doc__)
     parser.add_argument(
@@ -189,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"most images one request may ask for, num_images ({Limits.max_images_per_request})",
     )
     generator.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        default=None,
+        help="folder of LoRA .safetensors files requests may name (unset: LoRA off); with Ray, the same "
+        "folder on every replica host",
+    )
+    generator.add_argument(
+        "--lora-cache", type=int, default=8, help="LoRA adapters each replica keeps loaded (8)"
+    )
+    generator.add_argument(
+        "--image-cache-mb", type=int, default=256, help="uploaded img2img images and masks kept, MiB (256)"
+    )
+    generator.add_argument(
         "--encoder-retries",
         type=int,
         default=2,
@@ -221,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(generate, "client")
     generate.add_argument("prompt", nargs="?", help="the prompt (or use --embeddings)")
-    generate.add_argument("-o", "--output", default=None, help="image file to write (default out.png)")
+    generate.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="file to write; .png, .jpg, .webp or .safetensors (latents) pick the format (out.png)",
+    )
     generate.add_argument("--generator", default=None, help="generator HOST:PORT")
     generate.add_argument("--encoder", default=None, help="encoder HOST:PORT (for a local generator)")
     _add_client_security(generate)
@@ -240,6 +274,41 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (8)")
     generate.add_argument("--guidance-scale", type=float, default=None, help="CFG scale, 0 = off (0)")
     generate.add_argument("--negative-prompt", default=None, help="used when --guidance-scale > 0")
+    generate.add_argument(
+        "--cfg-normalization",
+        type=float,
+        default=0.0,
+        help="cap the guided norm at this multiple, 0 = off (0)",
+    )
+    generate.add_argument(
+        "--cfg-truncation", type=float, default=None, help="stop guidance past this normalised time (1.0)"
+    )
+    generate.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME[:SCALE]",
+        help="LoRA from the generator's --lora-dir, scale 1.0 unless given; repeat for several",
+    )
+    generate.add_argument("--init-image", metavar="PATH", default=None, help="img2img start image")
+    generate.add_argument(
+        "--strength", type=float, default=None, help="img2img: 0 keeps the image, 1 repaints it (0.6)"
+    )
+    generate.add_argument(
+        "--mask", metavar="PATH", default=None, help="inpainting mask for --init-image (white = repaint)"
+    )
+    generate.add_argument(
+        "--format",
+        dest="output_format",
+        default=None,
+        choices=["png", "jpeg", "webp", "latent"],
+        help="file format (from the --output suffix, else png)",
+    )
+    generate.add_argument("--quality", type=int, default=None, help="JPEG/WebP quality 1-100 (90)")
+    generate.add_argument(
+        "--strip-metadata", action="store_true", help="leave the prompt and settings out of the file"
+    )
+    _add_prompt_options(generate)
     generate.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (600)")
     generate.add_argument("--device", default="auto", help="device for services started locally")
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -272,9 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(encode)
     encode.add_argument("--device", default="auto", help="device for an encoder started here")
     encode.add_argument("--dtype", default="bfloat16", help="dtype for an encoder started here (bfloat16)")
-    encode.add_argument("--max-sequence-length", type=int, default=None, help="tokens kept per prompt (512)")
+    _add_prompt_options(encode)
     encode.add_argument("--timeout", type=float, default=600.0, help="seconds per encoder call (600)")
     encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    lora = commands.add_parser("lora", help="LoRA files")
+    lora_commands = lora.add_subparsers(dest="lora_command", required=True)
+    lora_list = lora_commands.add_parser(
+        "list",
+        help="the LoRA files a generator can load",
+        description="zsplit lora list --generator HOST:PORT, or --lora-dir DIR to read a folder here",
+    )
+    _add_config(lora_list, "client")
+    lora_list.add_argument("--generator", default=None, help="generator HOST:PORT")
+    lora_list.add_argument("--lora-dir", metavar="DIR", default=None, help="read this folder instead")
+    lora_list.add_argument("--timeout", type=float, default=30.0, help="seconds (30)")
+    _add_client_security(lora_list)
+
+    commands.add_parser(
+        "templates", help="the prompt templates --template takes (add your own in $ZSPLIT_TEMPLATE_DIR)"
+    )
 
     tiny = commands.add_parser("make-tiny-model", help="write the offline random model to DIR")
     tiny.add_argument("directory")
@@ -534,6 +620,9 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         cache_bytes=args.cache_mb << 20,
         completed_cache_bytes=args.result_cache_mb << 20,
         embedding_store=args.embedding_store,
+        lora_dir=args.lora_dir,
+        lora_cache=args.lora_cache,
+        image_cache_bytes=args.image_cache_mb << 20,
         limits=Limits(
             max_pixels=args.max_pixels,
             max_steps=args.max_steps,
@@ -595,7 +684,6 @@ def _check_output_folder(output: Path) -> None:
 async def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from zimage_split.batch_jobs import png_bytes
     from zimage_split.client.aio import AsyncClient
     from zimage_split.common.files import write_atomically
 
@@ -605,10 +693,19 @@ async def _generate(args: argparse.Namespace) -> int:
         raise InvalidArgument(
             'Give a prompt (zsplit generate "a red fox"), or --embeddings FILE for a batch.'
         )
-    output = Path(args.output or "out.png")
-    if output.suffix.lower() != ".png":
-        raise InvalidArgument(f"--output {output} must end in .png; PNG is the only format written.")
+    output_format, output = _output_file(args.output, args.output_format)
     _check_output_folder(output)
+    prompt = _templated(args.template, args.prompt)
+    loras = [_lora_flag(value) for value in args.lora or ()]
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is not None and not Path(path).is_file():
+            raise InvalidArgument(f"{flag} {path}: no such file.")
+    if args.mask and not args.init_image:
+        raise InvalidArgument(
+            "--mask needs --init-image: the mask says which parts of that image to repaint."
+        )
+    if args.strength is not None and not args.init_image:
+        raise InvalidArgument("--strength needs --init-image (img2img); drop it for text-to-image.")
     bars: list[tqdm] = []  # created on the first step, after any local services have loaded
 
     def on_progress(step: int, total: int) -> None:
@@ -625,14 +722,25 @@ async def _generate(args: argparse.Namespace) -> int:
     async def run(address: str, security: ClientSecurity) -> None:
         async with AsyncClient(generator=address, timeout=args.timeout, security=security) as client:
             images = await client.generate_images(
-                args.prompt,
+                prompt,
                 seed=args.seed,
                 width=args.width,
                 height=args.height,
                 steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 negative_prompt=args.negative_prompt,
+                cfg_normalization=args.cfg_normalization,
+                cfg_truncation=args.cfg_truncation,
                 num_images=args.num_images,
+                max_sequence_length=args.max_sequence_length,
+                long_prompt_mode=args.long_prompt_mode,
+                loras=loras,
+                init_image=Path(args.init_image) if args.init_image else None,
+                strength=args.strength,
+                mask=Path(args.mask) if args.mask else None,
+                output_format=output_format,
+                quality=args.quality,
+                strip_metadata=args.strip_metadata,
                 on_progress=on_progress,
             )
         close_bar()
@@ -640,10 +748,17 @@ async def _generate(args: argparse.Namespace) -> int:
             path = (
                 output if len(images) == 1 else output.with_stem(f"{output.stem}-{image.info['image_index']}")
             )
-            write_atomically(path, png_bytes(image, image.info))
+            write_atomically(path, image.info["file_bytes"])
+            shortened = image.info.get("prompt_shortened_by")
+            if shortened:
+                print(
+                    f"prompt of {image.info['prompt_source_token_count']} tokens shortened to "
+                    f"{image.info['prompt_token_count']} by {shortened}",
+                    file=sys.stderr,
+                )
             timings = image.info["timings"]
             print(
-                f"wrote {path} ({image.width}x{image.height}, seed {image.info['seed']}, "
+                f"wrote {path} ({image.info['width']}x{image.info['height']}, seed {image.info['seed']}, "
                 f"{image.info['steps']} steps) in {timings['total']:.2f}s "
                 f"[queue {timings['queue']:.2f}s, encode {timings['encode']:.2f}s, "
                 f"denoise {timings['denoise']:.2f}s, decode {timings['decode']:.2f}s]"
@@ -764,7 +879,11 @@ async def _encode(args: argparse.Namespace) -> int:
                 generator=None, encoder=address, timeout=args.timeout, security=security
             ) as client:
                 embeddings = await encode_prompts(
-                    client, prompts, max_sequence_length=args.max_sequence_length, on_encoded=bar.update
+                    client,
+                    [_templated(args.template, prompt) for prompt in prompts],
+                    max_sequence_length=args.max_sequence_length,
+                    long_prompt_mode=args.long_prompt_mode,
+                    on_encoded=bar.update,
                 )
         embeddings.save(output)
         tokens = sum(item.token_count for item in embeddings)
@@ -786,6 +905,85 @@ async def _encode(args: argparse.Namespace) -> int:
         await run(f"127.0.0.1:{server.port}", ClientSecurity.plaintext())
     finally:
         await server.stop(grace=1)
+    return 0
+
+
+OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".safetensors": "latent"}
+
+
+def _output_file(output: str | None, output_format: str | None) -> tuple[str, Path]:
+    """The format and path of `zsplit generate`'s file: --format, else the --output suffix, else PNG."""
+    suffix_format = OUTPUT_SUFFIXES.get(Path(output).suffix.lower()) if output else None
+    if output and suffix_format is None:
+        raise InvalidArgument(
+            f"--output {output} must end in {', '.join(OUTPUT_SUFFIXES)}: the suffix says the file format."
+        )
+    chosen = output_format or suffix_format or "png"
+    if suffix_format is not None and suffix_format != chosen:
+        raise InvalidArgument(f"--format {chosen} does not match --output {output}; make them agree.")
+    default_suffix = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "latent": ".safetensors"}[chosen]
+    return chosen, Path(output or f"out{default_suffix}")
+
+
+def _lora_flag(value: str) -> tuple[str, float]:
+    """--lora NAME or NAME:SCALE."""
+    name, _, scale = value.rpartition(":") if ":" in value else (value, "", "")
+    try:
+        return name, float(scale) if scale else 1.0
+    except ValueError:
+        raise InvalidArgument(
+            f"--lora {value!r}: the scale after ':' must be a number, e.g. style:0.8."
+        ) from None
+
+
+def _templated(template: str | None, prompt: str) -> str:
+    from zimage_split.client.templates import apply_template
+
+    try:
+        return apply_template(template, prompt)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from None
+
+
+def _list_loras(args: argparse.Namespace) -> int:
+    if (args.generator is None) == (args.lora_dir is None):
+        raise InvalidArgument(
+            "Give --generator HOST:PORT (what a server can load) or --lora-dir DIR (a folder here)."
+        )
+    if args.lora_dir:
+        from zimage_split.dit_service.lora import LoraLibrary
+
+        if not Path(args.lora_dir).is_dir():
+            raise InvalidArgument(f"--lora-dir {args.lora_dir} is not a folder.")
+        files = [vars(file) | {"loaded": False} for file in LoraLibrary(args.lora_dir).list()]
+    else:
+        from zimage_split.client.aio import AsyncClient
+
+        async def ask() -> list[dict]:
+            security = _client_security(args, args.generator)
+            async with AsyncClient(
+                generator=args.generator, timeout=args.timeout, security=security
+            ) as client:
+                return await client.list_loras()
+
+        files = asyncio.run(ask())
+    if not files:
+        print("no LoRA files" + (f" in {args.lora_dir}" if args.lora_dir else " on the generator"))
+        return 0
+    for file in files:
+        state = f"error: {file['error']}" if file["error"] else ("loaded" if file["loaded"] else "")
+        print(
+            f"{file['name']:<32} {file['format']:<10} rank {file['rank']:<4} {file['module_count']:>4} modules "
+            f"{file['byte_length'] / 1e6:8.1f} MB  {state}".rstrip()
+        )
+    return 0
+
+
+def _list_templates() -> int:
+    from zimage_split.client.templates import list_templates
+
+    for template in list_templates():
+        print(f"{template.name:<16} {template.description}")
     return 0
 
 
@@ -863,6 +1061,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "encode":
             return asyncio.run(_encode(args))
+        if args.command == "lora":
+            return _list_loras(args)
+        if args.command == "templates":
+            return _list_templates()
         return asyncio.run(_generate(args))
     except ZSplitError as error:
         print(f"zsplit: error ({error.code}): {error.message}", file=sys.stderr)

@@ -125,6 +125,6 @@ def test_bad_encode_requests_are_refused_with_a_fix(encoder_fp32) -> None:  # ty
             client.encode(["x"] * 65)
         with pytest.raises(InvalidArgument, match="send at least one prompt"):
             client.encode([])
-        with pytest.raises(InvalidArgument, match="max_sequence_length must be between 1 and 4096"):
+        with pytest.raises(InvalidArgument, match="max_sequence_length must be between 1 and 1504"):
             client.encode(["x"], max_sequence_length=0)
         assert client.encode(["still serving"])[0].token_count > 0

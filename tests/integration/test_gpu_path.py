@@ -188,7 +188,7 @@ def test_compiled_images_match_the_eager_ones(compiled_generator, tiny_model_dir
             ours = np.asarray(image.convert("RGB")).astype(np.int16)
             reference = eager.generate([GenerationJob(params, prompt, negative)])[0]
             assert reference is not None
-            difference = np.abs(ours - pixels(reference.png))
+            difference = np.abs(ours - pixels(reference.data))
             print(
                 f"compiled vs eager {params}: max {difference.max()}, differing {np.mean(difference > 0):.2e}"
             )
@@ -262,7 +262,7 @@ def test_auto_tiles_only_above_2048_squared(thin_vae_model: Path) -> None:
         f"2064x2064 and 64x64, one step each: {time.perf_counter() - started:.1f} s (2064x2064: denoise "
         f"{large.denoise_seconds:.1f} s, tiled decode {large.decode_seconds:.1f} s)"
     )
-    assert large.vae_tiled and Image.open(io.BytesIO(large.png)).size == (2064, 2064)
+    assert large.vae_tiled and Image.open(io.BytesIO(large.data)).size == (2064, 2064)
     assert not small.vae_tiled
 
 

@@ -25,11 +25,17 @@ MAX_QUEUE = 6
 
 
 @pytest.fixture(scope="module")
-def ray_generator(loop_thread, tiny_model_dir):  # type: ignore[no-untyped-def]
+def ray_generator(loop_thread, tiny_model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from tests.integration.test_lora_service import write_diffusers_lora
+
+    lora_dir = tmp_path_factory.mktemp("ray-loras")
+    write_diffusers_lora(lora_dir / "style.safetensors", seed=1)
     options = RayOptions(
         address="local", replicas=2, max_batch_size=4, max_batch_wait_ms=100, cpus_per_replica=0.5
     )
-    server = start_generator(loop_thread, tiny_model_dir, None, ray=options, max_queue=MAX_QUEUE)
+    server = start_generator(
+        loop_thread, tiny_model_dir, None, ray=options, max_queue=MAX_QUEUE, lora_dir=str(lora_dir)
+    )
     yield server
     loop_thread.run(server.stop(grace=0), timeout=120)
 
@@ -189,3 +195,36 @@ def test_num_images_run_as_jobs_on_the_replicas(ray_generator) -> None:  # type:
         alone = client.generate(embeddings=prompt, seed=23, width=64, height=64, steps=2)
     assert [image.info["seed"] for image in images] == [20, 21, 22, 23]
     assert np.array_equal(pixels(images[3]), pixels(alone))
+
+
+def test_loras_start_images_and_formats_on_the_replicas(ray_generator) -> None:  # type: ignore[no-untyped-def]
+    """Mixed requests arriving together (batched where compatible) equal the same requests made alone."""
+    start = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    variants = [
+        {},
+        {"loras": [("style", 0.9)]},
+        {"init_image": start, "strength": 0.7},
+        {"output_format": "webp", "quality": 70},
+    ]
+    prompt = embedding(6, 7)
+
+    async def together() -> list[bytes]:
+        async with AsyncClient(generator=address(ray_generator)) as client:
+            images = await asyncio.gather(
+                *(
+                    client.generate(embeddings=prompt, seed=3, width=64, height=64, steps=2, **variant)
+                    for variant in variants
+                )
+            )
+        return [image.info["file_bytes"] for image in images]
+
+    batched = asyncio.run(together())
+    with Client(generator=address(ray_generator)) as client:
+        alone = [
+            client.generate(embeddings=prompt, seed=3, width=64, height=64, steps=2, **variant).info[
+                "file_bytes"
+            ]
+            for variant in variants
+        ]
+    assert batched == alone
+    assert len(set(alone)) == len(variants)  # each option changed the result

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
 from zimage_split.common.wire import describe
@@ -27,9 +28,9 @@ def test_put_then_get_returns_the_same_tensor(tmp_path: Path, dtype: torch.dtype
     tensor = torch.randn(7, 16).to(dtype)
     store.put(KEY, tensor)
 
-    loaded = store.get(KEY)
-    assert loaded is not None and loaded.dtype == dtype
-    assert torch.equal(loaded, tensor)
+    stored = store.get(KEY)
+    assert stored is not None and stored.tensor.dtype == dtype
+    assert torch.equal(stored.tensor, tensor)
     with safe_open(str(tmp_path / "new" / "store" / f"{KEY}.safetensors"), framework="pt") as file:
         metadata = file.metadata()
     assert metadata["key"] == KEY and metadata["sha256"] == describe(tensor)[0].sha256
@@ -41,7 +42,7 @@ def test_a_fresh_store_survives_reopening(tmp_path: Path) -> None:
     tensor = torch.randn(3, 16)
     DiskEmbeddingStore(tmp_path).put(UPLOAD_KEY, tensor)
     again = DiskEmbeddingStore(tmp_path).get(UPLOAD_KEY)
-    assert again is not None and torch.equal(again, tensor)
+    assert again is not None and torch.equal(again.tensor, tensor)
     assert DiskEmbeddingStore(tmp_path).get("ef" * 32) is None
 
 
@@ -67,7 +68,7 @@ def test_a_corrupt_file_is_a_logged_miss_and_is_removed(
     assert "corrupt" in caplog.text and str(path) in caplog.text
     assert not path.exists()
     store.put(KEY, torch.ones(4, 16))  # the key can be stored again
-    assert torch.equal(store.get(KEY), torch.ones(4, 16))  # type: ignore[arg-type]
+    assert torch.equal(store.get(KEY).tensor, torch.ones(4, 16))  # type: ignore[union-attr]
 
 
 def test_a_file_under_another_key_is_a_miss(tmp_path: Path) -> None:
@@ -136,4 +137,25 @@ def test_a_loaded_tensor_does_not_change_when_its_file_is_rewritten_in_place(tmp
     path = tmp_path / f"{KEY}.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:-4] + torch.tensor([1.0]).numpy().tobytes())  # same inode, new last value
-    assert torch.equal(loaded, torch.zeros(4, 16))  # type: ignore[arg-type]
+    assert torch.equal(loaded.tensor, torch.zeros(4, 16))  # type: ignore[union-attr]
+
+
+def test_how_a_prompt_was_shortened_survives_reopening_and_old_files_still_load(tmp_path: Path) -> None:
+    tensor = torch.randn(5, 16)
+    DiskEmbeddingStore(tmp_path).put(KEY, tensor, source_token_count=300, shortened_by="pool")
+    stored = DiskEmbeddingStore(tmp_path).get(KEY)
+    assert stored is not None and (stored.source_token_count, stored.shortened_by) == (300, "pool")
+    assert torch.equal(stored.tensor, tensor)
+
+    # A file from before long-prompt modes: no such metadata, so not known.
+    meta, _ = describe(tensor)
+    old = {"key": UPLOAD_KEY, "dtype": "float32", "shape": "[5, 16]", "sha256": meta.sha256}
+    (tmp_path / f"{UPLOAD_KEY}.safetensors").write_bytes(save({"embedding": tensor}, metadata=old))
+    stored = DiskEmbeddingStore(tmp_path).get(UPLOAD_KEY)
+    assert stored is not None and (stored.source_token_count, stored.shortened_by) == (0, "")
+    assert torch.equal(stored.tensor, tensor)
+
+    # Metadata that is not a count or a mode name is corruption: a miss, never a crash later on.
+    bad = {**old, "key": KEY, "source_token_count": "many"}
+    (tmp_path / f"{KEY}.safetensors").write_bytes(save({"embedding": tensor}, metadata=bad))
+    assert DiskEmbeddingStore(tmp_path).get(KEY) is None

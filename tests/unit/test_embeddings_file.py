@@ -23,8 +23,12 @@ def make_embeddings(dtype: torch.dtype = torch.bfloat16, model_id: str = "zimage
             formatted_text=f"<|im_start|>user\n{text}<|im_end|>",
             hidden_layer=-2,
             max_sequence_length=512,
+            source_token_count=source_tokens,
+            shortened_by=shortened_by,
         )
-        for index, (text, tokens) in enumerate([("a red fox", 7), ("雪中的狐狸", 11), ("", 3)])
+        for index, (text, tokens, source_tokens, shortened_by) in enumerate(
+            [("a red fox", 7, 700, "pool"), ("雪中的狐狸", 11, 600, "truncate"), ("", 3, 3, "")]
+        )
     ]
     return Embeddings(items, model_id=model_id)
 
@@ -49,6 +53,10 @@ def test_save_then_load_gives_the_same_tensors_and_metadata(tmp_path: Path, dtyp
             after.truncated,
         )
         assert after.formatted_text == before.formatted_text and after.max_sequence_length == 512
+        assert (after.source_token_count, after.shortened_by) == (
+            before.source_token_count,
+            before.shortened_by,
+        )
     # One tensor per prompt, and every prompt described in the header (no pickle: it is all JSON).
     header = header_of(path)
     prompts = json.loads(header["__metadata__"]["prompts"])
@@ -63,6 +71,8 @@ def test_save_then_load_gives_the_same_tensors_and_metadata(tmp_path: Path, dtyp
         "dtype",
         "token_count",
         "truncated",
+        "source_token_count",
+        "shortened_by",
         "sha256",
     } <= set(prompts[0])
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
@@ -103,3 +113,26 @@ def test_embeddings_for_another_model_are_refused_before_any_dit_work() -> None:
     check_for_generator(
         embeddings, {"caption_dim": 16, "model_id": "Tongyi-MAI/Z-Image-Turbo"}, allow_other_model=True
     )
+
+
+def test_a_file_from_before_long_prompt_modes_loads_with_what_its_fields_imply(tmp_path: Path) -> None:
+    original = make_embeddings()
+    path = original.save(tmp_path / "embeds.safetensors")
+    metadata = header_of(path)["__metadata__"]
+    prompts = json.loads(metadata["prompts"])
+    for entry in prompts:
+        del entry["source_token_count"], entry["shortened_by"]
+    metadata["prompts"] = json.dumps(prompts)
+    save_file(
+        {entry["tensor"]: item.tensor for entry, item in zip(prompts, original, strict=True)},
+        str(path),
+        metadata=metadata,
+    )
+
+    loaded = Embeddings.load(path)
+    # Such a file's prompts could only have been truncated, and it kept no count of the tokens before.
+    assert [(item.source_token_count, item.shortened_by) for item in loaded] == [
+        (7, ""),
+        (11, "truncate"),
+        (3, ""),
+    ]

@@ -25,12 +25,14 @@ class FakeEncoder:
     def check_layer(self, hidden_layer: int) -> int:
         return hidden_layer
 
-    def tokenize(self, text: str, *, hidden_layer: int, max_sequence_length: int) -> TokenizedPrompt:
+    def tokenize(
+        self, text: str, *, hidden_layer: int, max_sequence_length: int, long_prompt_mode: str
+    ) -> TokenizedPrompt:
         self.tokenized += 1
         ids = tuple(text.encode())[:max_sequence_length] or (0,)
         key = hashlib.sha256(f"{hidden_layer}|{max_sequence_length}|{text}".encode()).hexdigest()
         return TokenizedPrompt(
-            text, f"<{text}>", ids, len(text) > max_sequence_length, hidden_layer, max_sequence_length, key
+            text, f"<{text}>", ids, max(len(text), 1), hidden_layer, max_sequence_length, "truncate", key
         )
 
     def encode(self, prompts: list[TokenizedPrompt]) -> list[torch.Tensor]:
@@ -72,7 +74,7 @@ def test_a_cache_hit_sends_without_hashing_or_tokenizing_again(monkeypatch: pyte
     monkeypatch.setattr(wire, "describe", counting_describe)
 
     async def main() -> None:
-        servicer = EncoderServicer(encoder)  # type: ignore[arg-type]
+        servicer = EncoderServicer(encoder, max_sequence_length_limit=4096)  # type: ignore[arg-type]
         servicer.batcher.start()
         try:
             text = "x" * 40_000  # 4096 tokens (the max length) x 256 bf16: 2 MiB, two chunks

@@ -1,6 +1,6 @@
 """The zimage-split SDK: `Client` (blocking) and `AsyncClient` (asyncio), with typed errors."""
 
-from zimage_split.client.aio import AsyncClient
+from zimage_split.client.aio import AsyncClient, Latents
 from zimage_split.client.batch import ImageJob, JobResult
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.sync import Client
@@ -30,6 +30,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "JobResult",
+    "Latents",
     "NotFound",
     "PromptEmbedding",
     "ResourceExhausted",

@@ -7,15 +7,28 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import random
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 from PIL import Image
+from safetensors.torch import load as safetensors_load
 
 from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -43,6 +56,22 @@ CHANNEL_OPTIONS = [
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
+# A LoRA of a request: "name", ("name", scale) or {"name": ..., "scale": ...}.
+LoraLike = str | tuple[str, float] | Mapping[str, Any]
+# An image to upload: a file path, file bytes, or a PIL image (sent as PNG).
+ImageInput = str | os.PathLike[str] | bytes | Image.Image
+LONG_PROMPT_MODES = {
+    "truncate": generator_pb2.LONG_PROMPT_MODE_TRUNCATE,
+    "interpolate": generator_pb2.LONG_PROMPT_MODE_INTERPOLATE,
+    "pool": generator_pb2.LONG_PROMPT_MODE_POOL,
+}
+LONG_PROMPT_NAMES = {value: name for name, value in LONG_PROMPT_MODES.items()}
+OUTPUT_FORMATS = {
+    "png": generator_pb2.OUTPUT_FORMAT_PNG,
+    "jpeg": generator_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": generator_pb2.OUTPUT_FORMAT_WEBP,
+    "latent": generator_pb2.OUTPUT_FORMAT_LATENT,
+}
 
 
 @contextlib.contextmanager
@@ -112,6 +141,7 @@ class AsyncClient:
         self._encoder_model_id: str | None = None
         # Keys of embeddings this client has uploaded to the generator: sent once, not with every request.
         self._uploaded: set[str] = set()
+        self._uploaded_images: dict[tuple[str, bool], str] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -149,13 +179,22 @@ class AsyncClient:
         *,
         max_sequence_length: int | None = None,
         hidden_layer: int | None = None,
+        long_prompt_mode: str | None = None,
         timeout: float | None = None,
     ) -> Embeddings:
-        """Encodes prompts on the encoder service; returns one PromptEmbedding per prompt."""
+        """Encodes prompts on the encoder service; returns one PromptEmbedding per prompt.
+
+        A prompt longer than `max_sequence_length` tokens (the encoder's default, 512, when None; at most
+        the DiT's limit, 1504) becomes exactly that many rows: `long_prompt_mode` "truncate" (the default,
+        as diffusers) keeps its first tokens, "interpolate" and "pool" resample all of them. A prompt that
+        fits is the same in every mode; `shortened_by` and `source_token_count` say what happened.
+        """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        # The encoder's LongPromptMode numbers its modes as the generator's does.
+        mode = _enum_value(LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode")
         with _fields_in_range():
             options = encoder_pb2.EncodeOptions(
-                max_sequence_length=max_sequence_length, hidden_layer=hidden_layer
+                max_sequence_length=max_sequence_length, hidden_layer=hidden_layer, long_prompt_mode=mode
             )
             request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
         target = f"encoder {self.encoder_address}"
@@ -229,15 +268,35 @@ class AsyncClient:
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
         max_sequence_length: int | None = None,
+        long_prompt_mode: str | None = None,
+        loras: Sequence[LoraLike] = (),
+        init_image: ImageInput | None = None,
+        strength: float | None = None,
+        mask: ImageInput | None = None,
+        output_format: str | None = None,
+        quality: int | None = None,
+        strip_metadata: bool = False,
         model: str = "",
         request_id: str | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
-    ) -> Image.Image:
+    ) -> Image.Image | Latents:
         """Generates one image; unset parameters take the server's Turbo defaults (1024², 8 steps, no CFG).
 
         Give `prompt` text, or `embeddings` from `encode()`. The returned PIL image's `.info` holds the
-        seed, size, steps, guidance, timings, request id, model and replica.
+        seed, size, steps, guidance, timings, request id, model, replica, LoRAs, prompt shortening, and
+        `file_bytes`: the file exactly as the generator made it (PNG with the settings in text chunks by
+        default; write it to keep them).
+
+        - `loras`: ``[{"name": "style", "scale": 0.8}]`` or ``[("style", 0.8)]``, files under the
+          generator's --lora-dir, for this request only.
+        - `init_image` (a path, PIL image or file bytes) with `strength` (0.6): img2img, as diffusers'
+          ZImageImg2ImgPipeline; with `mask` (white = repaint) inpainting, as ZImageInpaintPipeline.
+          Without width and height the image's own size is kept.
+        - `long_prompt_mode`: "truncate" (default), "interpolate" or "pool" for prompts over
+          `max_sequence_length` tokens.
+        - `output_format`: "png" (default), "jpeg" or "webp" (with `quality`), or "latent", which returns
+          `Latents` (the DiT's output before the VAE) instead of an image.
         """
         images = await self.generate_images(
             prompt=prompt,
@@ -252,6 +311,14 @@ class AsyncClient:
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
             max_sequence_length=max_sequence_length,
+            long_prompt_mode=long_prompt_mode,
+            loras=loras,
+            init_image=init_image,
+            strength=strength,
+            mask=mask,
+            output_format=output_format,
+            quality=quality,
+            strip_metadata=strip_metadata,
             model=model,
             request_id=request_id,
             on_progress=on_progress,
@@ -274,12 +341,20 @@ class AsyncClient:
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
         max_sequence_length: int | None = None,
+        long_prompt_mode: str | None = None,
+        loras: Sequence[LoraLike] = (),
+        init_image: ImageInput | None = None,
+        strength: float | None = None,
+        mask: ImageInput | None = None,
+        output_format: str | None = None,
+        quality: int | None = None,
+        strip_metadata: bool = False,
         model: str = "",
         request_id: str | None = None,
         num_images: int = 1,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
-    ) -> list[Image.Image]:
+    ) -> list[Image.Image | Latents]:
         """Generates `num_images` images of one prompt, with seeds seed, seed+1, ... (the server picks
         `seed` when unset); the prompt is encoded once. Parameters as for `generate`. Progress counts the
         steps of all the images.
@@ -288,6 +363,8 @@ class AsyncClient:
             raise InvalidArgument("Pass exactly one of `prompt` (text) or `embeddings` (from encode()).")
         if negative_prompt is not None and negative_embeddings is not None:
             raise InvalidArgument("Pass at most one of `negative_prompt` or `negative_embeddings`.")
+        if init_image is None and (mask is not None or strength is not None):
+            raise InvalidArgument("`mask` and `strength` need an `init_image` (img2img / inpainting).")
         with _fields_in_range():
             request = generator_pb2.GenerateRequest(
                 request_id=request_id or uuid.uuid4().hex,
@@ -301,15 +378,73 @@ class AsyncClient:
                 model=model,
                 max_sequence_length=max_sequence_length,
                 num_images=None if num_images == 1 else num_images,
+                long_prompt_mode=_enum_value(LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode"),
+                output_format=_enum_value(OUTPUT_FORMATS, output_format, "output_format"),
+                quality=quality,
+                strip_metadata=strip_metadata,
+                loras=[_lora_request(lora) for lora in loras],
             )
         if negative_prompt is not None:
             request.negative_prompt.text = negative_prompt
         if prompt is not None:
             request.prompt.text = prompt
-        # An uploaded embedding may be evicted before Generate runs: upload again once and retry.
+        start = _StartImages(init_image, mask, strength) if init_image is not None else None
+        # An uploaded embedding or image may be evicted before Generate runs: upload again once and retry.
         return await self._with_busy_retries(
-            lambda: self._generate_uploading(request, embeddings, negative_embeddings, on_progress, timeout)
+            lambda: self._generate_uploading(
+                request, embeddings, negative_embeddings, start, on_progress, timeout
+            )
         )
+
+    async def upload_image(
+        self, image: ImageInput, *, mask: bool = False, timeout: float | None = None
+    ) -> str:
+        """Sends an image file (PNG, JPEG or WebP; a PIL image is sent as PNG) to the generator in chunks;
+        returns the key for img2img (or, with `mask`, inpainting). The generator checks it on arrival."""
+        return await self._upload_image(_image_file_bytes(image), mask=mask, timeout=timeout, again=True)
+
+    async def _upload_image(self, data: bytes, *, mask: bool, timeout: float | None, again: bool) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        known = self._uploaded_images.get((digest, mask))
+        if known is not None and not again:
+            return known
+
+        async def messages() -> AsyncIterator[generator_pb2.UploadImageRequest]:
+            header = generator_pb2.UploadImageHeader(byte_length=len(data), sha256=digest, mask=mask)
+            yield generator_pb2.UploadImageRequest(header=header)
+            for chunk in wire.iter_chunks(memoryview(data)):
+                yield generator_pb2.UploadImageRequest(chunk=bytes(chunk))
+
+        try:
+            reply = await self._generator().UploadImage(
+                messages(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        self._uploaded_images[(digest, mask)] = reply.image_key
+        return reply.image_key
+
+    async def list_loras(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The LoRA files the generator can load (under its --lora-dir): name, format, rank, size, ..."""
+        try:
+            reply = await self._generator().ListLoras(
+                generator_pb2.ListLorasRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except aio.AioRpcError as error:
+            raise from_rpc_error(error, f"generator {self.generator_address}") from None
+        if not reply.enabled:
+            raise InvalidArgument(
+                f"The generator at {self.generator_address} was started without --lora-dir, so it takes no "
+                "LoRA; restart it with --lora-dir DIR."
+            )
+        return [
+            MessageToDict(
+                file,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            )
+            for file in reply.loras
+        ]
 
     async def generate_many(
         self,
@@ -359,7 +494,7 @@ class AsyncClient:
                 except Exception as error:  # handed to the consumer, which stops the batch
                     await queue.put(error)
                     return
-                await queue.put(JobResult(job, image))
+                await queue.put(JobResult(job, cast(Image.Image, image)))  # PNG: no output_format given
 
         workers = [asyncio.ensure_future(work()) for _ in range(min(concurrency, len(planned)))]
         try:
@@ -390,10 +525,21 @@ class AsyncClient:
         request: generator_pb2.GenerateRequest,
         embeddings: EmbeddingLike | None,
         negative_embeddings: EmbeddingLike | None,
+        start: _StartImages | None,
         on_progress: ProgressCallback | None,
         timeout: float | None,
-    ) -> list[Image.Image]:
+    ) -> list[Image.Image | Latents]:
         for attempt in range(2):
+            if start is not None:
+                request.init_image.image_key = await self._upload_image(
+                    start.image_bytes, mask=False, timeout=timeout, again=attempt > 0
+                )
+                if start.mask_bytes is not None:
+                    request.init_image.mask_key = await self._upload_image(
+                        start.mask_bytes, mask=True, timeout=timeout, again=attempt > 0
+                    )
+                if start.strength is not None:
+                    request.init_image.strength = start.strength
             if embeddings is not None:
                 request.prompt.embedding_key = await self._upload(
                     embeddings, timeout=timeout, again=attempt > 0
@@ -405,8 +551,9 @@ class AsyncClient:
             try:
                 return await self._generate_once(request, on_progress, timeout)
             except NotFound as error:
-                uploaded = embeddings is not None or negative_embeddings is not None
-                if attempt or not uploaded or "embedding_key" not in error.message:
+                uploaded = embeddings is not None or negative_embeddings is not None or start is not None
+                lost = "embedding_key" in error.message or "UploadImage" in error.message
+                if attempt or not uploaded or not lost:
                     raise
         raise AssertionError("unreachable")
 
@@ -415,7 +562,7 @@ class AsyncClient:
         request: generator_pb2.GenerateRequest,
         on_progress: ProgressCallback | None,
         timeout: float | None,
-    ) -> list[Image.Image]:
+    ) -> list[Image.Image | Latents]:
         received: list[tuple[generator_pb2.ImageHeader, bytearray]] = []
         try:
             async for response in self._generator().Generate(
@@ -437,17 +584,70 @@ class AsyncClient:
                 f"The image stream from {self.generator_address} ended early ({len(received)} of {expected} "
                 "images, or an image cut short). Retry the request."
             )
-        images: list[Image.Image] = []
+        images: list[Image.Image | Latents] = []
         for header, data in received:
             if hashlib.sha256(data).hexdigest() != header.sha256:
                 raise DataLoss(
                     "The image bytes do not match their sha256; they were corrupted. Retry the request."
                 )
+            info = image_metadata(header) | {"file_bytes": bytes(data), "format": header.format}
+            if header.format == "safetensors":
+                images.append(Latents(safetensors_load(bytes(data))["latents"], info))
+                continue
             image = Image.open(io.BytesIO(bytes(data)))
             image.load()
-            image.info.update(image_metadata(header))
+            image.info.update(info)
             images.append(image)
         return images
+
+
+@dataclass(frozen=True)
+class Latents:
+    """`output_format="latent"`: the DiT's final latents, [1, 16, height/8, width/8] float32 for the real
+    VAE, before VAE decoding. `info` is as an image's; `info["file_bytes"]` is the safetensors file."""
+
+    tensor: torch.Tensor
+    info: dict[str, Any]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_bytes(self.info["file_bytes"])
+
+
+class _StartImages:
+    """An img2img request's start image and mask as file bytes, read once, uploaded (again) when needed."""
+
+    def __init__(self, image: ImageInput, mask: ImageInput | None, strength: float | None) -> None:
+        self.image_bytes = _image_file_bytes(image)
+        self.mask_bytes = _image_file_bytes(mask) if mask is not None else None
+        self.strength = strength
+
+
+def _image_file_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    try:
+        return Path(image).read_bytes()
+    except OSError as error:
+        raise InvalidArgument(f"Cannot read the image {image}: {error.strerror}.") from None
+
+
+def _lora_request(lora: LoraLike) -> generator_pb2.LoraRequest:
+    if isinstance(lora, str):
+        return generator_pb2.LoraRequest(name=lora)
+    name, scale = (lora["name"], lora.get("scale")) if isinstance(lora, Mapping) else lora
+    return generator_pb2.LoraRequest(name=name, scale=None if scale is None else float(scale))
+
+
+def _enum_value(values: Mapping[str, int], name: str | None, what: str) -> int:
+    if name is None:
+        return 0
+    if name not in values:
+        raise InvalidArgument(f"Unknown {what} {name!r}; use one of {', '.join(values)}.")
+    return values[name]
 
 
 def _key_of(item: PromptEmbedding | torch.Tensor) -> str:
@@ -473,6 +673,12 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "vae_tiled": header.vae_tiled,
         "sha256": header.sha256,
         "prompt_key": header.prompt_key,
+        "loras": [{"name": lora.name, "scale": lora.scale} for lora in header.loras],
+        "prompt_token_count": header.prompt_token_count,
+        "prompt_source_token_count": header.prompt_source_token_count,
+        "prompt_shortened_by": LONG_PROMPT_NAMES.get(header.prompt_shortened_by, ""),
+        "strength": header.strength,
+        "steps_run": header.steps_run,
         "timings": {
             "queue": timings.queue_seconds,
             "encode": timings.encode_seconds,
@@ -493,6 +699,9 @@ async def read_embedding_stream(
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
 
     def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
+        shortened_by = LONG_PROMPT_NAMES.get(header.shortened_by, "")
+        if header.truncated:  # an encoder from before long-prompt modes could only truncate
+            shortened_by = "truncate"
         items.append(
             PromptEmbedding(
                 text=texts[header.prompt_index],
@@ -504,6 +713,8 @@ async def read_embedding_stream(
                 formatted_text=header.formatted_text,
                 hidden_layer=header.hidden_layer,
                 max_sequence_length=header.max_sequence_length,
+                source_token_count=header.source_token_count or header.token_count,
+                shortened_by=shortened_by,
             )
         )
 
@@ -534,4 +745,4 @@ async def read_embedding_stream(
     return items, model_id
 
 
-__all__ = ["AsyncClient", "ZSplitError", "read_embedding_stream"]
+__all__ = ["AsyncClient", "Latents", "ZSplitError", "read_embedding_stream"]

@@ -1,7 +1,7 @@
 """Prompt embeddings as the SDK hands them out, and their file: one safetensors file, one tensor per prompt.
 
 The file's header metadata describes every prompt (text, formatted text, content key, model, layer, max
-length, dtype, token count, truncation) and holds each tensor's sha256, so a file made on one machine
+length, dtype, token counts, how a long prompt was shortened) and holds each tensor's sha256, so a file made on one machine
 (say, a Mac running the encoder) can be checked before any DiT work on another. No pickle anywhere.
 """
 
@@ -28,7 +28,12 @@ FILE_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class PromptEmbedding:
-    """One prompt's Qwen3 hidden states, shape [tokens, hidden_size]."""
+    """One prompt's Qwen3 hidden states, shape [token_count, hidden_size].
+
+    `token_count` is min(source_token_count, max_sequence_length). When the formatted prompt had more tokens
+    than that, `shortened_by` names the long-prompt mode that brought it down ("truncate", "interpolate"
+    or "pool"; `truncated` is true for "truncate" only); otherwise it is "".
+    """
 
     text: str
     content_key: str
@@ -39,6 +44,9 @@ class PromptEmbedding:
     formatted_text: str = ""
     hidden_layer: int = -2
     max_sequence_length: int = 512
+    # Tokens of the formatted prompt before shortening; 0 when not known (an embedding built by hand).
+    source_token_count: int = 0
+    shortened_by: str = ""
 
 
 class Embeddings(Sequence[PromptEmbedding]):
@@ -92,6 +100,8 @@ class Embeddings(Sequence[PromptEmbedding]):
                     "dtype": wire.DTYPE_NAMES[meta.dtype],
                     "token_count": item.token_count,
                     "truncated": item.truncated,
+                    "source_token_count": item.source_token_count,
+                    "shortened_by": item.shortened_by,
                     "sha256": meta.sha256,
                 }
             )
@@ -143,8 +153,10 @@ def _check_format(metadata: dict[str, str], source: Path) -> None:
 
 _REQUIRED_FIELDS = ("tensor", "text", "content_key", "dtype", "token_count", "sha256")
 _FIELD_TYPES: dict[str, type] = {
-    **dict.fromkeys(("tensor", "text", "content_key", "dtype", "sha256", "formatted_text"), str),
-    **dict.fromkeys(("token_count", "hidden_layer", "max_sequence_length"), int),
+    **dict.fromkeys(
+        ("tensor", "text", "content_key", "dtype", "sha256", "formatted_text", "shortened_by"), str
+    ),
+    **dict.fromkeys(("token_count", "hidden_layer", "max_sequence_length", "source_token_count"), int),
     "truncated": bool,
 }
 
@@ -196,15 +208,19 @@ def _checked_item(
         raise DataLoss(
             f"{where}: the tensor bytes do not match their sha256; the file is corrupted. Make it again."
         )
+    truncated = bool(entry.get("truncated", False))
     return PromptEmbedding(
         text=entry["text"],
         content_key=entry["content_key"],
         tensor=tensor,
         token_count=int(entry["token_count"]),
-        truncated=bool(entry.get("truncated", False)),
+        truncated=truncated,
         formatted_text=entry.get("formatted_text", ""),
         hidden_layer=int(entry.get("hidden_layer", -2)),
         max_sequence_length=int(entry.get("max_sequence_length", 512)),
+        # Files from before long-prompt modes: those prompts could only be truncated.
+        source_token_count=int(entry.get("source_token_count", entry["token_count"])),
+        shortened_by=entry.get("shortened_by", "truncate" if truncated else ""),
     )
 
 

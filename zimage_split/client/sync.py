@@ -88,6 +88,8 @@ class Client:
 
     encode = _blocking(AsyncClient.encode)
     upload = _blocking(AsyncClient.upload)
+    upload_image = _blocking(AsyncClient.upload_image)
+    list_loras = _blocking(AsyncClient.list_loras)
     generate = _blocking(AsyncClient.generate)
     generate_images = _blocking(AsyncClient.generate_images)
     encoder_info = _blocking(AsyncClient.encoder_info)

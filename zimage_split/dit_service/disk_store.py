@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ STALE_TEMP_SECONDS = 60.0
 # Text keys ("text-" + sha256) and upload keys (sha256). Anything else is never a file name, so a key
 # sent by a client cannot point outside the folder.
 _KEY_PATTERN = re.compile(r"(text-)?[0-9a-f]{64}")
+_COUNT_PATTERN = re.compile(r"[0-9]{1,9}")
+_MODE_PATTERN = re.compile(r"[a-z_]{0,32}")
+
+
+@dataclass(frozen=True)
+class StoredEmbedding:
+    """A stored tensor and how the encoder made it from its prompt (0 and "": not known, as for uploads)."""
+
+    tensor: torch.Tensor
+    # Tokens of the formatted prompt before shortening.
+    source_token_count: int = 0
+    # The long-prompt mode that shortened it, or "" when it was not shortened.
+    shortened_by: str = ""
 
 
 class CorruptFile(ValueError):
@@ -73,8 +87,8 @@ class DiskEmbeddingStore:
             logger.info("Removed %d unfinished embedding file(s) from %s.", removed, self.directory)
         return removed
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The stored tensor, or None if absent; a corrupt file is logged, removed and counts as absent."""
+    def get(self, key: str) -> StoredEmbedding | None:
+        """The stored embedding, or None if absent; a corrupt file is logged, removed and counts as absent."""
         path = self.path_for(key)
         if path is None or not path.is_file():
             return None
@@ -89,7 +103,11 @@ class DiskEmbeddingStore:
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, key: str, tensor: torch.Tensor) -> None:
+    def put(
+        self, key: str, tensor: torch.Tensor, *, source_token_count: int = 0, shortened_by: str = ""
+    ) -> None:
+        """Writes `tensor` under `key` (once: the same key always holds the same tensor), with how it was
+        shortened, so a hit after a restart reports what the first encode did."""
         path = self.path_for(key)
         if path is None:
             raise ValueError(f"{key!r} is not an embedding key; the store names files only by keys.")
@@ -102,6 +120,8 @@ class DiskEmbeddingStore:
             "dtype": DTYPE_NAMES[meta.dtype],
             "shape": json.dumps(list(meta.shape)),
             "sha256": meta.sha256,
+            "source_token_count": str(source_token_count),
+            "shortened_by": shortened_by,
         }
         self._write_atomically(path, save({TENSOR_NAME: tensor}, metadata=metadata))
 
@@ -141,7 +161,7 @@ class DiskEmbeddingStore:
                 os.unlink(temp)
 
 
-def _read(path: Path, key: str) -> torch.Tensor:
+def _read(path: Path, key: str) -> StoredEmbedding:
     # Read into memory rather than safe_open's memory map: a tensor kept in the LRU must not change, or
     # fault, if someone rewrites or truncates its file in place.
     data = path.read_bytes()
@@ -158,4 +178,11 @@ def _read(path: Path, key: str) -> torch.Tensor:
     for field, value in found.items():
         if metadata.get(field) != value:
             raise CorruptFile(f"its {field} is {value}, its metadata says {metadata.get(field)}")
-    return tensor
+    # Files written before long-prompt modes lack both: not known.
+    source_token_count = str(metadata.get("source_token_count", "0"))
+    shortened_by = str(metadata.get("shortened_by", ""))
+    if not _COUNT_PATTERN.fullmatch(source_token_count) or not _MODE_PATTERN.fullmatch(shortened_by):
+        raise CorruptFile(
+            f"its source_token_count {source_token_count!r:.20} or shortened_by {shortened_by!r:.40}"
+        )
+    return StoredEmbedding(tensor, int(source_token_count), shortened_by)

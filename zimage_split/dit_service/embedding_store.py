@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -31,14 +31,42 @@ T = TypeVar("T")
 
 # The encoder Info fields that change what it outputs for the same text; text keys include them.
 IDENTITY_FIELDS = ("model_id", "dtype", "hidden_layer", "max_sequence_length")
+LONG_PROMPT_MODES = ("truncate", "interpolate", "pool")
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How prompt text is encoded: `max_sequence_length` (None: the encoder's default, 512) and what the
+    encoder does with a longer prompt, `long_prompt_mode` "truncate" (diffusers), "interpolate" or "pool".
+    Every mode gives min(prompt tokens, max_sequence_length) rows."""
+
+    max_sequence_length: int | None = None
+    long_prompt_mode: str = "truncate"
+
+    def __post_init__(self) -> None:
+        if self.long_prompt_mode not in LONG_PROMPT_MODES:
+            raise InvalidArgument(
+                f"long_prompt_mode must be one of {', '.join(LONG_PROMPT_MODES)} (got {self.long_prompt_mode!r})."
+            )
 
 
 @dataclass(frozen=True)
 class Embedding:
+    """A prompt's embedding as the generator holds it, and how the encoder made it."""
+
     tensor: torch.Tensor
     key: str
     # Seconds spent fetching it from the encoder; 0 when it came from the cache.
     encode_seconds: float = 0.0
+    # Tokens of the formatted prompt before shortening; 0 when not known (an uploaded embedding).
+    source_token_count: int = 0
+    # "truncate", "interpolate" or "pool" when the encoder shortened the prompt to token_count rows, else "".
+    shortened_by: str = ""
+
+    @property
+    def token_count(self) -> int:
+        """Rows of the embedding."""
+        return int(self.tensor.shape[0])
 
 
 def tensor_key(tensor: torch.Tensor) -> str:
@@ -89,8 +117,9 @@ class EmbeddingStore:
         self.encoder_retries = encoder_retries
         self.caption_dim = caption_dim
         self.max_tokens = max_tokens
-        self.cache: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(
-            cache_bytes, lambda tensor: tensor.numel() * tensor.element_size()
+        # Entries keep what the encoder said about the prompt, so a hit reports it as the first fetch did.
+        self.cache: ByteBoundedLRU[Embedding] = ByteBoundedLRU(
+            cache_bytes, lambda entry: entry.tensor.numel() * entry.tensor.element_size()
         )
         self.disk = DiskEmbeddingStore(disk_dir) if disk_dir else None
         # Set once the encoder's Info has been checked; text keys depend on it.
@@ -140,34 +169,48 @@ class EmbeddingStore:
             retry_after_seconds=error.retry_after_seconds,
         )
 
-    def _text_key(self, identity: str, text: str, max_sequence_length: int | None) -> str:
-        digest = hashlib.sha256(f"{identity}|{max_sequence_length}|".encode())
+    def _text_key(self, identity: str, text: str, encoding: TextEncoding) -> str:
+        digest = hashlib.sha256(
+            f"{identity}|{encoding.max_sequence_length}|{encoding.long_prompt_mode}|".encode()
+        )
         digest.update(text.encode("utf-8"))
         return "text-" + digest.hexdigest()
 
-    async def _cached(self, key: str) -> torch.Tensor | None:
-        tensor = self.cache.get(key)
-        if tensor is not None or self.disk is None:
-            return tensor
-        tensor = await asyncio.to_thread(self.disk.get, key)
-        if tensor is None:
+    async def _cached(self, key: str) -> Embedding | None:
+        """From memory, then disk; always with encode_seconds 0."""
+        embedding = self.cache.get(key)
+        if embedding is not None or self.disk is None:
+            return embedding
+        stored = await asyncio.to_thread(self.disk.get, key)
+        if stored is None:
             return None
         try:
-            tensor = self.check(tensor, f"The stored embedding {key[:16]}...")
+            tensor = self.check(stored.tensor, f"The stored embedding {key[:16]}...")
         except InvalidArgument as error:  # e.g. a folder shared with a generator of another model
             logger.warning("%s; ignoring the file in %s.", error.message, self.disk.directory)
             return None
-        self.cache.put(key, tensor)
-        return tensor
+        embedding = Embedding(
+            tensor, key, source_token_count=stored.source_token_count, shortened_by=stored.shortened_by
+        )
+        self.cache.put(key, embedding)
+        return embedding
 
-    async def _keep(self, key: str, tensor: torch.Tensor) -> None:
-        self.cache.put(key, tensor)
+    async def _keep(self, embedding: Embedding) -> None:
+        embedding = replace(embedding, encode_seconds=0.0)
+        self.cache.put(embedding.key, embedding)
         if self.disk is not None:
-            await asyncio.to_thread(self.disk.put, key, tensor)
+            await asyncio.to_thread(
+                self.disk.put,
+                embedding.key,
+                embedding.tensor,
+                source_token_count=embedding.source_token_count,
+                shortened_by=embedding.shortened_by,
+            )
 
-    async def from_text(
-        self, text: str, max_sequence_length: int | None, timeout: float | None = None
-    ) -> Embedding:
+    async def from_text(self, text: str, encoding: TextEncoding, timeout: float | None = None) -> Embedding:
+        """The embedding of prompt `text` encoded as `encoding`: from memory, the disk tier, or the encoder
+        (`timeout` bounds the encoder calls). A cached one reports the source_token_count and shortened_by
+        of the first encode, with encode_seconds 0."""
         encoder = self._require_encoder()
         deadline = None if timeout is None else time.monotonic() + timeout
         identity = self._encoder_identity
@@ -180,9 +223,9 @@ class EmbeddingStore:
                 # Prompts encoded before a restart are on disk under the identity of the encoder then.
                 stored = await asyncio.to_thread(self.disk.read_identity) if self.disk is not None else None
                 if stored is not None:
-                    key = self._text_key(stored, text, max_sequence_length)
+                    key = self._text_key(stored, text, encoding)
                     if (cached := await self._cached(key)) is not None:
-                        return Embedding(cached, key)
+                        return cached
                 try:
                     info = await self._retrying(
                         lambda left: self.check_encoder(timeout=left), deadline, first_failure=error
@@ -190,23 +233,35 @@ class EmbeddingStore:
                 except Unavailable as again:
                     raise self._not_cached(again) from None
                 identity = encoder_identity(info)
-        key = self._text_key(identity, text, max_sequence_length)
+        key = self._text_key(identity, text, encoding)
         cached = await self._cached(key)
         if cached is not None:
-            return Embedding(cached, key)
+            return cached
         started = time.perf_counter()
         try:
             encoded = await self._retrying(
-                lambda left: encoder.encode([text], max_sequence_length=max_sequence_length, timeout=left),
+                lambda left: encoder.encode(
+                    [text],
+                    max_sequence_length=encoding.max_sequence_length,
+                    long_prompt_mode=encoding.long_prompt_mode,
+                    timeout=left,
+                ),
                 deadline,
             )
         except Unauthenticated as error:
             raise encoder_refused(encoder.encoder_address, error) from None
         except Unavailable as error:
             raise self._not_cached(error) from None
-        tensor = self.check(encoded[0].tensor, "The encoder's embedding")
-        await self._keep(key, tensor)
-        return Embedding(tensor, key, encode_seconds=time.perf_counter() - started)
+        item = encoded[0]
+        embedding = Embedding(
+            self.check(item.tensor, "The encoder's embedding"),
+            key,
+            encode_seconds=time.perf_counter() - started,
+            source_token_count=item.source_token_count,
+            shortened_by=item.shortened_by,
+        )
+        await self._keep(embedding)
+        return embedding
 
     async def _retrying(
         self,
@@ -244,33 +299,34 @@ class EmbeddingStore:
         raise failure
 
     async def from_key(self, key: str) -> Embedding:
-        tensor = await self._cached(key)
-        if tensor is None:
+        embedding = await self._cached(key)
+        if embedding is None:
             raise NotFound(
                 f"embedding_key {key[:16]}... is not held by this generator (never uploaded, or evicted). "
                 "Upload the embedding again with UploadEmbedding."
             )
-        return Embedding(tensor, key)
+        return embedding
 
     async def add_upload(self, tensor: torch.Tensor, meta: TensorMeta | None = None) -> str:
         """Keeps a received tensor; `meta` is its verified wire header, which saves hashing it again."""
         tensor = self.check(tensor, "The uploaded embedding")
         key = embedding_key(meta) if meta is not None else tensor_key(tensor)
-        await self._keep(key, tensor)
+        await self._keep(Embedding(tensor, key))
         return key
 
     async def resolve_pair(
         self,
         prompt: tuple[str, str],
         negative: tuple[str, str] | None,
-        max_sequence_length: int | None,
+        encoding: TextEncoding,
         timeout: float | None = None,
     ) -> tuple[Embedding, Embedding | None]:
-        """Resolves ("text"|"embedding_key", value) pairs concurrently; `timeout` bounds encoder calls."""
+        """Resolves ("text"|"embedding_key", value) pairs concurrently; texts are encoded as `encoding`, and
+        `timeout` bounds encoder calls."""
 
         async def resolve(kind: str, value: str) -> Embedding:
             if kind == "text":
-                return await self.from_text(value, max_sequence_length, timeout)
+                return await self.from_text(value, encoding, timeout)
             return await self.from_key(value)
 
         if negative is None:

@@ -1,12 +1,12 @@
 """The unit of work of a generator: load the DiT, VAE and scheduler once, then turn embeddings into images.
 
-Runs diffusers' own ZImagePipeline (built with text_encoder=None), so an image equals the reference for the
-same embeddings and seed. No gRPC here: the servicer and the Ray workers both drive this class.
+Runs diffusers' own ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline (built with
+text_encoder=None, sharing one transformer and VAE), so an image equals the reference for the same embeddings,
+seed and start image. No gRPC here: the servicer and the Ray workers both drive this class.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +17,8 @@ from PIL import Image
 
 from zimage_split.common.errors import Cancelled, InvalidArgument
 from zimage_split.dit_service.attention import check_backend, choose_attention
+from zimage_split.dit_service.lora import LoraAdapters, LoraLibrary, LoraSpec
+from zimage_split.dit_service.outputs import OutputOptions, encode_image, encode_latents
 from zimage_split.model_source import ModelSource, load_component, load_model
 
 logger = logging.getLogger(__name__)
@@ -41,9 +43,15 @@ class GenerationParams:
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     seed: int = 0
+    # img2img or inpainting strength; None for text-to-image.
+    strength: float | None = None
+    # Whether the job has a mask (inpainting); needs `strength`.
+    inpaint: bool = False
+    # LoRA adapters for this image; a batch runs with one set of adapters.
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float, float, float]:
+    def batch_key(self) -> tuple:
         return (
             self.width,
             self.height,
@@ -51,11 +59,22 @@ class GenerationParams:
             self.guidance_scale,
             self.cfg_normalization,
             self.cfg_truncation,
+            self.strength,
+            self.inpaint,
+            self.loras,
         )
 
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 0
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps that run: `steps`, or what diffusers' img2img `get_timesteps` keeps for `strength`."""
+        if self.strength is None:
+            return self.steps
+        start = int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
+        return self.steps - start
 
 
 @dataclass
@@ -67,23 +86,24 @@ class GenerationJob:
     negative_prompt_embeds: torch.Tensor | None = None
     on_step: Callable[..., None] | None = None  # on_step(step, total, replica="")
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
+    # img2img / inpainting start image (RGB, already width x height) and mask ("L", white = repaint).
+    init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    # The file to make of the result; does not affect batching.
+    output: OutputOptions = OutputOptions()
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    png: bytes
+    # The result file: an image in `format`, or a safetensors file of latents ("safetensors").
+    data: bytes
+    format: str
     width: int
     height: int
     denoise_seconds: float
     decode_seconds: float
     # Whether the VAE decoded this image in overlapping tiles (--vae-tiling).
     vae_tiled: bool = False
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def decodes_tiled(vae_tiling: str, width: int, height: int) -> bool:
@@ -136,6 +156,9 @@ class EngineOptions:
     attention: str = "auto"
     compile: bool = False
     vae_tiling: str = "auto"
+    # Folder of LoRA files requests may name (--lora-dir; "" turns LoRA off), and adapters kept loaded.
+    lora_dir: str = ""
+    lora_cache: int = 8
     # The square side compiled graphs are warmed up at, and whether guided batches are warmed up too.
     warm_up_side: int = 1024
     warm_up_guidance: bool = True
@@ -158,6 +181,8 @@ class EngineOptions:
             attention=self.attention,
             compile=self.compile,
             vae_tiling=self.vae_tiling,
+            lora_dir=self.lora_dir or None,
+            lora_cache=self.lora_cache,
         )
         engine.warm_up(self.warm_up_side, guidance=self.warm_up_guidance)
         return engine
@@ -179,6 +204,8 @@ class EngineInfo:
     attention_backend: str = "native"
     compiled: bool = False
     vae_tiling: str = "auto"
+    loras_enabled: bool = False
+    lora_cache_size: int = 0
 
 
 class _AllCancelled(Exception):
@@ -199,7 +226,8 @@ class DiTEngine:
 
     `attention` is --attention (auto, native, flash, _flash_3, sage), `compile` turns on regional
     torch.compile of the transformer blocks (compiled by `warm_up`), `vae_tiling` is --vae-tiling (auto, on,
-    off). Options that cannot work on `device` raise InvalidArgument before any weights load.
+    off), `lora_dir` the folder of LoRA files requests may name (None: no LoRA), of which `lora_cache` stay
+    loaded. Options that cannot work on `device` raise InvalidArgument before any weights load.
     """
 
     def __init__(
@@ -211,10 +239,14 @@ class DiTEngine:
         attention: str = "auto",
         compile: bool = False,
         vae_tiling: str = "auto",
+        lora_dir: str | None = None,
+        lora_cache: int = 8,
     ) -> None:
         from diffusers import (
             AutoencoderKL,
             FlowMatchEulerDiscreteScheduler,
+            ZImageImg2ImgPipeline,
+            ZImageInpaintPipeline,
             ZImagePipeline,
             ZImageTransformer2DModel,
         )
@@ -239,6 +271,14 @@ class DiTEngine:
             scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        # The same modules (no copies) behind diffusers' img2img and inpainting pipelines.
+        self.img2img_pipe = ZImageImg2ImgPipeline(**self.pipe.components)
+        self.inpaint_pipe = ZImageInpaintPipeline(**self.pipe.components)
+        for pipe in (self.img2img_pipe, self.inpaint_pipe):
+            pipe.set_progress_bar_config(disable=True)
+        self.lora_library = LoraLibrary(lora_dir)
+        self.loras = LoraAdapters(self.pipe, self.lora_library, capacity=lora_cache)
+        self.lora_cache = lora_cache
         self.caption_dim = int(transformer.config.cap_feat_dim)
         # Caption tokens take RoPE positions on the first axis, after a small reserve (1504 for the real model).
         self.max_caption_tokens = int(transformer.config.axes_lens[0]) - 32
@@ -265,6 +305,8 @@ class DiTEngine:
             attention_backend=self.attention.backend,
             compiled=self.compiled,
             vae_tiling=self.vae_tiling,
+            loras_enabled=self.lora_library.enabled,
+            lora_cache_size=self.lora_cache if self.lora_library.enabled else 0,
         )
 
     def _compile(self) -> None:
@@ -338,11 +380,16 @@ class DiTEngine:
                 raise InvalidArgument(
                     "Guidance is on but a job has no negative embedding; pass one ('' encoded)."
                 )
+            if (params.strength is not None) != (job.init_image is not None) or params.inpaint != (
+                job.mask_image is not None
+            ):
+                raise InvalidArgument("A job's start image and mask do not match its strength and inpaint.")
+        total_steps = params.steps_run
 
         def on_step_end(pipe: object, step: int, timestep: object, callback_kwargs: dict) -> dict:
             for job in jobs:
                 if job.on_step is not None and not job.is_cancelled():
-                    job.on_step(step + 1, params.steps)
+                    job.on_step(step + 1, total_steps)
             if all(job.is_cancelled() for job in jobs):
                 raise _AllCancelled
             return {}
@@ -362,15 +409,21 @@ class DiTEngine:
                 results.append(None)
                 continue
             started = time.perf_counter()
-            png = encode_png(self.decode(latents[index : index + 1])[0])
+            latent = latents[index : index + 1]
+            if job.output.format == "latent":
+                data, kind, tiled = encode_latents(latent, job.output.metadata), "safetensors", False
+            else:
+                data = encode_image(self.decode(latent)[0], job.output)
+                kind, tiled = job.output.format, self.decodes_tiled(params.width, params.height)
             results.append(
                 GeneratedImage(
-                    png=png,
+                    data=data,
+                    format=kind,
                     width=params.width,
                     height=params.height,
                     denoise_seconds=denoise_seconds,
                     decode_seconds=time.perf_counter() - started,
-                    vae_tiled=self.decodes_tiled(params.width, params.height),
+                    vae_tiled=tiled,
                 )
             )
         return results
@@ -379,12 +432,30 @@ class DiTEngine:
     def _denoise(
         self, jobs: Sequence[GenerationJob], on_step_end: Callable[..., dict] | None = None
     ) -> torch.Tensor:
-        """The pipeline's denoising loop over jobs sharing one batch_key; returns the latents."""
+        """The pipeline's denoising loop over jobs sharing one batch_key, with their LoRAs; returns the latents."""
         params = jobs[0].params
         prompts = [job.prompt_embeds for job in jobs]
         negatives = [job.negative_prompt_embeds for job in jobs] if params.uses_guidance else []
+        # Every batch sets its adapters, so one without LoRA runs the base weights whatever ran before.
+        self.loras.activate(params.loras)
+        if params.strength is None:
+            pipe, start = self.pipe, {}
+        elif not params.inpaint:
+            start = {"image": [job.init_image for job in jobs], "strength": params.strength}
+            pipe = self.img2img_pipe
+        else:
+            start = {
+                "image": [job.init_image for job in jobs],
+                "mask_image": [job.mask_image for job in jobs],
+                "strength": params.strength,
+            }
+            pipe = self.inpaint_pipe
+        if params.strength is not None:
+            # The start image is VAE-encoded tiled exactly when the result will be decoded tiled.
+            self._set_vae_tiling(params.width, params.height)
         with self.attention.applied(len(embeds) for embeds in [*prompts, *negatives]):  # type: ignore[arg-type]
-            return self.pipe(
+            return pipe(
+                **start,
                 prompt_embeds=[self._embeds(embeds) for embeds in prompts],
                 negative_prompt_embeds=(
                     [self._embeds(embeds) for embeds in negatives]  # type: ignore[arg-type]
@@ -402,6 +473,12 @@ class DiTEngine:
                 callback_on_step_end=on_step_end,
             ).images
 
+    def _set_vae_tiling(self, width: int, height: int) -> None:
+        if self.decodes_tiled(width, height):
+            self.pipe.vae.enable_tiling()
+        else:
+            self.pipe.vae.disable_tiling()
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """ZImagePipeline's own decode step, one image at a time so results do not depend on batching.
 
@@ -409,10 +486,7 @@ class DiTEngine:
         """
         vae = self.pipe.vae
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
-        if self.decodes_tiled(width, height):
-            vae.enable_tiling()
-        else:
-            vae.disable_tiling()
+        self._set_vae_tiling(width, height)
         latents = latents.to(vae.dtype)
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]

@@ -201,6 +201,9 @@ class RayWorkerPool:
             params=job.params,
             prompt_embeds=self._object_ref(job.prompt_embeds),
             negative_prompt_embeds=self._object_ref(job.negative_prompt_embeds),
+            init_image=job.init_image,
+            mask_image=job.mask_image,
+            output=job.output,
         )
         last_step = 0
         dispatched = time.perf_counter()

@@ -28,6 +28,7 @@ from zimage_split.dit_service.engine import (
     GenerationJob,
     GenerationParams,
 )
+from zimage_split.dit_service.outputs import OutputOptions
 from zimage_split.model_source import ModelSource
 
 
@@ -39,6 +40,10 @@ class ReplicaJob:
     params: GenerationParams
     prompt_embeds: Any  # ray.ObjectRef[torch.Tensor] or a tensor
     negative_prompt_embeds: Any = None
+    # img2img / inpainting images and the result file's options (see GenerationJob).
+    init_image: Any = None
+    mask_image: Any = None
+    output: OutputOptions = OutputOptions()
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,9 @@ class DiTReplica:
                 negative_prompt_embeds=await _resolve(jobs[i].negative_prompt_embeds),
                 on_step=reporter(i),
                 is_cancelled=flags[i].is_set,
+                init_image=jobs[i].init_image,
+                mask_image=jobs[i].mask_image,
+                output=jobs[i].output,
             )
             for i in indices
         ]

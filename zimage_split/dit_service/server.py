@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
@@ -15,6 +16,8 @@ from zimage_split.common.server import RunningServer, TransportLimits, serve_unt
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import EngineOptions
+from zimage_split.dit_service.init_images import ImageStore
+from zimage_split.dit_service.lora import LoraLibrary
 from zimage_split.dit_service.servicer import GeneratorServicer
 from zimage_split.dit_service.validation import Limits
 from zimage_split.dit_service.worker import LocalWorker, Worker
@@ -62,6 +65,11 @@ class GeneratorConfig:
     embedding_store: str | None = None
     # Finished images kept by request_id, so a retried request is answered without running again.
     completed_cache_bytes: int = 128 << 20
+    # LoRA files requests may name (None: LoRA off), and how many adapters each replica keeps loaded.
+    lora_dir: str | None = None
+    lora_cache: int = 8
+    # Decoded start images and masks from UploadImage, kept for Generate.
+    image_cache_bytes: int = 256 << 20
     limits: Limits = field(default_factory=Limits)
     transport: TransportLimits = TransportLimits()
     # Extra tries of an encoder call that failed with UNAVAILABLE (a restart, a dropped connection), within
@@ -106,7 +114,15 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         vae_tiling=config.vae_tiling,
         warm_up_side=warm_up_side(config.limits),
         warm_up_guidance=config.limits.max_guidance_scale > 0,
+        lora_dir=config.lora_dir or "",
+        lora_cache=config.lora_cache,
     )
+    if config.lora_dir and not Path(config.lora_dir).is_dir():
+        raise InvalidArgument(
+            f"--lora-dir {config.lora_dir} is not a folder; create it and put LoRA .safetensors files in it."
+        )
+    if config.lora_cache < 1:
+        raise InvalidArgument(f"--lora-cache must be at least 1 (got {config.lora_cache}).")
     if config.ray is None:
         device = pick_device(config.device)
         dtype = parse_dtype(config.dtype, device)
@@ -135,17 +151,8 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
             engine=options,
         )
     info = worker.info
-    limits = Limits(
-        # The API promises multiples of 16 (the real model's need) even where a tiny VAE would take less.
-        size_multiple=max(config.limits.size_multiple, info.size_multiple),
-        min_side=config.limits.min_side,
-        max_side=config.limits.max_side,
-        max_pixels=config.limits.max_pixels,
-        max_steps=config.limits.max_steps,
-        max_guidance_scale=config.limits.max_guidance_scale,
-        max_prompt_bytes=config.limits.max_prompt_bytes,
-        max_images_per_request=config.limits.max_images_per_request,
-    )
+    # The API promises multiples of 16 (the real model's need) even where a tiny VAE would take less.
+    limits = replace(config.limits, size_multiple=max(config.limits.size_multiple, info.size_multiple))
     encoder = (
         AsyncClient(generator=None, encoder=config.encoder, security=config.encoder_security)
         if config.encoder
@@ -173,7 +180,13 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
                 "Encoder not reachable yet (%s); prompts will be encoded once it is.", error.message
             )
     servicer = GeneratorServicer(
-        worker, store, limits, config.encoder or "", completed_bytes=config.completed_cache_bytes
+        worker,
+        store,
+        limits,
+        config.encoder or "",
+        completed_bytes=config.completed_cache_bytes,
+        images=ImageStore(config.image_cache_bytes),
+        loras=LoraLibrary(config.lora_dir),
     )
     running = await start_server(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),

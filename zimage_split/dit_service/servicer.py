@@ -1,10 +1,11 @@
-"""gRPC face of the generator: converts messages, resolves embeddings, streams progress and the PNG."""
+"""gRPC face of the generator: converts messages, resolves embeddings and images, streams progress and files."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hashlib
+import math
 import random
 import threading
 import time
@@ -13,17 +14,49 @@ from dataclasses import dataclass
 from typing import cast
 
 from grpc import aio
+from PIL import Image
 
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.common.lru import ByteBoundedLRU
-from zimage_split.dit_service.embedding_store import EmbeddingStore
-from zimage_split.dit_service.engine import GenerationJob
+from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding
+from zimage_split.dit_service.engine import GenerationJob, GenerationParams
+from zimage_split.dit_service.init_images import ImageStore
+from zimage_split.dit_service.lora import LoraLibrary, LoraSpec, check_specs
+from zimage_split.dit_service.outputs import OutputOptions, check_output, generation_metadata
 from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
+LONG_PROMPT_MODES = {
+    generator_pb2.LONG_PROMPT_MODE_UNSPECIFIED: "truncate",
+    generator_pb2.LONG_PROMPT_MODE_TRUNCATE: "truncate",
+    generator_pb2.LONG_PROMPT_MODE_INTERPOLATE: "interpolate",
+    generator_pb2.LONG_PROMPT_MODE_POOL: "pool",
+}
+SHORTENED_BY = {"": generator_pb2.LONG_PROMPT_MODE_UNSPECIFIED} | {
+    name: value for value, name in LONG_PROMPT_MODES.items() if value
+}
+OUTPUT_FORMATS = {
+    generator_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    generator_pb2.OUTPUT_FORMAT_PNG: "png",
+    generator_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    generator_pb2.OUTPUT_FORMAT_WEBP: "webp",
+    generator_pb2.OUTPUT_FORMAT_LATENT: "latent",
+}
+# diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
+DEFAULT_STRENGTH = 0.6
+DEFAULT_INPAINT_STRENGTH = 1.0
+
+
+@dataclass(frozen=True)
+class StartImages:
+    """A request's img2img start image (already at the output size) and inpainting mask, if any."""
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +68,7 @@ class CompletedImages:
 
     @property
     def size(self) -> int:
-        return sum(len(png) + header.ByteSize() for header, png in self.images)
+        return sum(len(data) + header.ByteSize() for header, data in self.images)
 
 
 def request_fingerprint(request: generator_pb2.GenerateRequest) -> str:
@@ -71,12 +104,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         encoder_address: str = "",
         *,
         completed_bytes: int = 128 << 20,
+        images: ImageStore | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         self.worker = worker
         self.info = worker.info
         self.store = store
         self.limits = limits
         self.encoder_address = encoder_address
+        self.images = images if images is not None else ImageStore()
+        self.loras = loras if loras is not None else LoraLibrary(None)
         self._active: set[threading.Event] = set()
         # Images by request_id: a client that lost the response and retries gets the same image, not a new run.
         self.completed: ByteBoundedLRU[CompletedImages] = ByteBoundedLRU(
@@ -94,19 +131,39 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"This generator serves {self.info.model_id!r}, not {request.model!r}. "
                 "Send the request to a generator started with that --model, or leave `model` empty."
             )
+        start = self._start_images(request)
+        width = request.width if request.HasField("width") else None
+        height = request.height if request.HasField("height") else None
+        if start.image is not None and width is None and height is None:
+            # img2img keeps the start image's size (as diffusers does), rounded down to the size multiple.
+            multiple = self.limits.size_multiple
+            width, height = (max(multiple, side // multiple * multiple) for side in start.image.size)
         params = validate_params(
             self.limits,
-            width=request.width if request.HasField("width") else None,
-            height=request.height if request.HasField("height") else None,
+            width=width,
+            height=height,
             steps=request.steps if request.HasField("steps") else None,
             guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
             cfg_normalization=request.cfg_normalization,
             cfg_truncation=request.cfg_truncation if request.HasField("cfg_truncation") else None,
             seed=request.seed if request.HasField("seed") else random.getrandbits(63),
         )
-        if request.HasField("max_sequence_length") and not 1 <= request.max_sequence_length <= 4096:
+        params = dataclasses.replace(
+            params,
+            strength=start.strength,
+            inpaint=start.mask is not None,
+            loras=self._loras(request),
+        )
+        limit = self.info.max_caption_tokens
+        if request.HasField("max_sequence_length") and not 1 <= request.max_sequence_length <= limit:
             raise InvalidArgument(
-                f"max_sequence_length must be between 1 and 4096 (got {request.max_sequence_length}); default 512."
+                f"max_sequence_length must be between 1 and {limit}, this DiT's caption limit (got "
+                f"{request.max_sequence_length}); default 512. For longer prompts use long_prompt_mode "
+                "interpolate or pool, which fit all of the prompt into max_sequence_length tokens."
+            )
+        if request.long_prompt_mode not in LONG_PROMPT_MODES:
+            raise InvalidArgument(
+                f"Unknown long_prompt_mode {request.long_prompt_mode}; use TRUNCATE, INTERPOLATE or POOL."
             )
         prompt = _conditioning(request.prompt, "GenerateRequest.prompt", self.limits)
         negative = None
@@ -116,8 +173,51 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 if request.HasField("negative_prompt")
                 else ("text", "")
             )
-        max_length = request.max_sequence_length if request.HasField("max_sequence_length") else None
-        return params, prompt, negative, max_length
+        encoding = TextEncoding(
+            max_sequence_length=request.max_sequence_length
+            if request.HasField("max_sequence_length")
+            else None,
+            long_prompt_mode=LONG_PROMPT_MODES[request.long_prompt_mode],
+        )
+        return params, prompt, negative, encoding, start
+
+    def _loras(self, request: generator_pb2.GenerateRequest) -> tuple[LoraSpec, ...]:
+        specs = check_specs(
+            LoraSpec(lora.name, lora.scale if lora.HasField("scale") else 1.0) for lora in request.loras
+        )
+        for spec in specs:
+            self.loras.resolve(
+                spec.name
+            )  # unknown names and names outside --lora-dir fail here, not on a replica
+        return specs
+
+    def _start_images(self, request: generator_pb2.GenerateRequest) -> StartImages:
+        if not request.HasField("init_image"):
+            return StartImages()
+        start = request.init_image
+        if not start.image_key:
+            raise InvalidArgument(
+                "init_image.image_key is empty; upload the start image with UploadImage and pass its key."
+            )
+        image = self.images.get(start.image_key, mask=False)
+        mask = self.images.get(start.mask_key, mask=True) if start.mask_key else None
+        default = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
+        strength = start.strength if start.HasField("strength") else default
+        if not (math.isfinite(strength) and 0 < strength <= 1):
+            raise InvalidArgument(
+                f"init_image.strength must be above 0 and at most 1 (got {strength}); 0.6 keeps the "
+                "composition, 1 repaints everything."
+            )
+        return StartImages(image=image, mask=mask, strength=float(strength))
+
+    def _output(self, request: generator_pb2.GenerateRequest) -> OutputOptions:
+        if request.output_format not in OUTPUT_FORMATS:
+            raise InvalidArgument(
+                f"Unknown output_format {request.output_format}; use PNG, JPEG, WEBP or LATENT."
+            )
+        return check_output(
+            OUTPUT_FORMATS[request.output_format], request.quality if request.HasField("quality") else None
+        )
 
     def _image_count(self, request: generator_pb2.GenerateRequest, seed: int) -> int:
         count = request.num_images if request.HasField("num_images") else 1
@@ -143,15 +243,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     f"request_id {request.request_id!r} was already used for a different request; "
                     "give every distinct request its own request_id."
                 )
-            for header, png in done.images:
-                for response in _image_responses(header, png):
+            for header, data in done.images:
+                for response in _image_responses(header, data):
                     yield response
             return
-        params, prompt, negative, max_length = self._job_parts(request)
+        params, prompt, negative, encoding, start = self._job_parts(request)
+        output = self._output(request)
         count = self._image_count(request, params.seed)
+        init_image = _fit(start.image, params.width, params.height)
         # The caller's deadline also bounds the call to the encoder.
         positive_embedding, negative_embedding = await self.store.resolve_pair(
-            prompt, negative, max_length, timeout=context.time_remaining()
+            prompt, negative, encoding, timeout=context.time_remaining()
         )
         encode_seconds = max(
             positive_embedding.encode_seconds, getattr(negative_embedding, "encode_seconds", 0.0)
@@ -171,12 +273,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         # Image i has seed + i; each is a job of its own, so replicas (and Ray's batching) share them out.
         tasks = []
         for index in range(count):
+            image_params = dataclasses.replace(params, seed=params.seed + index)
+            metadata = (
+                () if request.strip_metadata else self._metadata(request, image_params, prompt, negative)
+            )
             job = GenerationJob(
-                params=dataclasses.replace(params, seed=params.seed + index),
+                params=image_params,
                 prompt_embeds=positive_embedding.tensor,
                 negative_prompt_embeds=negative_embedding.tensor if negative_embedding else None,
                 on_step=step_reporter(index),
                 is_cancelled=cancelled.is_set,
+                init_image=init_image,
+                mask_image=start.mask,
+                output=dataclasses.replace(output, metadata=metadata),
             )
             job_id = (
                 f"{request.request_id}#{index}" if request.request_id and count > 1 else request.request_id
@@ -202,7 +311,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 yield generator_pb2.GenerateResponse(
                     progress=generator_pb2.Progress(
                         step=sum(steps_done),
-                        total_steps=params.steps * count,
+                        total_steps=params.steps_run * count,
                         elapsed_seconds=time.perf_counter() - received,
                         replica=replica,
                     )
@@ -227,9 +336,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 height=image.height,
                 steps=params.steps,
                 guidance_scale=params.guidance_scale,
-                format="png",
-                byte_length=len(image.png),
-                sha256=hashlib.sha256(image.png).hexdigest(),
+                format=image.format,
+                byte_length=len(image.data),
+                sha256=hashlib.sha256(image.data).hexdigest(),
                 timings=generator_pb2.Timings(
                     queue_seconds=result.queue_seconds,
                     encode_seconds=encode_seconds,
@@ -244,13 +353,103 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 negative_prompt_key=negative_embedding.key if negative_embedding else "",
                 image_index=index,
                 vae_tiled=image.vae_tiled,
+                loras=[generator_pb2.LoraRequest(name=lora.name, scale=lora.scale) for lora in params.loras],
+                prompt_token_count=positive_embedding.token_count,
+                prompt_source_token_count=positive_embedding.source_token_count,
+                prompt_shortened_by=SHORTENED_BY[positive_embedding.shortened_by],  # type: ignore[arg-type]
+                strength=params.strength or 0.0,
+                steps_run=params.steps_run,
             )
-            images.append((header, image.png))
+            images.append((header, image.data))
         if request.request_id:
             self.completed.put(request.request_id, CompletedImages(fingerprint, tuple(images)))
-        for header, png in images:
-            for response in _image_responses(header, png):
+        for header, data in images:
+            for response in _image_responses(header, data):
                 yield response
+
+    def _metadata(
+        self,
+        request: generator_pb2.GenerateRequest,
+        params: GenerationParams,
+        prompt: tuple[str, str],
+        negative: tuple[str, str] | None,
+    ) -> tuple[tuple[str, str], ...]:
+        """What the result file records about how it was made (PNG text chunks, EXIF, safetensors header)."""
+        return generation_metadata(
+            prompt=prompt[1] if prompt[0] == "text" else None,
+            negative_prompt=negative[1] if negative is not None and negative[0] == "text" else None,
+            seed=params.seed,
+            steps=params.steps,
+            width=params.width,
+            height=params.height,
+            guidance_scale=params.guidance_scale,
+            model=self.info.model_id,
+            loras=[(lora.name, lora.scale) for lora in params.loras],
+            strength=params.strength,
+            prompt_key=prompt[1] if prompt[0] == "embedding_key" else "",
+        )
+
+    async def UploadImage(
+        self,
+        request_iterator: AsyncIterator[generator_pb2.UploadImageRequest],
+        context: aio.ServicerContext,
+    ) -> generator_pb2.UploadImageResponse:
+        header: generator_pb2.UploadImageHeader | None = None
+        data = bytearray()
+        async for message in request_iterator:
+            if message.WhichOneof("item") == "header":
+                if header is not None:
+                    raise InvalidArgument("UploadImage takes one header; upload one image per call.")
+                header = message.header
+                if not 0 < header.byte_length <= self.limits.max_upload_bytes:
+                    raise InvalidArgument(
+                        f"An uploaded image must be 1 to {self.limits.max_upload_bytes} bytes (the header says "
+                        f"{header.byte_length}); send a smaller PNG, JPEG or WebP file."
+                    )
+            elif header is None:
+                raise InvalidArgument("UploadImage must start with a header message, then the chunks.")
+            else:
+                data.extend(message.chunk)
+                if len(data) > header.byte_length:
+                    raise InvalidArgument(
+                        f"UploadImage received more than the {header.byte_length} bytes its header announced."
+                    )
+        if header is None:
+            raise InvalidArgument("UploadImage received no header; send a header, then the chunks.")
+        if len(data) != header.byte_length:
+            raise InvalidArgument(
+                f"UploadImage received {len(data)} of the {header.byte_length} bytes announced; upload again."
+            )
+        key, image = await asyncio.to_thread(
+            self.images.add,
+            bytes(data),
+            mask=header.mask,
+            max_pixels=self.limits.max_upload_pixels,
+            sha256=header.sha256,
+        )
+        return generator_pb2.UploadImageResponse(image_key=key, width=image.width, height=image.height)
+
+    async def ListLoras(
+        self, request: generator_pb2.ListLorasRequest, context: aio.ServicerContext
+    ) -> generator_pb2.ListLorasResponse:
+        files = await asyncio.to_thread(self.loras.list) if self.loras.enabled else []
+        engine = getattr(self.worker, "engine", None)  # the in-process worker; Ray replicas keep their own
+        loaded = set(engine.loras.loaded) if engine is not None else set()
+        return generator_pb2.ListLorasResponse(
+            enabled=self.loras.enabled,
+            loras=[
+                generator_pb2.LoraFile(
+                    name=file.name,
+                    byte_length=file.byte_length,
+                    format=file.format,
+                    rank=file.rank,
+                    module_count=file.module_count,
+                    loaded=file.name in loaded,
+                    error=file.error,
+                )
+                for file in files
+            ],
+        )
 
     async def UploadEmbedding(
         self,
@@ -290,6 +489,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             attention_backend=self.info.attention_backend,
             compiled=self.info.compiled,
             vae_tiling=self.info.vae_tiling,
+            max_sequence_length_limit=self.info.max_caption_tokens,
+            loras_enabled=self.loras.enabled,
+            lora_cache_size=self.info.lora_cache_size,
             embedding_cache_hits=cache.hits,
             embedding_cache_misses=cache.misses,
             embedding_cache_bytes=cache.bytes,
@@ -297,8 +499,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
 
 def _image_responses(
-    header: generator_pb2.ImageHeader, png: bytes
+    header: generator_pb2.ImageHeader, data: bytes
 ) -> Iterator[generator_pb2.GenerateResponse]:
     yield generator_pb2.GenerateResponse(image=header)
-    for chunk in wire.iter_chunks(memoryview(png)):
+    for chunk in wire.iter_chunks(memoryview(data)):
         yield generator_pb2.GenerateResponse(image_chunk=chunk)
+
+
+def _fit(image: Image.Image | None, width: int, height: int) -> Image.Image | None:
+    """The start image at the output size. diffusers needs them equal; a different size is resized (Lanczos)
+    here, so an image already at the output size reaches the pipeline untouched, as in diffusers."""
+    if image is None or image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)

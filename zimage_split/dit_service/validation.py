@@ -26,6 +26,10 @@ class Limits:
     # Prompt text, checked before the encoder is asked (the encoder has its own limit).
     max_prompt_bytes: int = 64 << 10
     max_images_per_request: int = 4
+    # Uploaded start images and masks (UploadImage): file bytes, and pixels once decoded. Larger than any
+    # output, since a start image is resized to the requested size.
+    max_upload_bytes: int = 64 << 20
+    max_upload_pixels: int = 8192 * 8192
 
 
 def validate_params(

@@ -15,18 +15,67 @@ from zimage_split.random_weights import load_config, materialize, meta_model
 
 logger = logging.getLogger(__name__)
 
+# How a prompt longer than max_sequence_length tokens is brought down to it; "truncate" is diffusers'.
+LONG_PROMPT_MODES = ("truncate", "interpolate", "pool")
+
 
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """A prompt after the chat template and tokenizer, with the key that identifies its embedding."""
+    """A prompt after the chat template and tokenizer, with the key that identifies its embedding.
+
+    `input_ids` are the tokens the encoder runs: the first max_sequence_length for "truncate", all of them
+    for "interpolate" and "pool", whose hidden states are then resampled to max_sequence_length rows.
+    """
 
     text: str
     formatted_text: str
     input_ids: tuple[int, ...]
-    truncated: bool
+    # Tokens of the formatted prompt, before any shortening.
+    source_token_count: int
     hidden_layer: int
     max_sequence_length: int
+    long_prompt_mode: str
     content_key: str
+
+    @property
+    def token_count(self) -> int:
+        """Rows of the embedding: min(source tokens, max_sequence_length), whatever the mode."""
+        return min(self.source_token_count, self.max_sequence_length)
+
+    @property
+    def shortened_by(self) -> str:
+        """The mode that shortened this prompt, or "" when it fit in max_sequence_length tokens."""
+        return self.long_prompt_mode if self.source_token_count > self.max_sequence_length else ""
+
+    @property
+    def truncated(self) -> bool:
+        """True when the prompt lost its last tokens (mode "truncate"); interpolate and pool keep them all."""
+        return self.shortened_by == "truncate"
+
+
+def shorten(hidden: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
+    """Brings `hidden` ([tokens, hidden_size]) down to `rows` rows; fewer rows come back unchanged.
+
+    "interpolate" resamples linearly along the token axis (the first and last rows are kept), "pool"
+    averages adjacent rows (adaptive average pooling), both in float32 and cast back; "truncate" keeps the
+    first `rows`.
+    """
+    if hidden.shape[0] <= rows:
+        return hidden
+    if mode == "truncate":
+        return hidden[:rows]
+    channels_first = hidden.float().T.unsqueeze(0)  # [1, hidden_size, tokens]: the layout 1-D ops take
+    if mode == "interpolate":
+        resampled = torch.nn.functional.interpolate(
+            channels_first, size=rows, mode="linear", align_corners=True
+        )
+    elif mode == "pool":
+        resampled = torch.nn.functional.adaptive_avg_pool1d(channels_first, rows)
+    else:
+        raise InvalidArgument(
+            f"long_prompt_mode must be one of {', '.join(LONG_PROMPT_MODES)} (got {mode!r})."
+        )
+    return resampled[0].T.to(hidden.dtype).contiguous()
 
 
 class TextEncoder:
@@ -124,38 +173,56 @@ class TextEncoder:
             )
         )
 
-    def content_key(self, formatted_text: str, hidden_layer: int, max_sequence_length: int) -> str:
+    def content_key(
+        self,
+        formatted_text: str,
+        hidden_layer: int,
+        max_sequence_length: int,
+        long_prompt_mode: str = "truncate",
+    ) -> str:
+        """Only interpolated and pooled prompts hash their mode: truncated ones, and prompts that fit (which
+        every mode encodes alike), keep the keys they always had."""
+        parts = [self.model_id, formatted_text, str(hidden_layer), str(max_sequence_length), self.dtype_name]
+        if long_prompt_mode != "truncate":
+            parts.append(long_prompt_mode)
         digest = hashlib.sha256()
-        for part in (
-            self.model_id,
-            formatted_text,
-            str(hidden_layer),
-            str(max_sequence_length),
-            self.dtype_name,
-        ):
+        for part in parts:
             encoded = part.encode("utf-8")
             digest.update(len(encoded).to_bytes(8, "little"))
             digest.update(encoded)
         return digest.hexdigest()
 
-    def tokenize(self, prompt: str, *, hidden_layer: int, max_sequence_length: int) -> TokenizedPrompt:
+    def tokenize(
+        self, prompt: str, *, hidden_layer: int, max_sequence_length: int, long_prompt_mode: str = "truncate"
+    ) -> TokenizedPrompt:
+        """The prompt's tokens and key. Its embedding will have min(tokens, max_sequence_length) rows in
+        every mode; a prompt that fits is the same in all of them."""
+        if long_prompt_mode not in LONG_PROMPT_MODES:
+            raise InvalidArgument(
+                f"long_prompt_mode must be one of {', '.join(LONG_PROMPT_MODES)} (got {long_prompt_mode!r}); "
+                "truncate is diffusers' behaviour."
+            )
         formatted = self.format(prompt)
         # diffusers truncates on the right and Qwen adds no special tokens, so a prefix is its truncation;
         # unlike diffusers, no padding to max_length.
         full = self.tokenizer(formatted).input_ids
+        # A prompt that fits is encoded as "truncate" whatever was asked: same tokens, key and cache entry.
+        mode = "truncate" if len(full) <= max_sequence_length else long_prompt_mode
         return TokenizedPrompt(
             text=prompt,
             formatted_text=formatted,
-            input_ids=tuple(full[:max_sequence_length]),
-            truncated=len(full) > max_sequence_length,
+            input_ids=tuple(full if mode != "truncate" else full[:max_sequence_length]),
+            source_token_count=len(full),
             hidden_layer=hidden_layer,
             max_sequence_length=max_sequence_length,
-            content_key=self.content_key(formatted, hidden_layer, max_sequence_length),
+            long_prompt_mode=mode,
+            content_key=self.content_key(formatted, hidden_layer, max_sequence_length, mode),
         )
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
-        """Returns each prompt's hidden states on the CPU; prompts of equal token count share a forward pass.
+        """Returns each prompt's hidden states on the CPU, `prompt.token_count` rows each; prompts of equal
+        token count share a forward pass (an interpolated or pooled prompt runs all its tokens).
 
         Padding a shorter prompt changes the last bits of its hidden states (the kernels see other
         shapes), so prompts of different lengths never share a pass: an embedding is bit-identical
@@ -181,6 +248,12 @@ class TextEncoder:
         )
         self.forward_passes += 1
         return [
-            outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][row].to("cpu").clone()
+            shorten(
+                outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][row],
+                prompt.token_count,
+                prompt.long_prompt_mode,
+            )
+            .to("cpu")
+            .clone()
             for row, prompt in enumerate(prompts)
         ]

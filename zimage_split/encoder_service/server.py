@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from zimage.encoder.v1 import encoder_pb2_grpc
+from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder
-from zimage_split.encoder_service.servicer import MAX_PROMPT_BYTES, MAX_PROMPTS_PER_CALL, EncoderServicer
-from zimage_split.model_source import resolve_model
+from zimage_split.encoder_service.servicer import (
+    DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT,
+    MAX_PROMPT_BYTES,
+    MAX_PROMPTS_PER_CALL,
+    EncoderServicer,
+    check_default_length,
+)
+from zimage_split.model_source import ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +65,40 @@ class EncoderServer:
         return drained
 
 
+def caption_token_limit(source: ModelSource) -> int:
+    """The DiT's caption limit, `axes_lens[0] - 32` of the model's `transformer/config.json` (1504 for
+    Z-Image), read without loading the transformer; 1504 when the model has no readable transformer config."""
+    folder = Path(source.location)
+    try:
+        if folder.exists():
+            config_path = folder / "transformer" / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_path = Path(hf_hub_download(source.location, "config.json", subfolder="transformer"))
+        # The DiT's first RoPE axis numbers caption positions; its last 32 are reserved.
+        limit = int(json.loads(config_path.read_text())["axes_lens"][0]) - 32
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        logger.info(
+            "No transformer config for %s (%s); max_sequence_length may go up to Z-Image's %d.",
+            source.model_id,
+            error,
+            DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT,
+        )
+        return DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT
+    if limit < 1:
+        raise InvalidArgument(
+            f"The transformer config of {source.model_id} leaves no room for caption tokens (axes_lens[0] - 32 "
+            f"= {limit}); it is not a Z-Image model."
+        )
+    return limit
+
+
 async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     source = resolve_model(config.model)
+    limit = caption_token_limit(source)
+    # Before loading the text encoder, so a bad flag fails in a second, not after the weights load.
+    check_default_length(config.max_sequence_length, limit, source.model_id)
     device = pick_device(config.device)
     encoder = TextEncoder(
         source,
@@ -68,6 +109,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     servicer = EncoderServicer(
         encoder,
         max_sequence_length=config.max_sequence_length,
+        max_sequence_length_limit=limit,
         cache_bytes=config.cache_bytes,
         max_batch_size=config.max_batch_size,
         max_batch_wait_seconds=config.max_batch_wait_ms / 1000,

@@ -23,8 +23,24 @@ MAX_PROMPTS_PER_CALL = 64
 # About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
 MAX_PROMPT_BYTES = 64 << 10
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+# Z-Image's DiT gives caption tokens RoPE positions up to axes_lens[0] - 32 = 1504; more would not fit.
+DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT = 1504
 # Tokenized prompts kept, so a repeated prompt skips the chat template and the tokenizer (about 1 ms).
 TOKENIZED_CACHE_BYTES = 32 << 20
+
+# The wire's LongPromptMode and the engine's plain names for it.
+MODE_NAMES = {
+    encoder_pb2.LONG_PROMPT_MODE_UNSPECIFIED: "truncate",
+    encoder_pb2.LONG_PROMPT_MODE_TRUNCATE: "truncate",
+    encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE: "interpolate",
+    encoder_pb2.LONG_PROMPT_MODE_POOL: "pool",
+}
+MODE_ENUMS = {
+    "": encoder_pb2.LONG_PROMPT_MODE_UNSPECIFIED,
+    "truncate": encoder_pb2.LONG_PROMPT_MODE_TRUNCATE,
+    "interpolate": encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE,
+    "pool": encoder_pb2.LONG_PROMPT_MODE_POOL,
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,15 @@ class EncodedPrompt:
     embedding: wire.FrozenTensor
     cache_hit: bool
     encode_seconds: float
+
+
+def check_default_length(max_sequence_length: int, limit: int, model_id: str) -> None:
+    """The server's default max_sequence_length must be one a request could ask for."""
+    if not 1 <= max_sequence_length <= limit:
+        raise InvalidArgument(
+            f"--max-sequence-length must be between 1 and {limit} for {model_id}, whose DiT takes at most "
+            f"{limit} caption tokens (got {max_sequence_length}). Pass --max-sequence-length {limit} or less."
+        )
 
 
 def tokenized_bytes(prompt: TokenizedPrompt) -> int:
@@ -47,13 +72,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         encoder: TextEncoder,
         *,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length_limit: int = DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT,
         cache_bytes: int = 1 << 30,
         max_batch_size: int = 16,
         max_batch_wait_seconds: float = 0.005,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         max_prompts_per_call: int = MAX_PROMPTS_PER_CALL,
     ) -> None:
+        """`max_sequence_length` is the default for requests that set none; no request may ask for more than
+        `max_sequence_length_limit` (the DiT's caption limit)."""
+        check_default_length(max_sequence_length, max_sequence_length_limit, encoder.model_id)
         self.encoder = encoder
+        self.max_sequence_length_limit = max_sequence_length_limit
         self.max_prompt_bytes = max_prompt_bytes
         self.max_prompts_per_call = max_prompts_per_call
         self.max_sequence_length = max_sequence_length
@@ -88,7 +118,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             if size > self.max_prompt_bytes:
                 raise InvalidArgument(
                     f"Prompt {index} is {size} bytes of UTF-8; this encoder takes at most {self.max_prompt_bytes} "
-                    "(--max-prompt-bytes). Shorten it: only the first max_sequence_length tokens are used anyway."
+                    "(--max-prompt-bytes). Shorten it: it ends up as at most max_sequence_length rows anyway."
                 )
         options = request.options
         max_length = (
@@ -96,21 +126,36 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             if options.HasField("max_sequence_length")
             else self.max_sequence_length
         )
-        if not 1 <= max_length <= 4096:
+        limit = self.max_sequence_length_limit
+        if not 1 <= max_length <= limit:
             raise InvalidArgument(
-                f"max_sequence_length must be between 1 and 4096 (got {max_length}); default 512."
+                f"max_sequence_length must be between 1 and {limit} (got {max_length}); default "
+                f"{self.max_sequence_length}. {limit} tokens is the DiT's caption limit: for a longer prompt, "
+                f"ask for at most {limit} with long_prompt_mode interpolate or pool, which fold all its tokens "
+                "into that many rows instead of truncating them."
+            )
+        mode = MODE_NAMES.get(options.long_prompt_mode)
+        if mode is None:
+            raise InvalidArgument(
+                f"long_prompt_mode {options.long_prompt_mode} is not one this encoder knows; send TRUNCATE, "
+                "INTERPOLATE or POOL (unset means TRUNCATE)."
             )
         layer = options.hidden_layer if options.HasField("hidden_layer") else self.encoder.hidden_layer
         layer = self.encoder.check_layer(layer)
-        return [self._tokenize(text, layer, max_length) for text in request.prompts]
+        return [self._tokenize(text, layer, max_length, mode) for text in request.prompts]
 
-    def _tokenize(self, text: str, hidden_layer: int, max_sequence_length: int) -> TokenizedPrompt:
-        # The template and the tokenizer are fixed for this process, so the text, layer and length decide.
-        key = f"{hidden_layer}|{max_sequence_length}|{text}"
+    def _tokenize(
+        self, text: str, hidden_layer: int, max_sequence_length: int, long_prompt_mode: str
+    ) -> TokenizedPrompt:
+        # The template and the tokenizer are fixed for this process, so the text, layer, length and mode decide.
+        key = f"{hidden_layer}|{max_sequence_length}|{long_prompt_mode}|{text}"
         prompt = self.tokenized.get(key)
         if prompt is None:
             prompt = self.encoder.tokenize(
-                text, hidden_layer=hidden_layer, max_sequence_length=max_sequence_length
+                text,
+                hidden_layer=hidden_layer,
+                max_sequence_length=max_sequence_length,
+                long_prompt_mode=long_prompt_mode,
             )
             self.tokenized.put(key, prompt)
         return prompt
@@ -160,7 +205,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     prompt_index=index,
                     content_key=item.prompt.content_key,
                     tensor=wire.meta_to_proto(meta),
-                    token_count=len(item.prompt.input_ids),
+                    token_count=item.prompt.token_count,
                     truncated=item.prompt.truncated,
                     cache_hit=item.cache_hit,
                     encode_seconds=item.encode_seconds,
@@ -168,6 +213,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     hidden_layer=item.prompt.hidden_layer,
                     max_sequence_length=item.prompt.max_sequence_length,
                     model_id=self.encoder.model_id,
+                    source_token_count=item.prompt.source_token_count,
+                    shortened_by=MODE_ENUMS[item.prompt.shortened_by],
                 )
             )
             for chunk in wire.iter_chunks(payload):
@@ -190,4 +237,5 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             forward_passes=self.encoder.forward_passes,
             parameter_count=self.encoder.parameter_count,
             components=["tokenizer", "text_encoder"],
+            max_sequence_length_limit=self.max_sequence_length_limit,
         )
