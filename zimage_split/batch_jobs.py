@@ -182,7 +182,8 @@ class Manifest:
 
     def record(self, result: JobResult, prompt: PromptEmbedding) -> dict[str, Any]:
         """Writes the image atomically, then appends and syncs its manifest line."""
-        job, info = result.job, result.image.info
+        job = result.job
+        info = {key: value for key, value in result.image.info.items() if key != "file_bytes"}
         data = png_bytes(result.image, info)
         image = self.out_dir / job.file_name
         write_atomically(image, data)
