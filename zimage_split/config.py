@@ -73,6 +73,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -124,6 +126,9 @@ def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
         if str(raw).strip().lower() in FALSE:
             return False
         raise InvalidArgument(f"{where}: {raw!r} is not a boolean; use true or false.")
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag: a TOML list, or "a,b" from the environment
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
     if action.type is not None and not isinstance(raw, bool):
         try:
             value = action.type(str(raw)) if isinstance(raw, str) or action.type in (int, float) else raw  # type: ignore[misc,operator]

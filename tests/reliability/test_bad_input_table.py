@@ -65,6 +65,8 @@ REUSED_ID = "bad-input-table-reused-id"
 TARGETS = (
     "Generate",
     "UploadEmbedding",
+    "UploadImage",
+    "ListLoras",
     "GeneratorService.Info",
     "Encode",
     "EncoderService.Info",
@@ -77,7 +79,7 @@ TARGETS = (
     "token file",
     "output path",
 )
-RPC_TARGETS = TARGETS[:6]
+RPC_TARGETS = TARGETS[:8]
 
 
 # ---- The servers ---------------------------------------------------------------------------------------
@@ -375,6 +377,47 @@ def with_value(value: float) -> torch.Tensor:
 # -- Encode, Info, Health
 
 
+def upload_image(*items: generator_pb2.UploadImageHeader | bytes) -> Action:
+    """An UploadImage stream of these headers and chunks, in order."""
+    messages = [
+        generator_pb2.UploadImageRequest(header=item)
+        if isinstance(item, generator_pb2.UploadImageHeader)
+        else generator_pb2.UploadImageRequest(chunk=item)
+        for item in items
+    ]
+
+    def action(bench: Bench) -> Outcome:
+        servers = bench.servers
+        return status_of(
+            lambda: servers.gen.UploadImage(iter(messages), timeout=RPC_TIMEOUT, metadata=servers.auth)
+        )
+
+    return action
+
+
+def list_loras(metadata: tuple[tuple[str, str], ...]) -> Action:
+    def action(bench: Bench) -> Outcome:
+        servers = bench.servers
+        request = generator_pb2.ListLorasRequest()
+        return status_of(lambda: servers.gen.ListLoras(request, timeout=RPC_TIMEOUT, metadata=metadata))
+
+    return action
+
+
+def image_header(data: bytes, **fields: Any) -> generator_pb2.UploadImageHeader:
+    return generator_pb2.UploadImageHeader(**{"byte_length": len(data), **fields})
+
+
+def png_file() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode(prompts: list[str], metadata: tuple[tuple[str, str], ...] | None = None, **options: Any) -> Action:
     request = encoder_pb2.EncodeRequest(prompts=prompts, options=encoder_pb2.EncodeOptions(**options))
 
@@ -560,8 +603,8 @@ TABLE: list[Case] = [
     Case("generate-cfg-normalization-infinite", "Generate", generate(cfg_normalization=math.inf), "INVALID_ARGUMENT", "cfg_normalization must be >= 0 (got inf)"),
     Case("generate-cfg-truncation-over-1", "Generate", generate(cfg_truncation=1.5), "INVALID_ARGUMENT", "cfg_truncation must be between 0 and 1 (got 1.5); 1 never truncates"),
     Case("generate-cfg-truncation-nan", "Generate", generate(cfg_truncation=math.nan), "INVALID_ARGUMENT", "cfg_truncation must be between 0 and 1 (got nan)"),
-    Case("generate-max-sequence-length-0", "Generate", generate(max_sequence_length=0), "INVALID_ARGUMENT", "max_sequence_length must be between 1 and 4096 (got 0); default 512"),
-    Case("generate-max-sequence-length-4097", "Generate", generate(max_sequence_length=4097), "INVALID_ARGUMENT", "max_sequence_length must be between 1 and 4096 (got 4097)"),
+    Case("generate-max-sequence-length-0", "Generate", generate(max_sequence_length=0), "INVALID_ARGUMENT", "max_sequence_length must be between 1 and 1504, this DiT's caption limit (got 0); default 512"),
+    Case("generate-max-sequence-length-1505", "Generate", generate(max_sequence_length=1505), "INVALID_ARGUMENT", "max_sequence_length must be between 1 and 1504, this DiT's caption limit (got 1505)"),
     Case("generate-unknown-model", "Generate", generate(model="someone/other-model"), "NOT_FOUND", "or leave `model` empty"),
     Case("generate-no-prompt", "Generate", generate(prompt=None), "INVALID_ARGUMENT", "GenerateRequest.prompt is empty; set its `text` or an `embedding_key`"),
     Case("generate-empty-conditioning", "Generate", generate(prompt=generator_pb2.Conditioning()), "INVALID_ARGUMENT", "set its `text` or an `embedding_key` from UploadEmbedding"),
@@ -581,6 +624,25 @@ TABLE: list[Case] = [
     Case("generate-without-token", "Generate", generate(metadata=NO_TOKEN), "UNAUTHENTICATED", "send 'authorization: Bearer <token>'"),
     Case("generate-wrong-token", "Generate", generate(metadata=WRONG_TOKEN), "UNAUTHENTICATED", "--auth-token-file or ZSPLIT_AUTH_TOKEN"),
     # -- GeneratorService.UploadEmbedding: wire.py's header and stream checks, then validate_embedding.
+    Case("generate-lora-without-lora-dir", "Generate", generate(loras=[generator_pb2.LoraRequest(name="style")]), "INVALID_ARGUMENT", "--lora-dir"),
+    Case("generate-lora-scale-nan", "Generate", generate(loras=[generator_pb2.LoraRequest(name="style", scale=math.nan)]), "INVALID_ARGUMENT", "scale"),
+    Case("generate-output-format-unknown", "Generate", generate(output_format=99), "INVALID_ARGUMENT", "Unknown output_format 99; use PNG, JPEG, WEBP or LATENT"),
+    Case("generate-quality-with-png", "Generate", generate(quality=90), "INVALID_ARGUMENT", "quality applies only to jpeg and webp output"),
+    Case("generate-quality-0", "Generate", generate(output_format=generator_pb2.OUTPUT_FORMAT_JPEG, quality=0), "INVALID_ARGUMENT", "quality must be between 1 and 100 (got 0)"),
+    Case("generate-long-prompt-mode-unknown", "Generate", generate(long_prompt_mode=9), "INVALID_ARGUMENT", "Unknown long_prompt_mode 9; use TRUNCATE, INTERPOLATE or POOL"),
+    Case("generate-init-image-no-key", "Generate", generate(init_image=generator_pb2.InitImage()), "INVALID_ARGUMENT", "init_image.image_key is empty; upload the start image with UploadImage"),
+    Case("generate-init-image-unknown-key", "Generate", generate(init_image=generator_pb2.InitImage(image_key="img-" + "0" * 64)), "NOT_FOUND", "UploadImage"),
+    Case("upload-image-not-an-image", "UploadImage", upload_image(image_header(b"hello"), b"hello"), "INVALID_ARGUMENT", "PNG, JPEG or WebP"),
+    Case("upload-image-cut-short", "UploadImage", upload_image(image_header(png_file()), png_file()[:50]), "INVALID_ARGUMENT", "UploadImage received 50 of the"),
+    Case("upload-image-too-long", "UploadImage", upload_image(image_header(b"x"), png_file()), "INVALID_ARGUMENT", "more than the 1 bytes its header announced"),
+    Case("upload-image-zero-length", "UploadImage", upload_image(image_header(b"")), "INVALID_ARGUMENT", "An uploaded image must be 1 to"),
+    Case("upload-image-no-header", "UploadImage", upload_image(png_file()), "INVALID_ARGUMENT", "UploadImage must start with a header message"),
+    Case("upload-image-bad-sha256", "UploadImage", upload_image(image_header(png_file(), sha256="0" * 64), png_file()), "DATA_LOSS", "sha256"),
+    Case("upload-image-without-token", "UploadImage", lambda bench: status_of(lambda: bench.servers.gen.UploadImage(iter([]), timeout=RPC_TIMEOUT, metadata=NO_TOKEN)), "UNAUTHENTICATED", "needs a valid bearer token"),
+    Case("upload-image-body-not-a-message", "UploadImage", undecodable("generator", "UploadImage", streaming_request=True), "INVALID_ARGUMENT", "is not a valid protobuf message"),
+    Case("list-loras-without-token", "ListLoras", list_loras(NO_TOKEN), "UNAUTHENTICATED", "GeneratorService/ListLoras needs a valid bearer token"),
+    Case("list-loras-wrong-token", "ListLoras", list_loras(WRONG_TOKEN), "UNAUTHENTICATED", "ClientSecurity(token=...)"),
+    Case("list-loras-body-not-a-message", "ListLoras", undecodable("generator", "ListLoras"), "INVALID_ARGUMENT", "GeneratorService/ListLoras is not a valid protobuf message"),
     Case("upload-chunk-before-header", "UploadEmbedding", upload([generator_pb2.UploadEmbeddingRequest(chunk=b"\0" * 64)]), "INVALID_ARGUMENT", "must start with a header message, then the chunks"),
     Case("upload-empty-stream", "UploadEmbedding", upload([]), "INVALID_ARGUMENT", "received no header; send a header, then the chunks"),
     Case("upload-two-headers", "UploadEmbedding", upload([*upload_messages(valid_tensor())[:1]] * 2), "INVALID_ARGUMENT", "takes one header; upload one embedding per call"),

@@ -347,6 +347,26 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
         "max_sequence_length": draw(optional(st.one_of(st.integers(0, 4097), UINT32))),
         "prompt": draw(conditionings),
         "negative_prompt": draw(conditionings),
+        "loras": draw(
+            st.lists(
+                st.builds(generator_pb2.LoraRequest, name=st.text(max_size=20), scale=optional(floats32)),
+                max_size=3,
+            )
+        ),
+        "init_image": draw(
+            optional(
+                st.builds(
+                    generator_pb2.InitImage,
+                    image_key=st.text(max_size=70),
+                    mask_key=st.text(max_size=70),
+                    strength=optional(floats32),
+                )
+            )
+        ),
+        "long_prompt_mode": draw(st.one_of(st.integers(0, 4), st.integers(-(2**31), 2**31 - 1))),
+        "output_format": draw(st.one_of(st.integers(0, 5), st.integers(-(2**31), 2**31 - 1))),
+        "quality": draw(optional(st.one_of(st.integers(0, 101), UINT32))),
+        "strip_metadata": draw(st.booleans()),
     }
     return generator_pb2.GenerateRequest(
         **{name: value for name, value in fields.items() if value is not None}
@@ -356,10 +376,18 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
 def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.GenerateRequest) -> None:
     """What Generate does with a request before any work: fingerprint it, then validate it."""
     request_fingerprint(request)
-    params, prompt, negative, max_length = servicer._job_parts(request)
+    params, prompt, negative, encoding, start = servicer._job_parts(request)
+    output = servicer._output(request)
     assert 64 <= params.width <= 4096 and 64 <= params.height <= 4096 and 1 <= params.steps <= 100
     assert math.isfinite(params.guidance_scale) and 0 <= params.cfg_truncation <= 1
-    assert prompt[0] in ("text", "embedding_key") and (max_length is None or 1 <= max_length <= 4096)
+    limit = servicer.info.max_caption_tokens
+    max_length = encoding.max_sequence_length
+    assert prompt[0] in ("text", "embedding_key") and (max_length is None or 1 <= max_length <= limit)
+    assert encoding.long_prompt_mode in ("truncate", "interpolate", "pool")
+    assert not params.loras  # this servicer has no --lora-dir: every LoRA is refused
+    assert start.image is None and params.strength is None  # nothing was uploaded: every key is unknown
+    assert output.format in ("png", "jpeg", "webp", "latent")
+    assert output.quality is None or 1 <= output.quality <= 100
 
 
 @fuzz_settings(max_examples=500)
@@ -837,7 +865,7 @@ def would_generate(servicer: GeneratorServicer, body: bytes) -> bool:
     if request is None:
         return False
     try:
-        _, prompt, negative, _ = servicer._job_parts(request)
+        _, prompt, negative, _, _ = servicer._job_parts(request)
     except ZSplitError:
         return False
     return prompt[0] == "text" or (negative is not None and negative[0] == "text")

@@ -112,3 +112,16 @@ def test_servers_need_tls_or_an_explicit_insecure(
 def test_clients_need_tls_or_insecure_off_this_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "x", "--generator", "203.0.113.9:50052", "--no-progress"]) == 2
     assert "--tls-ca" in capsys.readouterr().err
+
+
+def test_repeatable_flags_take_a_list_from_the_file_or_commas_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZSPLIT_LORA", raising=False)
+    settings = tmp_path / "zsplit.toml"
+    settings.write_text('[client]\nlora = ["style:0.5", "people/alice"]\n')
+    assert parse_settings(["generate", "x", "--config", str(settings)]).lora == ["style:0.5", "people/alice"]
+    monkeypatch.setenv("ZSPLIT_LORA", "ink:0.3, style")
+    assert parse_settings(["generate", "x"]).lora == ["ink:0.3", "style"]
+    # Flags win over both, as for every setting.
+    assert parse_settings(["generate", "x", "--lora", "a", "--lora", "b:2"]).lora == ["a", "b:2"]
