@@ -134,9 +134,16 @@ def png_bytes(image: Any, metadata: dict[Any, Any]) -> bytes:
 class BatchSettings:
     steps: int | None
     guidance_scale: float | None
+    # LoRAs of every image, as (name, scale); images made with others are made again.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def matches(self, entry: dict[str, Any]) -> bool:
-        return all(
+        # Scales come back as float32 (0.7 as 0.699999988): compare them rounded.
+        recorded = [
+            (lora.get("name"), round(float(lora.get("scale", 0.0)), 5)) for lora in entry.get("loras") or []
+        ]
+        wanted = [(name, round(scale, 5)) for name, scale in self.loras]
+        return recorded == wanted and all(
             value is None or entry.get(name) == value
             for name, value in (("steps", self.steps), ("guidance_scale", self.guidance_scale))
         )
@@ -197,6 +204,7 @@ class Manifest:
             "height": job.height,
             "steps": info.get("steps"),
             "guidance_scale": info.get("guidance_scale"),
+            "loras": info.get("loras") or [],
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "request_id": info.get("request_id"),
@@ -332,6 +340,7 @@ async def run_batch(
             concurrency=concurrency,
             steps=settings.steps,
             guidance_scale=settings.guidance_scale,
+            loras=settings.loras,
         )
         # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
         async with contextlib.aclosing(results):

@@ -803,10 +803,38 @@ async def _generate_batch(args: argparse.Namespace) -> int:
         raise InvalidArgument(
             f"--embeddings makes a batch; drop {', '.join(conflicting)} and use --seeds, --sizes and --out-dir."
         )
+    unsupported = [
+        flag
+        for flag, value in (
+            ("--init-image", args.init_image),
+            ("--mask", args.mask),
+            ("--strength", args.strength),
+            ("--format", args.output_format if args.output_format != "png" else None),
+            ("--quality", args.quality),
+            ("--strip-metadata", args.strip_metadata or None),
+            ("--template", args.template),
+            ("--max-sequence-length", args.max_sequence_length),
+            ("--long-prompt-mode", args.long_prompt_mode),
+            ("--negative-prompt", args.negative_prompt),
+            ("--cfg-truncation", args.cfg_truncation),
+            ("--cfg-normalization", args.cfg_normalization or None),
+        )
+        if value is not None
+    ]
+    if unsupported:
+        raise InvalidArgument(
+            f"A batch from --embeddings takes no {', '.join(unsupported)}: its images are PNG, made from "
+            "prompts encoded already (use --template and --long-prompt-mode with zsplit encode). Drop them, "
+            "or make single images with zsplit generate PROMPT."
+        )
     embeddings = Embeddings.load(args.embeddings)  # checks every tensor before any DiT work
     seeds = parse_seeds(args.seeds)
     sizes = parse_sizes(args.sizes or "1024x1024")
-    settings = BatchSettings(steps=args.steps, guidance_scale=args.guidance_scale)
+    settings = BatchSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        loras=tuple(_lora_flag(value) for value in args.lora or ()),
+    )
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)  # a folder we cannot write fails now, not after loading the model
     bars: list[tqdm] = []  # made once the generator is up, so loading the model does not count

@@ -126,7 +126,9 @@ def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
         if str(raw).strip().lower() in FALSE:
             return False
         raise InvalidArgument(f"{where}: {raw!r} is not a boolean; use true or false.")
-    if isinstance(action, argparse._AppendAction):  # a repeatable flag: a TOML list, or "a,b" from the environment
+    if isinstance(
+        action, argparse._AppendAction
+    ):  # a repeatable flag: a TOML list, or "a,b" from the environment
         items = raw if isinstance(raw, list) else str(raw).split(",")
         return [str(item).strip() for item in items if str(item).strip()]
     if action.type is not None and not isinstance(raw, bool):

@@ -37,13 +37,18 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_client(loop_thread, tiny_model_dir, encoder_fp32, lora_dir):  # type: ignore[no-untyped-def]
+def lora_server(loop_thread, tiny_model_dir, encoder_fp32, lora_dir):  # type: ignore[no-untyped-def]
     server = start_generator(
         loop_thread, tiny_model_dir, encoder_fp32.port, lora_dir=str(lora_dir), lora_cache=2
     )
-    with Client(generator=f"127.0.0.1:{server.port}", timeout=60) as client:
-        yield client
+    yield server
     loop_thread.run(server.stop(grace=0))
+
+
+@pytest.fixture(scope="module")
+def lora_client(lora_server):  # type: ignore[no-untyped-def]
+    with Client(generator=f"127.0.0.1:{lora_server.port}", timeout=60) as client:
+        yield client
 
 
 def file_bytes(client: Client, **kwargs) -> bytes:  # type: ignore[no-untyped-def]
@@ -115,3 +120,40 @@ def test_images_with_a_lora_are_deterministic(lora_client) -> None:  # type: ign
     first = lora_client.generate("a fox", seed=9, width=64, height=64, loras=["style"])
     second = lora_client.generate("a fox", seed=9, width=64, height=64, loras=["style"])
     assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_a_batch_job_with_a_lora(lora_server, encoder_fp32, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`zsplit generate --embeddings ... --lora style:0.7`: every image has the LoRA, and a re-run with
+    another LoRA makes every image again instead of keeping the old ones."""
+    import asyncio
+
+    from zimage_split.batch_jobs import BatchSettings, run_batch
+    from zimage_split.client import AsyncClient
+
+    async def batch(loras: tuple[tuple[str, float], ...]):  # type: ignore[no-untyped-def]
+        async with AsyncClient(
+            generator=f"127.0.0.1:{lora_server.port}", encoder=f"127.0.0.1:{encoder_fp32.port}"
+        ) as client:
+            embeddings = await client.encode(["a mill by a river"])
+            report = await run_batch(
+                client,
+                embeddings,
+                tmp_path,
+                seeds=[1, 2],
+                sizes=[(64, 64)],
+                settings=BatchSettings(steps=None, guidance_scale=None, loras=loras),
+                concurrency=2,
+            )
+            alone = await client.generate(embeddings=embeddings[0], seed=2, width=64, height=64, loras=loras)
+        return report, alone
+
+    report, alone = asyncio.run(batch((("style", 0.7),)))
+    assert report.made == 2
+    entries = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert all(entry["loras"] == [{"name": "style", "scale": pytest.approx(0.7)}] for entry in entries)
+    from PIL import Image
+
+    with Image.open(tmp_path / "p00000_s2_64x64.png") as made:
+        assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(alone.convert("RGB")))
+    assert asyncio.run(batch((("style", 0.7),)))[0].made == 0  # resumed: all there
+    assert asyncio.run(batch(()))[0].made == 2  # another LoRA set: made again

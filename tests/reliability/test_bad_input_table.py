@@ -785,6 +785,10 @@ TABLE: list[Case] = [
     Case("token-file-with-the-wrong-token", "token file", zsplit("generate", "a cat", "--generator", "{gen}", "--auth-token-file", "{tmp}/t", "-o", "{tmp}/x.png", files={"t": "not-the-token\n"}), "UNAUTHENTICATED", "send 'authorization: Bearer <token>'"),
     Case("token-file-not-utf8", "token file", zsplit(*SERVE_ENCODER, "--auth-token-file", "{tmp}/t", files={"t": b"\xff\xfe\x00"}), "INVALID_ARGUMENT", "Cannot read the token file"),
     # -- Output paths: refused before the work, not after it.
+    Case("batch-with-init-image", "CLI flags", zsplit("generate", "--embeddings", "{tmp}/e.safetensors", "--init-image", "{tmp}/a.png"), "INVALID_ARGUMENT", "A batch from --embeddings takes no --init-image"),
+    Case("generate-lora-scale-not-a-number", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--lora", "style:strong"), "INVALID_ARGUMENT", "the scale after ':' must be a number"),
+    Case("generate-mask-file-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--mask", "{tmp}/m.png"), "INVALID_ARGUMENT", "no such file"),
+    Case("generate-unknown-template", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--template", "nope"), "INVALID_ARGUMENT", "nope"),
     Case("output-unknown-suffix", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/x.gif"), "INVALID_ARGUMENT", "the suffix says the file format"),
     Case("output-png-under-a-file", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/a-file/x.png", files={"a-file": "x"}), "INVALID_ARGUMENT", "cannot make the folder"),
     Case("output-embeddings-not-safetensors", "output path", zsplit("encode", "--prompts", "{tmp}/p.txt", "-o", "{tmp}/e.bin", "--encoder", "{dead}", files={"p.txt": "a cat\n"}), "INVALID_ARGUMENT", "must end in .safetensors"),

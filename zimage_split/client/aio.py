@@ -457,6 +457,7 @@ class AsyncClient:
         steps: int | None = None,
         guidance_scale: float | None = None,
         negative_embeddings: EmbeddingLike | None = None,
+        loras: Sequence[LoraLike] = (),
         timeout: float | None = None,
     ) -> AsyncGenerator[JobResult, None]:
         """Generates every prompt x size x seed from embeddings encoded once; yields results as they finish.
@@ -473,7 +474,9 @@ class AsyncClient:
         for job in planned:
             if not 0 <= job.prompt_index < len(items):
                 raise InvalidArgument(f"{job} names a prompt outside the {len(items)} embeddings.")
-        options = {"steps": steps, "guidance_scale": guidance_scale}
+        options: dict[str, Any] = {"steps": steps, "guidance_scale": guidance_scale}
+        if loras:  # part of each request id only when set, so ids of batches without LoRA stay as they were
+            options["loras"] = [MessageToDict(_lora_request(lora)) for lora in loras]
         queue: asyncio.Queue[JobResult | BaseException] = asyncio.Queue()
         waiting = iter(planned)
 
@@ -489,7 +492,9 @@ class AsyncClient:
                         height=job.height,
                         request_id=job_request_id(_key_of(item), job, options),
                         timeout=timeout,
-                        **options,  # type: ignore[arg-type]
+                        steps=steps,
+                        guidance_scale=guidance_scale,
+                        loras=loras,
                     )
                 except Exception as error:  # handed to the consumer, which stops the batch
                     await queue.put(error)
