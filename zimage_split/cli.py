@@ -18,6 +18,7 @@ from zimage_split.model_source import DEFAULT_MODEL
 
 ENCODER_PORT = 50051
 GENERATOR_PORT = 50052
+HTTP_PORT = 8000
 
 
 def _add_model(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
@@ -95,7 +96,7 @@ def _add_client_security(
         metavar="NAME",
         help="name expected in the server certificate, if not the host",
     )
-    variable = "ZSPLIT_ENCODER_AUTH_TOKEN" if prefix else "ZSPLIT_AUTH_TOKEN"
+    variable = _token_variable(prefix)
     group.add_argument(
         f"{flag}auth-token-file", metavar="FILE", help=f"bearer token to send (first line; or env {variable})"
     )
@@ -241,6 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-threads", type=int, default=0, help="torch threads per replica (0: one per reserved CPU)"
     )
     ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica (1)")
+
+    http = services.add_parser(
+        "http",
+        help="an OpenAI-compatible HTTP gateway to a generator (POST /v1/images/generations)",
+        description="zsplit serve http --generator HOST:PORT [--port 8000] (docs at /docs, spec at /openapi.json)",
+    )
+    _add_config(http, "http")
+    http.add_argument("--generator", default=f"127.0.0.1:{GENERATOR_PORT}", help="generator HOST:PORT")
+    _add_client_security(http, "generator-", "the generator")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    http.add_argument("--port", type=int, default=HTTP_PORT, help=f"port to listen on (default {HTTP_PORT})")
+    http.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    http.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    http.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="bearer tokens accepted, one per line (or one token in env ZSPLIT_AUTH_TOKEN)",
+    )
+    http.add_argument("--insecure", action="store_true", help="serve plain HTTP (trusted networks only)")
+    http.add_argument("--timeout", type=float, default=600.0, help="seconds per image request (600)")
 
     generate = commands.add_parser(
         "generate",
@@ -481,6 +502,11 @@ def _server_security(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return security
 
 
+def _token_variable(prefix: str) -> str:
+    """ZSPLIT_AUTH_TOKEN, or for a service reached through --encoder-... flags ZSPLIT_ENCODER_AUTH_TOKEN."""
+    return f"ZSPLIT_{prefix.rstrip('-').upper()}_AUTH_TOKEN" if prefix else "ZSPLIT_AUTH_TOKEN"
+
+
 def _client_security(args: argparse.Namespace, address: str | None, prefix: str = ""):  # type: ignore[no-untyped-def]
     """TLS when a CA or a client certificate is given; plaintext needs --insecure unless on loopback."""
     from zimage_split.common.security import ClientSecurity, is_loopback
@@ -489,9 +515,7 @@ def _client_security(args: argparse.Namespace, address: str | None, prefix: str 
         return getattr(args, prefix.replace("-", "_") + name)
 
     flag = f"--{prefix}"
-    token = _read_secret_token(
-        get("auth_token_file"), "ZSPLIT_ENCODER_AUTH_TOKEN" if prefix else "ZSPLIT_AUTH_TOKEN"
-    )
+    token = _read_secret_token(get("auth_token_file"), _token_variable(prefix))
     insecure = bool(get("insecure"))
     uses_tls = bool(get("tls_ca") or get("tls_cert"))
     if not uses_tls and not insecure and address and not is_loopback(address.rsplit(":", 1)[0]):
@@ -1007,6 +1031,38 @@ def _list_loras(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_http(args: argparse.Namespace) -> int:
+    from zimage_split.common.security import read_tokens
+
+    try:
+        from zimage_split.http_gateway import create_app, serve_http
+    except ImportError as error:
+        raise InvalidArgument(
+            f"zsplit serve http needs FastAPI and uvicorn ({error}); install them with "
+            "`pip install 'zimage-split[http]'`."
+        ) from None
+
+    if not args.insecure and not (args.tls_cert and args.tls_key):
+        raise InvalidArgument(
+            "zsplit serve http needs --tls-cert and --tls-key, or --insecure for plain HTTP on a trusted network."
+        )
+    if args.insecure and args.tls_cert:
+        raise InvalidArgument("--insecure and --tls-cert contradict each other; pick one.")
+    tokens = read_tokens(args.auth_token_file)
+    if os.environ.get("ZSPLIT_AUTH_TOKEN"):
+        tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
+    app = create_app(
+        args.generator,
+        security=_client_security(args, args.generator, prefix="generator-"),
+        tokens=tokens,
+        timeout=args.timeout,
+    )
+    asyncio.run(
+        serve_http(app, host=args.host, port=args.port, cert_file=args.tls_cert, key_file=args.tls_key)
+    )
+    return 0
+
+
 def _list_templates() -> int:
     from zimage_split.client.templates import list_templates
 
@@ -1082,6 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve_encoder(_encoder_config(args)))
             return 0
+        if args.command == "serve" and args.service == "http":
+            return _serve_http(args)
         if args.command == "serve" and args.service == "generator":
             from zimage_split.dit_service.server import serve_generator
 

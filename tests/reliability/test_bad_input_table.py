@@ -785,6 +785,8 @@ TABLE: list[Case] = [
     Case("token-file-with-the-wrong-token", "token file", zsplit("generate", "a cat", "--generator", "{gen}", "--auth-token-file", "{tmp}/t", "-o", "{tmp}/x.png", files={"t": "not-the-token\n"}), "UNAUTHENTICATED", "send 'authorization: Bearer <token>'"),
     Case("token-file-not-utf8", "token file", zsplit(*SERVE_ENCODER, "--auth-token-file", "{tmp}/t", files={"t": b"\xff\xfe\x00"}), "INVALID_ARGUMENT", "Cannot read the token file"),
     # -- Output paths: refused before the work, not after it.
+    Case("serve-http-without-tls-or-insecure", "CLI flags", zsplit("serve", "http"), "INVALID_ARGUMENT", "needs --tls-cert and --tls-key, or --insecure"),
+    Case("serve-http-insecure-and-tls", "CLI flags", zsplit("serve", "http", "--insecure", "--tls-cert", "{tmp}/c.pem", "--tls-key", "{tmp}/k.pem"), "INVALID_ARGUMENT", "contradict each other"),
     Case("batch-with-init-image", "CLI flags", zsplit("generate", "--embeddings", "{tmp}/e.safetensors", "--init-image", "{tmp}/a.png"), "INVALID_ARGUMENT", "A batch from --embeddings takes no --init-image"),
     Case("generate-lora-scale-not-a-number", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--lora", "style:strong"), "INVALID_ARGUMENT", "the scale after ':' must be a number"),
     Case("generate-mask-file-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--mask", "{tmp}/m.png"), "INVALID_ARGUMENT", "no such file"),

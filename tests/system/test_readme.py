@@ -48,13 +48,19 @@ def test_the_quick_start_demo_writes_its_image(tmp_path: Path) -> None:
 def test_the_python_examples_run_against_live_services(
     generator, encoder_fp32, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.test_http_gateway import serve
+    from zimage_split.http_gateway import create_app
+
     examples = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
-    assert len(examples) >= 3
+    assert len(examples) >= 4
     monkeypatch.chdir(tmp_path)
-    for source in examples:
-        source = source.replace("localhost:50052", f"127.0.0.1:{generator.port}")
-        source = source.replace("localhost:50051", f"127.0.0.1:{encoder_fp32.port}")
-        exec(compile(source, "README.md", "exec"), {"__name__": "__readme__"})  # noqa: S102
+    gateway = create_app(f"127.0.0.1:{generator.port}", tokens=("TOKEN",), timeout=120)
+    for http_url in serve(gateway):
+        for source in examples:
+            source = source.replace("localhost:50052", f"127.0.0.1:{generator.port}")
+            source = source.replace("localhost:50051", f"127.0.0.1:{encoder_fp32.port}")
+            source = source.replace("http://localhost:8000", http_url)
+            exec(compile(source, "README.md", "exec"), {"__name__": "__readme__"})  # noqa: S102
     assert sorted(path.name for path in tmp_path.glob("*.png")) == [
         "fox-1.png",
         "fox-2.png",

@@ -1,0 +1,109 @@
+"""The OpenAI-compatible gateway over a real generator, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+TOKEN = "gateway-test-token"
+
+
+def serve(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Runs `app` with uvicorn on a free loopback port in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(generator) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    from zimage_split.http_gateway import create_app
+
+    yield from serve(create_app(f"127.0.0.1:{generator.port}", tokens=(TOKEN,), timeout=60))
+
+
+def openai_api(url: str, token: str = TOKEN):  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=60)
+
+
+def decode(item) -> Image.Image:  # type: ignore[no-untyped-def]
+    return Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+
+
+def test_the_openai_client_round_trip(gateway, client) -> None:  # type: ignore[no-untyped-def]
+    """`client` is the SDK fixture: the same requests through gRPC, for comparison."""
+    result = openai_api(gateway).images.generate(
+        prompt="a lighthouse at dusk",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 5, "steps": 2},
+    )
+    assert len(result.data) == 2 and result.created > 0
+    for index, item in enumerate(result.data):
+        image = decode(item)
+        assert image.format == "PNG" and image.size == (64, 64)
+        direct = client.generate("a lighthouse at dusk", seed=5 + index, width=64, height=64, steps=2)
+        assert np.array_equal(np.asarray(image), np.asarray(direct))
+        assert image.text["seed"] == str(5 + index)  # the generator's PNG, metadata and all
+
+
+def test_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyped-def]
+    api = openai_api(gateway)
+    with pytest.raises(openai.BadRequestError, match="WIDTHxHEIGHT"):
+        api.images.generate(prompt="a cat", size="big", response_format="b64_json")
+    with pytest.raises(openai.BadRequestError, match="divisible by 16"):
+        api.images.generate(prompt="a cat", size="100x64", response_format="b64_json")
+    with pytest.raises(openai.BadRequestError, match="num_images"):
+        api.images.generate(prompt="a cat", n=50, size="64x64", response_format="b64_json")
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        api.images.generate(prompt="a cat", size="64x64", response_format="url")
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        api.images.generate(prompt="", size="64x64", response_format="b64_json")
+    with pytest.raises(openai.AuthenticationError, match="Bearer"):
+        openai_api(gateway, token="wrong").images.generate(prompt="a cat", size="64x64")
+    response = httpx.post(f"{gateway}/v1/images/generations", json={"prompt": "a cat"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_health_and_openapi(gateway) -> None:  # type: ignore[no-untyped-def]
+    health = httpx.get(f"{gateway}/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    spec = httpx.get(f"{gateway}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert "/v1/images/generations" in spec["paths"]
+
+
+def test_a_generator_that_is_down_is_503() -> None:
+    from zimage_split.http_gateway import create_app
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    for url in serve(create_app(f"127.0.0.1:{dead}", timeout=5)):
+        assert httpx.get(f"{url}/healthz").status_code == 503
+        with pytest.raises(openai.InternalServerError):
+            openai_api(url).images.generate(prompt="a cat", size="64x64", response_format="b64_json")

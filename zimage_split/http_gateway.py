@@ -1,0 +1,177 @@
+"""An OpenAI-compatible HTTP face for a generator: `POST /v1/images/generations`, `GET /healthz`.
+
+A thin FastAPI app over the SDK's AsyncClient; no model runs here. Errors keep the OpenAI shape
+(`{"error": {"message", "type", "code"}}`) with the HTTP status that matches the gRPC code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from zimage_split.client.aio import AsyncClient
+from zimage_split.common.errors import InvalidArgument, ZSplitError
+from zimage_split.common.security import ClientSecurity
+
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "DATA_LOSS": 502,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI's images.generate body, plus zimage-split's `seed`, `steps` and `negative_prompt`."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(default=1, ge=1)
+    size: str = "1024x1024"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    # Accepted for compatibility and ignored: Z-Image has no such settings.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    steps: int | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+
+
+def openai_error(status: int, message: str, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": code}}
+    )
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = SIZE.match(size)
+    if match is None:
+        raise InvalidArgument(
+            f"size {size!r} must be WIDTHxHEIGHT in pixels, e.g. 1024x1024 (multiples of 16)."
+        )
+    return int(match[1]), int(match[2])
+
+
+def create_app(
+    generator: str,
+    *,
+    security: ClientSecurity | None = None,
+    tokens: tuple[str, ...] = (),
+    timeout: float = 600.0,
+) -> FastAPI:
+    """The gateway app for the generator at `generator`. With `tokens`, every route but /healthz needs
+    `Authorization: Bearer <token>`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.client = AsyncClient(generator=generator, timeout=timeout, security=security)
+        try:
+            yield
+        finally:
+            await app.state.client.close()
+
+    app = FastAPI(
+        title="zimage-split",
+        description="OpenAI-compatible image generation with Z-Image-Turbo, served by zimage-split.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        if tokens and request.url.path != "/healthz":
+            header = request.headers.get("authorization", "")
+            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            if not any(hmac.compare_digest(given.encode(), token.encode()) for token in tokens):
+                return openai_error(
+                    401,
+                    "This gateway needs `Authorization: Bearer <token>` with a valid token.",
+                    "unauthenticated",
+                )
+        return await call_next(request)
+
+    @app.exception_handler(ZSplitError)
+    async def service_error(request: Request, error: ZSplitError) -> JSONResponse:
+        return openai_error(HTTP_STATUS.get(error.code, 500), error.message, error.code.lower())
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        details = error.errors()
+        message = "; ".join(
+            f"{'.'.join(str(part) for part in item.get('loc', ())[1:]) or 'body'}: {item.get('msg')}"
+            for item in details
+        )
+        return openai_error(
+            400, message or "The request body is not valid JSON for this route.", "invalid_request"
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        try:
+            info = await app.state.client.generator_info(timeout=5.0)
+        except ZSplitError as error:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "reason": error.message})
+        return JSONResponse(content={"status": "ok", "model": info.get("model_id", "")})
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImagesRequest) -> dict[str, Any]:
+        if body.response_format != "b64_json":
+            raise InvalidArgument(
+                "response_format 'url' is not served: this gateway keeps no files. Ask for b64_json."
+            )
+        width, height = parse_size(body.size)
+        client: AsyncClient = app.state.client
+        images = await client.generate_images(
+            body.prompt,
+            negative_prompt=body.negative_prompt,
+            seed=body.seed,
+            width=width,
+            height=height,
+            steps=body.steps,
+            guidance_scale=body.guidance_scale,
+            model=body.model if body.model and body.model != "z-image-turbo" else "",
+            num_images=body.n,
+        )
+        return {
+            "created": int(time.time()),
+            "data": [
+                {
+                    "b64_json": base64.b64encode(image.info["file_bytes"]).decode("ascii"),
+                    "revised_prompt": None,
+                    "seed": image.info["seed"],
+                }
+                for image in images
+            ],
+        }
+
+    return app
+
+
+async def serve_http(
+    app: FastAPI, *, host: str, port: int, cert_file: str | None = None, key_file: str | None = None
+) -> None:
+    """Serves `app` with uvicorn until SIGINT or SIGTERM; TLS when given a certificate and key."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, ssl_certfile=cert_file, ssl_keyfile=key_file, log_level="info"
+    )
+    await uvicorn.Server(config).serve()
