@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,6 +46,23 @@ def gateway(generator) -> Iterator[str]:  # type: ignore[no-untyped-def]
     from zimage_split.http_gateway import create_app
 
     yield from serve(create_app(f"127.0.0.1:{generator.port}", tokens=(TOKEN,), timeout=60))
+
+
+def http(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """A plain HTTP call (stdlib only): GET, or POST of a JSON body; returns the status and the JSON."""
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def openai_api(url: str, token: str = TOKEN):  # type: ignore[no-untyped-def]
@@ -86,14 +105,14 @@ def test_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyp
         api.images.generate(prompt="", size="64x64", response_format="b64_json")
     with pytest.raises(openai.AuthenticationError, match="Bearer"):
         openai_api(gateway, token="wrong").images.generate(prompt="a cat", size="64x64")
-    response = httpx.post(f"{gateway}/v1/images/generations", json={"prompt": "a cat"})
-    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"
+    status, reply = http(f"{gateway}/v1/images/generations", {"prompt": "a cat"})
+    assert status == 401 and reply["error"]["code"] == "unauthenticated"
 
 
 def test_health_and_openapi(gateway) -> None:  # type: ignore[no-untyped-def]
-    health = httpx.get(f"{gateway}/healthz")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
-    spec = httpx.get(f"{gateway}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    status, health = http(f"{gateway}/healthz")
+    assert status == 200 and health["status"] == "ok"
+    _, spec = http(f"{gateway}/openapi.json", token=TOKEN)
     assert "/v1/images/generations" in spec["paths"]
 
 
@@ -104,6 +123,6 @@ def test_a_generator_that_is_down_is_503() -> None:
         free.bind(("127.0.0.1", 0))
         dead = free.getsockname()[1]
     for url in serve(create_app(f"127.0.0.1:{dead}", timeout=5)):
-        assert httpx.get(f"{url}/healthz").status_code == 503
+        assert http(f"{url}/healthz")[0] == 503
         with pytest.raises(openai.InternalServerError):
             openai_api(url).images.generate(prompt="a cat", size="64x64", response_format="b64_json")
