@@ -66,6 +66,13 @@ LONG_PROMPT_MODES = {
     "pool": generator_pb2.LONG_PROMPT_MODE_POOL,
 }
 LONG_PROMPT_NAMES = {value: name for name, value in LONG_PROMPT_MODES.items()}
+# The encoder's own enum: the two protos are versioned apart, so neither side relies on equal numbers.
+ENCODER_LONG_PROMPT_MODES = {
+    "truncate": encoder_pb2.LONG_PROMPT_MODE_TRUNCATE,
+    "interpolate": encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE,
+    "pool": encoder_pb2.LONG_PROMPT_MODE_POOL,
+}
+ENCODER_LONG_PROMPT_NAMES = {value: name for name, value in ENCODER_LONG_PROMPT_MODES.items()}
 OUTPUT_FORMATS = {
     "png": generator_pb2.OUTPUT_FORMAT_PNG,
     "jpeg": generator_pb2.OUTPUT_FORMAT_JPEG,
@@ -190,8 +197,7 @@ class AsyncClient:
         fits is the same in every mode; `shortened_by` and `source_token_count` say what happened.
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        # The encoder's LongPromptMode numbers its modes as the generator's does.
-        mode = _enum_value(LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode")
+        mode = _enum_value(ENCODER_LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode")
         with _fields_in_range():
             options = encoder_pb2.EncodeOptions(
                 max_sequence_length=max_sequence_length, hidden_layer=hidden_layer, long_prompt_mode=mode
@@ -704,7 +710,7 @@ async def read_embedding_stream(
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
 
     def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
-        shortened_by = LONG_PROMPT_NAMES.get(header.shortened_by, "")
+        shortened_by = ENCODER_LONG_PROMPT_NAMES.get(header.shortened_by, "")
         if header.truncated:  # an encoder from before long-prompt modes could only truncate
             shortened_by = "truncate"
         items.append(

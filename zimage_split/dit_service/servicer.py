@@ -185,10 +185,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         specs = check_specs(
             LoraSpec(lora.name, lora.scale if lora.HasField("scale") else 1.0) for lora in request.loras
         )
+        # Unknown names and names outside --lora-dir fail here, not on a replica.
         for spec in specs:
-            self.loras.resolve(
-                spec.name
-            )  # unknown names and names outside --lora-dir fail here, not on a replica
+            self.loras.resolve(spec.name)
         return specs
 
     def _start_images(self, request: generator_pb2.GenerateRequest) -> StartImages:
@@ -274,9 +273,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         tasks = []
         for index in range(count):
             image_params = dataclasses.replace(params, seed=params.seed + index)
-            metadata = (
-                () if request.strip_metadata else self._metadata(request, image_params, prompt, negative)
-            )
+            metadata = () if request.strip_metadata else self._metadata(image_params, prompt, negative)
             job = GenerationJob(
                 params=image_params,
                 prompt_embeds=positive_embedding.tensor,
@@ -369,7 +366,6 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     def _metadata(
         self,
-        request: generator_pb2.GenerateRequest,
         params: GenerationParams,
         prompt: tuple[str, str],
         negative: tuple[str, str] | None,
