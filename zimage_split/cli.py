@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -12,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from zimage_split.common.errors import InvalidArgument, NotFound, ZSplitError
+from zimage_split.common.logs import LOG_FORMATS, configure_logging, route_library_logs
 from zimage_split.common.security import ClientSecurity
 from zimage_split.dit_service.validation import Limits
 from zimage_split.model_source import DEFAULT_MODEL
@@ -58,6 +58,28 @@ def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
     security.add_argument(
         "--insecure", action="store_true", help="serve plaintext, no TLS (trusted networks only)"
     )
+
+
+def _add_metrics(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, plain HTTP (off)",
+    )
+    group.add_argument("--metrics-host", default=None, help="address of --metrics-port (default: --host)")
+
+
+def _check_metrics_port(args: argparse.Namespace) -> None:
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise InvalidArgument(
+            f"--metrics-port must be between 0 and 65535 (got {args.metrics_port}); 0 picks a free port."
+        )
+    if args.metrics_port is not None and args.metrics_port == args.port != 0:
+        raise InvalidArgument(
+            f"--metrics-port {args.metrics_port} is the service's own --port; pick another."
+        )
 
 
 def _add_server_limits(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -128,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ZSPLIT_LOG_LEVEL"),
         help="DEBUG, INFO, WARNING (default INFO for services, WARNING for generate)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("ZSPLIT_LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line with time, level, logger, message, request_id (text)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a service until SIGINT/SIGTERM")
@@ -143,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--cache-mb", type=int, default=1024, help="embedding cache size in MiB (1024)")
     encoder.add_argument("--max-batch-size", type=int, default=16, help="prompts per forward pass (16)")
     encoder.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill (5)")
+    _add_metrics(encoder)
     _add_server_limits(encoder).add_argument(
         "--max-prompts-per-request", type=int, default=64, help="prompts one Encode call may carry (64)"
     )
@@ -199,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument(
         "--max-steps", type=int, default=Limits.max_steps, help=f"most steps per request ({Limits.max_steps})"
     )
+    _add_metrics(generator)
     _add_server_limits(generator).add_argument(
         "--max-images-per-request",
         type=int,
@@ -262,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     http.add_argument("--insecure", action="store_true", help="serve plain HTTP (trusted networks only)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per image request (600)")
+    _add_metrics(http)
 
     generate = commands.add_parser(
         "generate",
@@ -554,11 +585,14 @@ def _encoder_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_prompts_per_request=args.max_prompts_per_request,
         transport=_transport_limits(args),
         security=_server_security(args),
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
 def _check_serve_limits(args: argparse.Namespace) -> None:
     """Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads."""
+    _check_metrics_port(args)
     uint32 = 2**32 - 1
     bounds = [
         ("--port", args.port, 0, 65535, "0 picks a free port"),
@@ -656,6 +690,8 @@ def _generator_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         transport=_transport_limits(args),
         encoder_retries=args.encoder_retries,
         ray=ray,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -1100,11 +1136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zsplit: error ({error.code}): {error.message}", file=sys.stderr)
         return 2
     log_level = args.log_level or ("WARNING" if args.command == "generate" else "INFO")
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, args.log_format)
+    if args.log_format == "json" and args.command == "serve":
+        route_library_logs()
     try:
         if args.command == "config":
             return _show_config(args)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import cancel_after_first_step, start_generator
+from tests.integration.test_observability import scrape, value
 from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import AsyncClient, Client, ResourceExhausted
 from zimage_split.dit_service.server import RayOptions
@@ -34,7 +35,13 @@ def ray_generator(loop_thread, tiny_model_dir, tmp_path_factory):  # type: ignor
         address="local", replicas=2, max_batch_size=4, max_batch_wait_ms=100, cpus_per_replica=0.5
     )
     server = start_generator(
-        loop_thread, tiny_model_dir, None, ray=options, max_queue=MAX_QUEUE, lora_dir=str(lora_dir)
+        loop_thread,
+        tiny_model_dir,
+        None,
+        ray=options,
+        max_queue=MAX_QUEUE,
+        lora_dir=str(lora_dir),
+        metrics_port=0,
     )
     yield server
     loop_thread.run(server.stop(grace=0), timeout=120)
@@ -60,6 +67,9 @@ def running_replicas() -> int:
 
 
 def test_both_replicas_serve_a_burst(ray_generator) -> None:  # type: ignore[no-untyped-def]
+    metrics_port = ray_generator.running.metrics_endpoint.port
+    before = scrape(metrics_port)
+
     async def burst() -> list[Image.Image]:
         async with AsyncClient(generator=address(ray_generator)) as client:
             return await asyncio.gather(
@@ -72,6 +82,14 @@ def test_both_replicas_serve_a_burst(ray_generator) -> None:  # type: ignore[no-
     images = asyncio.run(burst())
     assert len({image.info["replica"] for image in images}) == 2
     assert [image.info["seed"] for image in images] == list(range(6))
+    after, labels = scrape(metrics_port), {"service": "generator"}
+    assert value(after, "zsplit_replicas", **labels) == 2
+    assert value(after, "zsplit_queue_depth", **labels) == 0
+    ok = {"method": "Generate", "code": "OK", **labels}
+    assert value(after, "zsplit_requests_total", **ok) - value(before, "zsplit_requests_total", **ok) == 6
+    denoise = {"stage": "denoise", **labels}
+    name = "zsplit_stage_duration_seconds_count"
+    assert value(after, name, **denoise) - value(before, name, **denoise) == 6
 
 
 def test_a_batch_job_spreads_over_both_replicas(ray_generator) -> None:  # type: ignore[no-untyped-def]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -68,50 +71,98 @@ def _numel(shape: list[int]) -> int:
     return result
 
 
+@dataclass(frozen=True)
+class Services:
+    encoder_port: int
+    generator_port: int
+    encoder_metrics_port: int
+    generator_metrics_port: int
+    encoder_log: Path
+    generator_log: Path
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.encoder_port, self.generator_port))
+
+
+def start_service(arguments: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as stderr:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*ZSPLIT, "--log-format", "json", "serve", *arguments, "--insecure"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stderr=stderr,
+            text=True,
+        )
+
+
 @pytest.fixture(scope="module")
-def services(tiny_model_dir: Path) -> Iterator[tuple[int, int]]:
-    encoder_port, generator_port = free_port(), free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    encoder = subprocess.Popen(
+def services(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    logs = tmp_path_factory.mktemp("logs")
+    ports = Services(
+        free_port(), free_port(), free_port(), free_port(), logs / "encoder.log", logs / "generator.log"
+    )
+    model = ["--model", str(tiny_model_dir)]
+    encoder = start_service(
         [
-            *ZSPLIT,
-            "serve",
             "encoder",
-            "--model",
-            str(tiny_model_dir),
+            *model,
             "--port",
-            str(encoder_port),
-            "--insecure",
+            str(ports.encoder_port),
+            "--metrics-port",
+            str(ports.encoder_metrics_port),
         ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+        ports.encoder_log,
     )
     generator = None
     try:
-        wait_until_serving(encoder_port, encoder)
-        generator = subprocess.Popen(
+        wait_until_serving(ports.encoder_port, encoder)
+        generator = start_service(
             [
-                *ZSPLIT,
-                "serve",
                 "generator",
-                "--model",
-                str(tiny_model_dir),
+                *model,
                 "--port",
-                str(generator_port),
+                str(ports.generator_port),
                 "--encoder",
-                f"127.0.0.1:{encoder_port}",
-                "--insecure",
+                f"127.0.0.1:{ports.encoder_port}",
+                "--metrics-port",
+                str(ports.generator_metrics_port),
             ],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
+            ports.generator_log,
         )
-        wait_until_serving(generator_port, generator)
-        yield encoder_port, generator_port
+        wait_until_serving(ports.generator_port, generator)
+        yield ports
     finally:
         codes = [stop(p) for p in (generator, encoder) if p is not None]
     assert codes == [0] * len(codes), "services must drain and exit cleanly on SIGTERM"
+
+
+def json_log(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    """Every line of a --log-format json log, parsed: a line that is not JSON fails the test."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_request_ids_flow_into_both_json_logs_and_metrics_count_the_calls(services: Services) -> None:
+    with Client(generator=f"127.0.0.1:{services.generator_port}") as client:
+        client.generate("a logged lighthouse", request_id="e2e-7f3a", width=64, height=64, steps=1)
+
+    def lines_of(path: Path) -> list[dict]:  # type: ignore[type-arg]
+        deadline = time.monotonic() + 10  # the access line is written as the call ends
+        while True:
+            lines = [line for line in json_log(path) if line["request_id"] == "e2e-7f3a"]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
+
+    generator_lines, encoder_lines = lines_of(services.generator_log), lines_of(services.encoder_log)
+    assert any(line["message"].startswith("Generate OK") for line in generator_lines), generator_lines
+    assert any(line["message"].startswith("Encode OK") for line in encoder_lines), encoder_lines
+    assert {"time", "level", "logger", "message", "request_id"} <= set(encoder_lines[0])
+    for port, method in (
+        (services.generator_metrics_port, "Generate"),
+        (services.encoder_metrics_port, "Encode"),
+    ):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert f'zsplit_requests_total{{code="OK",method="{method}",service=' in text, text[:2000]
 
 
 def test_zsplit_generate_writes_a_png_of_the_requested_size(services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

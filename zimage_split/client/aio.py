@@ -35,8 +35,9 @@ from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
-from zimage_split.common import wire
+from zimage_split.common import tracing, wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, ZSplitError
+from zimage_split.common.logs import REQUEST_ID_KEY, current_request_id, new_request_id
 from zimage_split.common.security import ClientSecurity, is_loopback
 from zimage_split.common.server import GRPC_OPTIONS
 
@@ -174,6 +175,13 @@ class AsyncClient:
             self._channels[address] = self.security.channel(address, CHANNEL_OPTIONS)
         return self._channels[address]
 
+    def _call_metadata(self, request_id: str = "") -> tuple[tuple[str, str], ...]:
+        """Metadata for one call: the token, the request id (that of the request this code serves, as in a
+        generator calling its encoder; else `request_id`; else a new one) and the trace context."""
+        metadata = [*self._metadata, (REQUEST_ID_KEY, current_request_id() or request_id or new_request_id())]
+        tracing.inject(metadata)
+        return tuple(metadata)
+
     def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
         return generator_pb2_grpc.GeneratorServiceStub(self._channel(self.generator_address, "generator"))
 
@@ -205,7 +213,9 @@ class AsyncClient:
             request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
         target = f"encoder {self.encoder_address}"
         try:
-            stream = self._encoder().Encode(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            stream = self._encoder().Encode(
+                request, timeout=timeout or self.timeout, metadata=self._call_metadata()
+            )
             items, model_id = await read_embedding_stream(stream, texts)
         except aio.AioRpcError as error:
             raise from_rpc_error(error, target) from None
@@ -218,7 +228,7 @@ class AsyncClient:
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
             reply = await self._encoder().Info(
-                encoder_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                encoder_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"encoder {self.encoder_address}") from None
@@ -227,7 +237,7 @@ class AsyncClient:
     async def generator_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
             reply = await self._generator().Info(
-                generator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                generator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
@@ -252,7 +262,7 @@ class AsyncClient:
 
         try:
             reply = await self._generator().UploadEmbedding(
-                messages(), timeout=timeout or self.timeout, metadata=self._metadata
+                messages(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
@@ -423,7 +433,7 @@ class AsyncClient:
 
         try:
             reply = await self._generator().UploadImage(
-                messages(), timeout=timeout or self.timeout, metadata=self._metadata
+                messages(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
@@ -434,7 +444,9 @@ class AsyncClient:
         """The LoRA files the generator can load (under its --lora-dir): name, format, rank, size, ..."""
         try:
             reply = await self._generator().ListLoras(
-                generator_pb2.ListLorasRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                generator_pb2.ListLorasRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self._call_metadata(),
             )
         except aio.AioRpcError as error:
             raise from_rpc_error(error, f"generator {self.generator_address}") from None
@@ -577,7 +589,7 @@ class AsyncClient:
         received: list[tuple[generator_pb2.ImageHeader, bytearray]] = []
         try:
             async for response in self._generator().Generate(
-                request, timeout=timeout or self.timeout, metadata=self._metadata
+                request, timeout=timeout or self.timeout, metadata=self._call_metadata(request.request_id)
             ):
                 kind = response.WhichOneof("event")
                 if kind == "progress":
@@ -726,6 +738,7 @@ async def read_embedding_stream(
                 max_sequence_length=header.max_sequence_length,
                 source_token_count=header.source_token_count or header.token_count,
                 shortened_by=shortened_by,
+                encode_seconds=header.encode_seconds,
             )
         )
 

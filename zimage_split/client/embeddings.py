@@ -47,6 +47,8 @@ class PromptEmbedding:
     # Tokens of the formatted prompt before shortening; 0 when not known (an embedding built by hand).
     source_token_count: int = 0
     shortened_by: str = ""
+    # Seconds the encoder spent on it, waiting for its batch included (0 for a cache hit or a loaded file).
+    encode_seconds: float = 0.0
 
 
 class Embeddings(Sequence[PromptEmbedding]):

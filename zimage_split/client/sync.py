@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import functools
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -14,6 +16,15 @@ from zimage_split.common.security import ClientSecurity
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _settle(done: concurrent.futures.Future[R], task: asyncio.Task[R]) -> None:
+    if task.cancelled():
+        done.cancel()
+    elif (error := task.exception()) is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(task.result())
 
 
 def _blocking(method: Callable[..., Coroutine[Any, Any, R]]) -> Callable[..., R]:
@@ -54,7 +65,16 @@ class Client:
         self._thread.start()
 
     def _run(self, coroutine: Coroutine[Any, Any, R]) -> R:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        # The call runs in a copy of the caller's context, so its request id (request_scope) and its
+        # OpenTelemetry span carry over to the calls it makes.
+        done: concurrent.futures.Future[R] = concurrent.futures.Future()
+
+        def start() -> None:
+            task = self._loop.create_task(coroutine)
+            task.add_done_callback(lambda finished: _settle(done, finished))
+
+        self._loop.call_soon_threadsafe(start, context=contextvars.copy_context())
+        return done.result()
 
     def close(self) -> None:
         if self._loop.is_closed():

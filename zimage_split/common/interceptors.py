@@ -1,10 +1,12 @@
-"""Server interceptors: the one that turns exceptions into precise gRPC status codes, and the serving gate
-that refuses new calls while the server drains."""
+"""Server interceptors: the one that turns exceptions into precise gRPC status codes, the serving gate
+that refuses new calls while the server drains, and the observer that gives calls request ids, spans and
+metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,7 +14,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
+from zimage_split.common import tracing
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
+from zimage_split.common.logs import REQUEST_ID_KEY, request_scope, usable_request_id
+from zimage_split.common.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -203,5 +208,89 @@ class ServingGate(aio.ServerInterceptor):
                     self._leave()
 
             return gated
+
+        return wrap_handler(handler, unary, streaming)
+
+
+def _final_code(context: aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "OK" if error is None else "UNKNOWN"
+
+
+class CallObserver(aio.ServerInterceptor):
+    """The outermost interceptor: runs each call under its request id (the caller's `x-request-id`, or a
+    new one) so logs and onward calls carry it, inside a trace span when OpenTelemetry is installed, and
+    counts it in `metrics` with its final status code. Health checks are left out."""
+
+    def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        carrier = {
+            key: value
+            for key, value in handler_call_details.invocation_metadata or ()  # type: ignore[attr-defined]
+            if isinstance(value, str)
+        }
+        request_id = usable_request_id(carrier.get(REQUEST_ID_KEY))
+        name = method.rsplit("/", 1)[-1]
+        attributes = {"rpc.system": "grpc", "rpc.method": name, "zsplit.request_id": request_id}
+
+        span_name = method.lstrip("/")
+
+        def begin() -> float:
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(self.metrics.service).inc()
+            return time.perf_counter()
+
+        def finish(context: aio.ServicerContext, started: float, error: BaseException | None) -> None:
+            seconds, code = time.perf_counter() - started, _final_code(context, error)
+            # The access log: one line per call, carrying its request id like every line logged during it.
+            logger.info("%s %s %.3f s", name, code, seconds)
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(self.metrics.service).dec()
+                self.metrics.count_request(name, code, seconds)
+
+        def streaming(behavior: StreamingBehavior) -> StreamingBehavior:
+            async def observed(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                with request_scope(request_id):
+                    started, error = begin(), None
+                    try:
+                        with tracing.server_span(span_name, carrier, attributes):
+                            async for response in behavior(request, context):
+                                yield response
+                    except BaseException as failure:
+                        error = failure
+                        raise
+                    finally:
+                        finish(context, started, error)
+
+            return observed
+
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
+            async def observed(request: Any, context: aio.ServicerContext) -> Any:
+                with request_scope(request_id):
+                    started, error = begin(), None
+                    try:
+                        with tracing.server_span(span_name, carrier, attributes):
+                            return await behavior(request, context)
+                    except BaseException as failure:
+                        error = failure
+                        raise
+                    finally:
+                        finish(context, started, error)
+
+            return observed
 
         return wrap_handler(handler, unary, streaming)

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
-from zimage_split.common.interceptors import ErrorMappingInterceptor, ServingGate
+from zimage_split.common.interceptors import CallObserver, ErrorMappingInterceptor, ServingGate
+from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 from zimage_split.common.wire import CHUNK_BYTES
 
@@ -68,6 +69,9 @@ class RunningServer:
     health: HealthServicer
     service_names: tuple[str, ...]
     gate: ServingGate
+    metrics: ServiceMetrics
+    # The Prometheus endpoint, when --metrics-port is set.
+    metrics_endpoint: MetricsEndpoint | None = None
 
     async def set_serving(self) -> None:
         for name in (*self.service_names, ""):
@@ -89,7 +93,14 @@ class RunningServer:
                 grace or 0,
             )
         await self.server.stop(0)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         return drained
+
+
+def metrics_address(host: str, metrics_host: str | None, metrics_port: int | None) -> tuple[str, int] | None:
+    """Where `--metrics-port` serves (on the service's own --host unless --metrics-host says otherwise)."""
+    return None if metrics_port is None else (metrics_host or host, metrics_port)
 
 
 async def start_server(
@@ -99,15 +110,19 @@ async def start_server(
     port: int,
     security: ServerSecurity,
     limits: TransportLimits | None = None,
+    *,
+    metrics: ServiceMetrics,
+    metrics_address: tuple[str, int] | None = None,
 ) -> RunningServer:
-    """Starts a server that reports NOT_SERVING until `set_serving()` is called after warm-up."""
+    """Starts a server that reports NOT_SERVING until `set_serving()` is called after warm-up, counting its
+    calls in `metrics`, which it serves to Prometheus on `metrics_address` (host, port) when given."""
     limits = limits or TransportLimits()
     gate = ServingGate()
-    # Outermost first: tokens, then error mapping, then the gate (whose refusals the mapping turns into
-    # UNAVAILABLE).
-    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(), gate]
+    # Outermost first: the observer (request ids, spans, metrics: it sees every final status), tokens, then
+    # error mapping, then the gate (whose refusals the mapping turns into UNAVAILABLE).
+    interceptors: list[aio.ServerInterceptor] = [CallObserver(metrics), ErrorMappingInterceptor(), gate]
     if security.tokens:
-        interceptors.insert(0, TokenAuthInterceptor(security.tokens))
+        interceptors.insert(1, TokenAuthInterceptor(security.tokens))
     server = aio.server(interceptors=interceptors, options=limits.grpc_options())
     add_servicers(server)
     health = HealthServicer()
@@ -131,8 +146,22 @@ async def start_server(
         raise Unavailable(
             f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port."
         ) from error
-    await server.start()
-    return RunningServer(server=server, port=bound, health=health, service_names=service_names, gate=gate)
+    endpoint = serve_metrics(metrics, *metrics_address) if metrics_address is not None else None
+    try:
+        await server.start()
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
+        raise
+    return RunningServer(
+        server=server,
+        port=bound,
+        health=health,
+        service_names=service_names,
+        gate=gate,
+        metrics=metrics,
+        metrics_endpoint=endpoint,
+    )
 
 
 async def serve_until_signal(

@@ -58,6 +58,8 @@ class Embedding:
     key: str
     # Seconds spent fetching it from the encoder; 0 when it came from the cache.
     encode_seconds: float = 0.0
+    # Of those, what the encoder reported spending on it; the rest went to the network and the stream.
+    encoder_seconds: float = 0.0
     # Tokens of the formatted prompt before shortening; 0 when not known (an uploaded embedding).
     source_token_count: int = 0
     # "truncate", "interpolate" or "pool" when the encoder shortened the prompt to token_count rows, else "".
@@ -196,7 +198,7 @@ class EmbeddingStore:
         return embedding
 
     async def _keep(self, embedding: Embedding) -> None:
-        embedding = replace(embedding, encode_seconds=0.0)
+        embedding = replace(embedding, encode_seconds=0.0, encoder_seconds=0.0)
         self.cache.put(embedding.key, embedding)
         if self.disk is not None:
             await asyncio.to_thread(
@@ -257,6 +259,7 @@ class EmbeddingStore:
             self.check(item.tensor, "The encoder's embedding"),
             key,
             encode_seconds=time.perf_counter() - started,
+            encoder_seconds=item.encode_seconds,
             source_token_count=item.source_token_count,
             shortened_by=item.shortened_by,
         )

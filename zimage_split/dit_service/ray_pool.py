@@ -76,6 +76,18 @@ class RayWorkerPool:
         # Not a WeakKeyDictionary: its lookups compare tensors with ==, which fails for a tensor already in it.
         self._refs: dict[int, Any] = {}
         self._in_flight: dict[str, asyncio.Future[WorkerResult]] = {}
+        self._outstanding = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs dispatched to the replicas and not finished (queued in Serve, batching or running)."""
+        return self._outstanding
+
+    def replica_count(self) -> int:
+        from ray import serve
+
+        status = serve.status().applications[APP_NAME].deployments["DiTReplica"]
+        return int(status.replica_states.get("RUNNING", 0))
 
     @classmethod
     async def start(
@@ -166,10 +178,7 @@ class RayWorkerPool:
 
     async def replica_states(self) -> list[dict[str, Any]]:
         """Each live replica's counters. Serve picks the replica per call, so ask until all have answered."""
-        from ray import serve
-
-        status = serve.status().applications[APP_NAME].deployments["DiTReplica"]
-        running = status.replica_states.get("RUNNING", 0)
+        running = await asyncio.to_thread(self.replica_count)
         states: dict[int, dict[str, Any]] = {}
         for _ in range(running * 10):
             _, state = await self.handle.info.remote()
@@ -183,6 +192,8 @@ class RayWorkerPool:
         if request_id and request_id in self._in_flight:
             return await asyncio.shield(self._in_flight[request_id])
         future: asyncio.Future[WorkerResult] = asyncio.ensure_future(self._run_with_retries(job, request_id))
+        self._outstanding += 1
+        future.add_done_callback(self._finished)
         if request_id:
             self._in_flight[request_id] = future
             future.add_done_callback(lambda _: self._in_flight.pop(request_id, None))
@@ -191,6 +202,9 @@ class RayWorkerPool:
         except asyncio.CancelledError:
             future.cancel()
             raise
+
+    def _finished(self, _: asyncio.Future[WorkerResult]) -> None:
+        self._outstanding -= 1
 
     async def _run_with_retries(self, job: GenerationJob, request_id: str) -> WorkerResult:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError

@@ -12,7 +12,13 @@ from zimage.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.security import ClientSecurity, ServerSecurity
-from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
+from zimage_split.common.server import (
+    RunningServer,
+    TransportLimits,
+    metrics_address,
+    serve_until_signal,
+    start_server,
+)
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import EngineOptions
@@ -72,6 +78,9 @@ class GeneratorConfig:
     image_cache_bytes: int = 256 << 20
     limits: Limits = field(default_factory=Limits)
     transport: TransportLimits = TransportLimits()
+    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
     # Extra tries of an encoder call that failed with UNAVAILABLE (a restart, a dropped connection), within
     # the caller's deadline.
     encoder_retries: int = 2
@@ -195,6 +204,8 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         config.port,
         config.security,
         config.transport,
+        metrics=servicer.metrics,
+        metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
     )
     await running.set_serving()
     logger.info(

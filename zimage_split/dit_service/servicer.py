@@ -20,7 +20,8 @@ from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.common.lru import ByteBoundedLRU
-from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding
+from zimage_split.common.metrics import ServiceMetrics
+from zimage_split.dit_service.embedding_store import Embedding, EmbeddingStore, TextEncoding
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 from zimage_split.dit_service.init_images import ImageStore
 from zimage_split.dit_service.lora import LoraLibrary, LoraSpec, check_specs
@@ -106,6 +107,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         completed_bytes: int = 128 << 20,
         images: ImageStore | None = None,
         loras: LoraLibrary | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.worker = worker
         self.info = worker.info
@@ -119,6 +121,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.completed: ByteBoundedLRU[CompletedImages] = ByteBoundedLRU(
             completed_bytes, lambda done: done.size
         )
+        self.metrics = metrics or ServiceMetrics("generator")
+        self.metrics.watch_cache("embeddings", store.cache)
+        self.metrics.watch_cache("results", self.completed)
+        self.metrics.watch_cache("images", self.images)
+        self.metrics.watch_queue_depth(lambda: worker.outstanding)
+        self.metrics.watch_replicas(worker.replica_count)
 
     def cancel_all(self) -> None:
         """Stops every running job before its next step (used at shutdown, after the grace period)."""
@@ -257,6 +265,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         encode_seconds = max(
             positive_embedding.encode_seconds, getattr(negative_embedding, "encode_seconds", 0.0)
         )
+        self._observe_fetches(positive_embedding, negative_embedding)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, int, str] | object] = asyncio.Queue()
@@ -358,11 +367,25 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 steps_run=params.steps_run,
             )
             images.append((header, image.data))
+            self.metrics.observe_stage("queue", result.queue_seconds)
+            self.metrics.observe_stage("denoise", image.denoise_seconds)
+            self.metrics.observe_stage("decode", image.decode_seconds)
         if request.request_id:
             self.completed.put(request.request_id, CompletedImages(fingerprint, tuple(images)))
         for header, data in images:
+            self.metrics.count_bytes("sent", "image", len(data))
             for response in _image_responses(header, data):
                 yield response
+
+    def _observe_fetches(self, *embeddings: Embedding | None) -> None:
+        """Stages of the embeddings fetched from the encoder for this request (cache hits took none)."""
+        for embedding in embeddings:
+            if embedding is None or embedding.encode_seconds == 0:
+                continue
+            self.metrics.observe_stage("encode", embedding.encoder_seconds)
+            self.metrics.observe_stage("transfer", embedding.encode_seconds - embedding.encoder_seconds)
+            tensor = embedding.tensor
+            self.metrics.count_bytes("received", "embedding", tensor.numel() * tensor.element_size())
 
     def _metadata(
         self,
@@ -416,6 +439,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidArgument(
                 f"UploadImage received {len(data)} of the {header.byte_length} bytes announced; upload again."
             )
+        self.metrics.count_bytes("received", "upload", len(data))
         key, image = await asyncio.to_thread(
             self.images.add,
             bytes(data),
@@ -464,7 +488,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 assembler.add(message.chunk)
         if assembler is None:
             raise InvalidArgument("UploadEmbedding received no header; send a header, then the chunks.")
-        key = await self.store.add_upload(assembler.finish(), assembler.meta)
+        tensor = assembler.finish()
+        self.metrics.count_bytes("received", "embedding", tensor.numel() * tensor.element_size())
+        key = await self.store.add_upload(tensor, assembler.meta)
         return generator_pb2.UploadEmbeddingResponse(embedding_key=key)
 
     async def Info(

@@ -24,6 +24,15 @@ class Worker(Protocol):
 
     async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult: ...
 
+    @property
+    def outstanding(self) -> int:
+        """Jobs accepted and not finished."""
+        ...
+
+    def replica_count(self) -> int:
+        """Model replicas serving now (may block briefly; metrics call it from their own thread)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -53,6 +62,9 @@ class LocalWorker:
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    def replica_count(self) -> int:
+        return 1
 
     def _run(self, job: GenerationJob, submitted: float) -> tuple[GeneratedImage, float]:
         queue_seconds = time.perf_counter() - submitted

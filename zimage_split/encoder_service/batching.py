@@ -17,7 +17,8 @@ class MicroBatcher(Generic[Item, Result]):
     """Runs `run_batch(items)` on one worker thread, over up to `max_batch_size` queued items.
 
     After the first item arrives it waits at most `max_wait_seconds` for more, so a lone request pays
-    little latency while a burst shares one forward pass.
+    little latency while a burst shares one forward pass. `on_batch(queue_seconds, run_seconds)`, when
+    given, hears of each batch run: how long each item waited, and how long the batch ran.
     """
 
     def __init__(
@@ -26,16 +27,23 @@ class MicroBatcher(Generic[Item, Result]):
         *,
         max_batch_size: int,
         max_wait_seconds: float,
+        on_batch: Callable[[list[float], float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_wait_seconds = max_wait_seconds
-        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result], float]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self._worker: asyncio.Task[None] | None = None
         self.batches_run = 0
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work())
@@ -49,7 +57,7 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        await self._queue.put((item, future, time.perf_counter()))
         return await future
 
     async def _work(self) -> None:
@@ -67,19 +75,22 @@ class MicroBatcher(Generic[Item, Result]):
                     )
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
-            live = [(item, future) for item, future in batch if not future.cancelled()]
+            live = [(item, future, queued) for item, future, queued in batch if not future.cancelled()]
             if not live:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [item for item, _ in live]
+                    self._executor, self._run_batch, [item for item, _, _ in live]
                 )
             except Exception as error:
-                for _, future in live:
+                for _, future, _ in live:
                     if not future.done():
                         future.set_exception(error)
                 continue
             self.batches_run += 1
-            for (_, future), result in zip(live, results, strict=True):
+            if self._on_batch is not None:
+                self._on_batch([started - queued for _, _, queued in live], time.perf_counter() - started)
+            for (_, future, _), result in zip(live, results, strict=True):
                 if not future.done():
                     future.set_result(result)

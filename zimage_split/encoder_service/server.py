@@ -10,7 +10,13 @@ from pathlib import Path
 from zimage.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ServerSecurity
-from zimage_split.common.server import RunningServer, TransportLimits, serve_until_signal, start_server
+from zimage_split.common.server import (
+    RunningServer,
+    TransportLimits,
+    metrics_address,
+    serve_until_signal,
+    start_server,
+)
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import (
@@ -45,6 +51,9 @@ class EncoderConfig:
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
     transport: TransportLimits = TransportLimits()
+    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
     # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
     security: ServerSecurity = ServerSecurity(insecure=True)
 
@@ -124,6 +133,8 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         config.port,
         config.security,
         config.transport,
+        metrics=servicer.metrics,
+        metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
     )
     # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
     encoder.encode([encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)])

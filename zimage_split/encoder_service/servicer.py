@@ -14,6 +14,7 @@ from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.lru import ByteBoundedLRU
+from zimage_split.common.metrics import ServiceMetrics
 from zimage_split.encoder_service.batching import MicroBatcher
 from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
 
@@ -78,6 +79,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         max_batch_wait_seconds: float = 0.005,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         max_prompts_per_call: int = MAX_PROMPTS_PER_CALL,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         """`max_sequence_length` is the default for requests that set none; no request may ask for more than
         `max_sequence_length_limit` (the DiT's caption limit)."""
@@ -93,9 +95,16 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.tokenized: ByteBoundedLRU[TokenizedPrompt] = ByteBoundedLRU(
             min(cache_bytes, TOKENIZED_CACHE_BYTES), tokenized_bytes
         )
+        self.metrics = metrics or ServiceMetrics("encoder")
         self.batcher: MicroBatcher[TokenizedPrompt, wire.FrozenTensor] = MicroBatcher(
-            self._forward, max_batch_size=max_batch_size, max_wait_seconds=max_batch_wait_seconds
+            self._forward,
+            max_batch_size=max_batch_size,
+            max_wait_seconds=max_batch_wait_seconds,
+            on_batch=self._observe_batch,
         )
+        self.metrics.watch_cache("embeddings", self.cache)
+        self.metrics.watch_cache("tokenized", self.tokenized)
+        self.metrics.watch_queue_depth(lambda: self.batcher.queued)
         self._in_flight: dict[str, asyncio.Future[wire.FrozenTensor]] = {}
         self.prompts_encoded = 0
 
@@ -104,6 +113,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         # Copied to immutable bytes and hashed once, here on the batcher's thread: a cache hit then sends
         # them as they are, and nothing can change them under their sha256.
         return [wire.freeze(embedding) for embedding in self.encoder.encode(prompts)]
+
+    def _observe_batch(self, queue_seconds: list[float], run_seconds: float) -> None:
+        # One observation per prompt: a prompt's encode stage is the forward pass it shared.
+        for waited in queue_seconds:
+            self.metrics.observe_stage("queue", waited)
+            self.metrics.observe_stage("encode", run_seconds)
 
     def _tokenize_request(self, request: encoder_pb2.EncodeRequest) -> list[TokenizedPrompt]:
         if not request.prompts:
@@ -217,6 +232,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     shortened_by=MODE_ENUMS[item.prompt.shortened_by],
                 )
             )
+            self.metrics.count_bytes("sent", "embedding", len(payload))
             for chunk in wire.iter_chunks(payload):
                 yield encoder_pb2.EncodeResponse(chunk=chunk)
 

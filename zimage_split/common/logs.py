@@ -1,0 +1,114 @@
+"""Request ids in every log line, and the log formats (`--log-format text|json`)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# gRPC metadata key and HTTP header that carry a request's id from service to service.
+REQUEST_ID_KEY = "x-request-id"
+# Ids come from callers; anything longer, or with other characters, is replaced rather than logged.
+MAX_REQUEST_ID_LENGTH = 128
+_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:#/")
+
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("zsplit_request_id", default="")
+LOG_FORMATS = ("text", "json")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str:
+    """The id of the request this code runs for ("" outside any request)."""
+    return _request_id.get()
+
+
+def usable_request_id(value: str | bytes | None) -> str:
+    """`value` if it is a sane id to log and pass on; otherwise a new one."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if value and len(value) <= MAX_REQUEST_ID_LENGTH and set(value) <= _ALLOWED:
+        return value
+    return new_request_id()
+
+
+@contextmanager
+def request_scope(request_id: str) -> Iterator[str]:
+    """Within the block (and tasks and threads started from it), logs and outgoing calls carry `request_id`."""
+    token = _request_id.set(request_id)
+    try:
+        yield request_id
+    finally:
+        # Fails only for an abandoned async generator closed from another task's context.
+        with contextlib.suppress(ValueError):
+            _request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record a `request_id` attribute ("-" outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = _request_id.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, request_id, and the
+    traceback as `exception` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Sets up the root logger on stderr, replacing any handler it had."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS} (got {log_format!r})")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Library warnings become log records too, so a JSON log stays all JSON.
+    logging.captureWarnings(True)
+
+
+def route_library_logs() -> None:
+    """transformers and diffusers write their own log lines and progress bars to stderr; this sends their
+    records through the root logger instead and turns their bars off, so a JSON log stays all JSON."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils
+    import transformers.utils.logging as transformers_logging
+
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()

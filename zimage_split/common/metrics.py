@@ -1,0 +1,183 @@
+"""Prometheus metrics of one service (`--metrics-port`): calls, stage latencies, caches, bytes, queue, replicas."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from zimage_split.common.errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+# From a cache hit (milliseconds) to a large image on a slow host (minutes).
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+STAGES = ("queue", "encode", "transfer", "denoise", "decode")
+
+
+class CacheCounters(Protocol):
+    """What a cache reports (ByteBoundedLRU and the stores built on it)."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+
+class _LiveValues(Collector):
+    """Values read from the service's own objects at scrape time (cache counters, queue depth, replicas),
+    so they can never drift from what the service reports in Info."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.caches: dict[str, CacheCounters] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["service", "cache"]
+        hits = CounterMetricFamily("zsplit_cache_hits", "Cache lookups that found the entry.", labels=labels)
+        misses = CounterMetricFamily("zsplit_cache_misses", "Cache lookups that did not.", labels=labels)
+        ratio = GaugeMetricFamily(
+            "zsplit_cache_hit_ratio", "Hits over all lookups since start (0 before any).", labels=labels
+        )
+        size = GaugeMetricFamily("zsplit_cache_bytes", "Bytes the cache holds now.", labels=labels)
+        for name, cache in self.caches.items():
+            values = [self.service, name]
+            hits.add_metric(values, cache.hits)
+            misses.add_metric(values, cache.misses)
+            lookups = cache.hits + cache.misses
+            ratio.add_metric(values, cache.hits / lookups if lookups else 0.0)
+            size.add_metric(values, cache.bytes)
+        yield from (hits, misses, ratio, size)
+        for name, (documentation, read) in self.gauges.items():
+            gauge = GaugeMetricFamily(name, documentation, labels=["service"])
+            try:
+                gauge.add_metric([self.service], float(read()))
+            except Exception as error:  # a scrape must not fail because one source could not answer
+                logger.debug("Metric %s unavailable: %s", name, error)
+                continue
+            yield gauge
+
+
+class ServiceMetrics:
+    """Every metric of one service, in a registry of its own (so services sharing a process stay apart).
+    All carry a `service` label: "encoder", "generator" or "http"."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "zsplit_requests",
+            "Calls answered, by method and final status code (gRPC code names; HTTP status for the gateway).",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "zsplit_request_duration_seconds",
+            "Time from a call's arrival to its last response message.",
+            ["service", "method"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "zsplit_stage_duration_seconds",
+            "Time per stage of a request: queue (waiting for the model), encode (the text encoder's forward "
+            "pass), transfer (embedding bytes between the services), denoise, decode (VAE and image file).",
+            ["service", "stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "zsplit_transferred_bytes",
+            "Payload bytes sent or received, by direction and kind (embedding, image, upload).",
+            ["service", "direction", "kind"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "zsplit_in_flight_requests", "Calls running now.", ["service"], registry=self.registry
+        )
+        self._live = _LiveValues(service)
+        self.registry.register(self._live)
+
+    def count_request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(self.service, method, code).inc()
+        self.request_seconds.labels(self.service, method).observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+        self.stage_seconds.labels(self.service, stage).observe(max(0.0, seconds))
+
+    def count_bytes(self, direction: str, kind: str, count: int) -> None:
+        self.bytes.labels(self.service, direction, kind).inc(count)
+
+    def watch_cache(self, name: str, cache: CacheCounters) -> None:
+        self._live.caches[name] = cache
+
+    def watch_queue_depth(self, read: Callable[[], float]) -> None:
+        self._live.gauges["zsplit_queue_depth"] = (
+            "Jobs accepted and waiting for the model (or, with Ray replicas, dispatched and not finished).",
+            read,
+        )
+
+    def watch_replicas(self, read: Callable[[], float]) -> None:
+        self._live.gauges["zsplit_replicas"] = ("Model replicas serving now.", read)
+
+
+@dataclass
+class MetricsEndpoint:
+    """The HTTP server that answers Prometheus scrapes on /metrics (any path works)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(metrics: ServiceMetrics, host: str, port: int) -> MetricsEndpoint:
+    """Serves `metrics` over plain HTTP on host:port (0 picks a free port) from a daemon thread."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as error:
+        raise Unavailable(
+            f"Cannot serve metrics on {host}:{port}: {error}. Is the port in use? Pick another --metrics-port."
+        ) from error
+    endpoint = MetricsEndpoint(server, thread)
+    logger.info("Prometheus metrics on http://%s:%d/metrics", host, endpoint.port)
+    return endpoint
