@@ -190,9 +190,11 @@ def test_opentelemetry_spans_link_client_generator_and_encoder(observed) -> None
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     tracer = trace.get_tracer("test")
-    with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
-        with tracer.start_as_current_span("batch job") as root:
-            client.generate("a spanned bridge", seed=4, width=64, height=64, steps=1)
+    with (
+        Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client,
+        tracer.start_as_current_span("batch job") as root,
+    ):
+        client.generate("a spanned bridge", seed=4, width=64, height=64, steps=1)
     names = {"zimage.generator.v1.GeneratorService/Generate", "zimage.encoder.v1.EncoderService/Encode"}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not names <= {s.name for s in exporter.get_finished_spans()}:

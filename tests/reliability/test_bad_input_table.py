@@ -787,6 +787,9 @@ TABLE: list[Case] = [
     # -- Output paths: refused before the work, not after it.
     Case("serve-http-without-tls-or-insecure", "CLI flags", zsplit("serve", "http"), "INVALID_ARGUMENT", "needs --tls-cert and --tls-key, or --insecure"),
     Case("serve-http-insecure-and-tls", "CLI flags", zsplit("serve", "http", "--insecure", "--tls-cert", "{tmp}/c.pem", "--tls-key", "{tmp}/k.pem"), "INVALID_ARGUMENT", "contradict each other"),
+    Case("serve-metrics-port-out-of-range", "CLI flags", zsplit(*SERVE_ENCODER, "--metrics-port", "70000"), "INVALID_ARGUMENT", "--metrics-port must be between 0 and 65535"),
+    Case("serve-metrics-port-is-the-service-port", "CLI flags", zsplit(*SERVE_GENERATOR, "--port", "50999", "--metrics-port", "50999"), "INVALID_ARGUMENT", "is the service's own --port; pick another"),
+    Case("cli-log-format-not-a-choice", "CLI flags", zsplit("--log-format", "yaml", "templates"), "usage", "argument --log-format: invalid choice: 'yaml'"),
     Case("batch-with-init-image", "CLI flags", zsplit("generate", "--embeddings", "{tmp}/e.safetensors", "--init-image", "{tmp}/a.png"), "INVALID_ARGUMENT", "A batch from --embeddings takes no --init-image"),
     Case("generate-lora-scale-not-a-number", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--lora", "style:strong"), "INVALID_ARGUMENT", "the scale after ':' must be a number"),
     Case("generate-mask-file-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--mask", "{tmp}/m.png"), "INVALID_ARGUMENT", "no such file"),

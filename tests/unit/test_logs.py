@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,13 +18,13 @@ from zimage_split.common.logs import (
 
 
 @pytest.fixture
-def captured_json() -> io.StringIO:
+def json_lines(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[], list[dict[str, str]]]]:
+    """Logging set up as `--log-format json` does; call the fixture's value for the lines so far."""
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     configure_logging("INFO", "json")
-    stream = io.StringIO()
-    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
-    yield stream
+    configure_logging("INFO", "json")  # a second call replaces the first handler, never doubles lines
+    yield lambda: [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in saved_handlers:
@@ -33,7 +33,7 @@ def captured_json() -> io.StringIO:
     logging.captureWarnings(False)
 
 
-def test_json_lines_carry_the_request_id_and_the_traceback(captured_json: io.StringIO) -> None:
+def test_json_lines_carry_the_request_id_and_the_traceback(json_lines) -> None:  # type: ignore[no-untyped-def]
     log = logging.getLogger("zimage_split.test")
     log.info("outside")
     with request_scope("job-7#2"):
@@ -42,7 +42,7 @@ def test_json_lines_carry_the_request_id_and_the_traceback(captured_json: io.Str
             raise ValueError("boom")
         except ValueError:
             log.exception("failed")
-    lines = [json.loads(line) for line in captured_json.getvalue().splitlines()]
+    lines = json_lines()
     assert [line["request_id"] for line in lines] == ["-", "job-7#2", "job-7#2"]
     assert lines[1]["message"] == "inside a request" and lines[1]["level"] == "WARNING"
     assert lines[1]["logger"] == "zimage_split.test" and lines[1]["time"].endswith("Z")
@@ -50,11 +50,11 @@ def test_json_lines_carry_the_request_id_and_the_traceback(captured_json: io.Str
     assert current_request_id() == ""
 
 
-def test_python_warnings_are_logged_as_json_too(captured_json: io.StringIO) -> None:
+def test_python_warnings_are_logged_as_json_too(json_lines) -> None:  # type: ignore[no-untyped-def]
     import warnings
 
     warnings.warn("an old flag", UserWarning, stacklevel=1)
-    (line,) = [json.loads(line) for line in captured_json.getvalue().splitlines()]
+    (line,) = json_lines()
     assert "an old flag" in line["message"] and line["level"] == "WARNING"
 
 

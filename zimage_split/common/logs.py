@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 # gRPC metadata key and HTTP header that carry a request's id from service to service.
 REQUEST_ID_KEY = "x-request-id"
@@ -79,11 +80,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the one at set-up (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Sets up the root logger on stderr, replacing any handler it had."""
+    """Logs to stderr in `log_format`, replacing the handler an earlier call installed (and only that one:
+    an application embedding zimage-split keeps its own)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS} (got {log_format!r})")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(RequestIdFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -92,7 +109,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
         )
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [old for old in root.handlers if isinstance(old, _StderrHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
