@@ -43,7 +43,7 @@ def test_json_lines_carry_the_request_id_and_the_traceback(json_lines) -> None: 
         except ValueError:
             log.exception("failed")
     lines = json_lines()
-    assert [line["request_id"] for line in lines] == ["-", "job-7#2", "job-7#2"]
+    assert [line["request_id"] for line in lines] == [None, "job-7#2", "job-7#2"]
     assert lines[1]["message"] == "inside a request" and lines[1]["level"] == "WARNING"
     assert lines[1]["logger"] == "zimage_split.test" and lines[1]["time"].endswith("Z")
     assert "ValueError: boom" in lines[2]["exception"]

@@ -54,17 +54,19 @@ def request_scope(request_id: str) -> Iterator[str]:
 
 
 class RequestIdFilter(logging.Filter):
-    """Gives every record a `request_id` attribute ("-" outside a request)."""
+    """Gives every record a `request_id` attribute ("" outside a request) and `request_tag`, the id as the
+    text format shows it (" [id]", or nothing)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", ""):
-            record.request_id = _request_id.get() or "-"
+            record.request_id = _request_id.get()
+        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, request_id, and the
-    traceback as `exception` when there is one."""
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, request_id (null outside a
+    request), and the traceback as `exception` when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -73,7 +75,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-"),
+            "request_id": getattr(record, "request_id", "") or None,
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -106,7 +108,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
         )
     root = logging.getLogger()
     for old in [old for old in root.handlers if isinstance(old, _StderrHandler)]:
