@@ -299,6 +299,11 @@ class InfoOnlyWorker:
             components=("transformer", "vae", "scheduler"),
         )
 
+    outstanding = 0
+
+    def replica_count(self) -> int:
+        return 1
+
     async def run(self, job: GenerationJob, *, request_id: str = "") -> WorkerResult:
         raise AssertionError("validation must not run the engine")
 

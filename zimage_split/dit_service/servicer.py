@@ -126,7 +126,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.metrics.watch_cache("results", self.completed)
         self.metrics.watch_cache("images", self.images)
         self.metrics.watch_queue_depth(lambda: worker.outstanding)
-        self.metrics.watch_replicas(worker.replica_count)
+        self.metrics.watch_replicas(lambda: worker.replica_count())
 
     def cancel_all(self) -> None:
         """Stops every running job before its next step (used at shutdown, after the grace period)."""
