@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP face for a generator: `POST /v1/images/generations`, `GET /healthz`.
+"""An OpenAI-compatible HTTP face for a generator: `POST /v1/images/generations`, `GET /healthz`, plus a
+web page (`GET /`) and the progress stream it uses (`POST /v1/zsplit/images/stream`, NDJSON).
 
 A thin FastAPI app over the SDK's AsyncClient; no model runs here. Errors keep the OpenAI shape
 (`{"error": {"message", "type", "code"}}`) with the HTTP status that matches the gRPC code.
@@ -6,20 +7,25 @@ A thin FastAPI app over the SDK's AsyncClient; no model runs here. Errors keep t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
+import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, Field
 
-from zimage_split.client.aio import AsyncClient
+from zimage_split.client.aio import AsyncClient, Latents, ProgressCallback
 from zimage_split.common.errors import InvalidArgument, ZSplitError
 from zimage_split.common.security import ClientSecurity
 
@@ -35,6 +41,10 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# The page holds no secret (its API calls carry the token), and health checkers have none.
+PUBLIC_PATHS = ("/", "/healthz")
+
+logger = logging.getLogger(__name__)
 
 
 class ImagesRequest(BaseModel):
@@ -71,6 +81,94 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+async def generate(
+    client: AsyncClient, body: ImagesRequest, on_progress: ProgressCallback | None = None
+) -> list[Image.Image | Latents]:
+    """Runs one images request on the generator; the JSON and the streaming routes both come here."""
+    if body.response_format != "b64_json":
+        raise InvalidArgument(
+            "response_format 'url' is not served: this gateway keeps no files. Ask for b64_json."
+        )
+    width, height = parse_size(body.size)
+    return await client.generate_images(
+        body.prompt,
+        negative_prompt=body.negative_prompt,
+        seed=body.seed,
+        width=width,
+        height=height,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        model=body.model if body.model and body.model != "z-image-turbo" else "",
+        num_images=body.n,
+        on_progress=on_progress,
+    )
+
+
+def ndjson(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event, separators=(",", ":")) + "\n").encode()
+
+
+async def stream_events(
+    task: asyncio.Future[list[Image.Image | Latents]],
+    steps: asyncio.Queue[tuple[int, int] | None],
+    first: tuple[int, int] | None,
+) -> AsyncIterator[bytes]:
+    """The NDJSON lines of a running generation: a progress line per step (`first`, then what `steps`
+    yields until its None), then an image line per image and a done line, or one error line."""
+    step = first
+    while step is not None:
+        yield ndjson({"type": "progress", "step": step[0], "total": step[1]})
+        step = await steps.get()
+    try:
+        images = task.result()
+    except ZSplitError as error:
+        yield ndjson({"type": "error", "error": {"message": error.message, "code": error.code.lower()}})
+        return
+    except Exception:
+        logger.exception("The image stream failed unexpectedly")
+        message = "The gateway failed unexpectedly; its log has the traceback."
+        yield ndjson({"type": "error", "error": {"message": message, "code": "internal"}})
+        return
+    for image in images:
+        yield ndjson(
+            {
+                "type": "image",
+                "b64_json": base64.b64encode(image.info["file_bytes"]).decode("ascii"),
+                "seed": image.info["seed"],
+                "width": image.info["width"],
+                "height": image.info["height"],
+                "format": image.info["format"],
+            }
+        )
+    yield ndjson({"type": "done"})
+
+
+class GenerationStream(StreamingResponse):
+    """stream_events as an NDJSON response that cancels the generation when the response ends early."""
+
+    def __init__(
+        self,
+        task: asyncio.Future[list[Image.Image | Latents]],
+        steps: asyncio.Queue[tuple[int, int] | None],
+        first: tuple[int, int] | None,
+    ) -> None:
+        super().__init__(
+            stream_events(task, steps, first),
+            media_type="application/x-ndjson",
+            # Proxies such as nginx would otherwise hold the progress lines back until the end.
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self.task = task
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A client that goes away stops the response, possibly before its first line; the
+            # generation must not run on for nobody.
+            self.task.cancel()
+
+
 def create_app(
     generator: str,
     *,
@@ -78,8 +176,9 @@ def create_app(
     tokens: tuple[str, ...] = (),
     timeout: float = 600.0,
 ) -> FastAPI:
-    """The gateway app for the generator at `generator`. With `tokens`, every route but /healthz needs
-    `Authorization: Bearer <token>`."""
+    """The gateway app for the generator at `generator`. With `tokens`, every route but the page (/) and
+    /healthz needs `Authorization: Bearer <token>`."""
+    page = resources.files("zimage_split").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,7 +196,7 @@ def create_app(
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
-        if tokens and request.url.path != "/healthz":
+        if tokens and request.url.path not in PUBLIC_PATHS:
             header = request.headers.get("authorization", "")
             given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
             if not any(hmac.compare_digest(given.encode(), token.encode()) for token in tokens):
@@ -131,25 +230,13 @@ def create_app(
             return JSONResponse(status_code=503, content={"status": "unavailable", "reason": error.message})
         return JSONResponse(content={"status": "ok", "model": info.get("model_id", "")})
 
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
     @app.post("/v1/images/generations")
     async def images_generations(body: ImagesRequest) -> dict[str, Any]:
-        if body.response_format != "b64_json":
-            raise InvalidArgument(
-                "response_format 'url' is not served: this gateway keeps no files. Ask for b64_json."
-            )
-        width, height = parse_size(body.size)
-        client: AsyncClient = app.state.client
-        images = await client.generate_images(
-            body.prompt,
-            negative_prompt=body.negative_prompt,
-            seed=body.seed,
-            width=width,
-            height=height,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            model=body.model if body.model and body.model != "z-image-turbo" else "",
-            num_images=body.n,
-        )
+        images = await generate(app.state.client, body)
         return {
             "created": int(time.time()),
             "data": [
@@ -161,6 +248,27 @@ def create_app(
                 for image in images
             ],
         }
+
+    @app.post("/v1/zsplit/images/stream")
+    async def images_stream(body: ImagesRequest) -> GenerationStream:
+        """The body of /v1/images/generations, answered as NDJSON lines: {"type": "progress", "step",
+        "total"} per denoising step, {"type": "image", "b64_json", "seed", "width", "height", "format"}
+        per image, then {"type": "done"}; an error after the first line comes as {"type": "error"}."""
+        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            generate(app.state.client, body, lambda step, total: steps.put_nowait((step, total)))
+        )
+        task.add_done_callback(lambda _: steps.put_nowait(None))
+        # The response starts at the first step, so that what the generator refuses at once (a size that is
+        # not a multiple of 16, too many images, a full queue) keeps its HTTP status and JSON error.
+        try:
+            first = await steps.get()
+        except BaseException:
+            task.cancel()
+            raise
+        if first is None:
+            task.result()
+        return GenerationStream(task, steps, first)
 
     return app
 
