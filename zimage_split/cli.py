@@ -1068,7 +1068,9 @@ def _list_loras(args: argparse.Namespace) -> int:
 
 
 def _serve_http(args: argparse.Namespace) -> int:
+    from zimage_split.common.metrics import ServiceMetrics
     from zimage_split.common.security import read_tokens
+    from zimage_split.common.server import metrics_address
 
     try:
         from zimage_split.http_gateway import create_app, serve_http
@@ -1084,17 +1086,28 @@ def _serve_http(args: argparse.Namespace) -> int:
         )
     if args.insecure and args.tls_cert:
         raise InvalidArgument("--insecure and --tls-cert contradict each other; pick one.")
+    _check_metrics_port(args)
     tokens = read_tokens(args.auth_token_file)
     if os.environ.get("ZSPLIT_AUTH_TOKEN"):
         tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
+    metrics = ServiceMetrics("http")
     app = create_app(
         args.generator,
         security=_client_security(args, args.generator, prefix="generator-"),
         tokens=tokens,
         timeout=args.timeout,
+        metrics=metrics,
     )
     asyncio.run(
-        serve_http(app, host=args.host, port=args.port, cert_file=args.tls_cert, key_file=args.tls_key)
+        serve_http(
+            app,
+            host=args.host,
+            port=args.port,
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+            metrics=metrics,
+            metrics_address=metrics_address(args.host, args.metrics_host, args.metrics_port),
+        )
     )
     return 0
 

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,9 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.routing import Match
 
 from zimage_split.client.aio import AsyncClient, Latents, ProgressCallback
+from zimage_split.common import tracing
 from zimage_split.common.errors import InvalidArgument, ZSplitError
+from zimage_split.common.logs import REQUEST_ID_KEY, request_scope, usable_request_id
+from zimage_split.common.metrics import ServiceMetrics, serve_metrics
 from zimage_split.common.security import ClientSecurity
 
 HTTP_STATUS = {
@@ -169,15 +174,28 @@ class GenerationStream(StreamingResponse):
             self.task.cancel()
 
 
+def route_template(app: FastAPI, request: Request) -> str:
+    """The path of the route `request` is for ("unmatched" for none): metrics label calls by it, not by
+    the raw path, so a scanner's random URLs do not mint new series. Found even for a request refused
+    before routing (a missing token)."""
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", "unmatched"))
+    return "unmatched"
+
+
 def create_app(
     generator: str,
     *,
     security: ClientSecurity | None = None,
     tokens: tuple[str, ...] = (),
     timeout: float = 600.0,
+    metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
     """The gateway app for the generator at `generator`. With `tokens`, every route but the page (/) and
-    /healthz needs `Authorization: Bearer <token>`."""
+    /healthz needs `Authorization: Bearer <token>`. Requests are counted in `metrics` (service "http")."""
+    metrics = metrics or ServiceMetrics("http")
     page = resources.files("zimage_split").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -206,6 +224,26 @@ def create_app(
                     "unauthenticated",
                 )
         return await call_next(request)
+
+    @app.middleware("http")  # added last, so outermost: it sees every answer, refusals included
+    async def observe(request: Request, call_next: Any) -> Any:
+        request_id = usable_request_id(request.headers.get(REQUEST_ID_KEY))
+        span_name = f"{request.method} {request.url.path}"
+        with request_scope(request_id), tracing.server_span(span_name, dict(request.headers), {}):
+            started, status = time.perf_counter(), 500
+            metrics.in_flight.labels(metrics.service).inc()
+            try:
+                response = await call_next(request)
+                status = response.status_code
+            finally:
+                metrics.in_flight.labels(metrics.service).dec()
+                seconds = time.perf_counter() - started
+                method = f"{request.method} {route_template(app, request)}"
+                metrics.count_request(method, str(status), seconds)
+                # A stream's time is to its first line; its progress goes on after this.
+                logger.info("%s %s %d %.3f s", request.method, request.url.path, status, seconds)
+        response.headers[REQUEST_ID_KEY] = request_id
+        return response
 
     @app.exception_handler(ZSplitError)
     async def service_error(request: Request, error: ZSplitError) -> JSONResponse:
@@ -274,12 +312,30 @@ def create_app(
 
 
 async def serve_http(
-    app: FastAPI, *, host: str, port: int, cert_file: str | None = None, key_file: str | None = None
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    metrics: ServiceMetrics | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
-    """Serves `app` with uvicorn until SIGINT or SIGTERM; TLS when given a certificate and key."""
+    """Serves `app` with uvicorn until SIGINT or SIGTERM; TLS when given a certificate and key. `metrics`
+    (those `app` counts in) go to Prometheus on `metrics_address` (host, port) when both are given."""
     import uvicorn
 
+    # log_config=None: uvicorn's own lines go through the process's logging set-up (and --log-format).
     config = uvicorn.Config(
-        app, host=host, port=port, ssl_certfile=cert_file, ssl_keyfile=key_file, log_level="info"
+        app, host=host, port=port, ssl_certfile=cert_file, ssl_keyfile=key_file, log_config=None
     )
-    await uvicorn.Server(config).serve()
+    endpoint = serve_metrics(metrics, *metrics_address) if metrics and metrics_address else None
+    # uvicorn drains on SIGTERM, then raises the signal again; with the default handler that kills the
+    # process. A handler of ours lets it exit 0 after the drain, as the gRPC services do.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if endpoint is not None:
+            endpoint.stop()

@@ -126,3 +126,46 @@ def test_a_generator_that_is_down_is_503() -> None:
         assert http(f"{url}/healthz")[0] == 503
         with pytest.raises(openai.InternalServerError):
             openai_api(url).images.generate(prompt="a cat", size="64x64", response_format="b64_json")
+
+
+def test_gateway_metrics_and_request_ids(generator) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from tests.integration.test_observability import Collected, scrape, value
+    from zimage_split.common.metrics import ServiceMetrics, serve_metrics
+    from zimage_split.http_gateway import create_app
+
+    metrics = ServiceMetrics("http")
+    endpoint = serve_metrics(metrics, "127.0.0.1", 0)
+    handler, root = Collected(), logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, logging.INFO
+    try:
+        for url in serve(
+            create_app(f"127.0.0.1:{generator.port}", tokens=(TOKEN,), timeout=60, metrics=metrics)
+        ):
+            request = urllib.request.Request(
+                f"{url}/v1/images/generations",
+                data=json.dumps({"prompt": "a counted cat", "size": "64x64", "steps": 1}).encode(),
+                headers={
+                    "Authorization": f"Bearer {TOKEN}",
+                    "Content-Type": "application/json",
+                    "x-request-id": "gw-1234",
+                },
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.headers["x-request-id"] == "gw-1234"
+            assert http(f"{url}/v1/images/generations", {"prompt": "a cat"})[0] == 401
+            assert http(f"{url}/no/such/route", token=TOKEN)[0] == 404
+            samples = scrape(endpoint.port)
+    finally:
+        endpoint.stop()
+        root.removeHandler(handler)
+        root.setLevel(level)
+    route = {"service": "http", "method": "POST /v1/images/generations"}
+    assert value(samples, "zsplit_requests_total", **route, code="200") == 1
+    assert value(samples, "zsplit_requests_total", **route, code="401") == 1
+    assert value(samples, "zsplit_requests_total", service="http", method="GET unmatched", code="404") == 1
+    # The gateway's id reached the generator: its access line for the call carries it.
+    generator_lines = [r.getMessage() for r in handler.records if r.request_id == "gw-1234"]  # type: ignore[attr-defined]
+    assert any(line.startswith("Generate OK") for line in generator_lines), generator_lines

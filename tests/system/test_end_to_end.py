@@ -303,3 +303,35 @@ def test_generator_with_ray_replicas_from_the_command_line(tiny_model_dir: Path)
     finally:
         code = stop(process)
     assert code == 0, "the generator stops Ray and exits cleanly on SIGTERM"
+
+
+def test_the_http_gateway_process_serves_metrics_and_json_logs(services: Services, tmp_path: Path) -> None:
+    port, metrics = free_port(), free_port()
+    log = tmp_path / "http.log"
+    arguments = ["http", "--generator", f"127.0.0.1:{services.generator_port}", "--port", str(port)]
+    gateway = start_service([*arguments, "--metrics-port", str(metrics)], log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/healthz", headers={"x-request-id": "hz-1"}
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert 'zsplit_requests_total{code="200",method="GET /healthz",service="http"} 1.0' in text, text[
+            -3000:
+        ]
+    finally:
+        assert stop(gateway) == 0
+    lines = json_log(log)  # uvicorn's own lines are JSON too
+    assert any(line["request_id"] == "hz-1" and "GET /healthz 200" in line["message"] for line in lines), (
+        lines
+    )
+    assert any(line["logger"].startswith("uvicorn") for line in lines), lines

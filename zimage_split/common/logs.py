@@ -58,9 +58,9 @@ class RequestIdFilter(logging.Filter):
     text format shows it (" [id]", or nothing)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "request_id", ""):
-            record.request_id = _request_id.get()
-        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
+        request_id = getattr(record, "request_id", "") or _request_id.get()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
         return True
 
 
