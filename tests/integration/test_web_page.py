@@ -217,12 +217,16 @@ def test_a_client_that_goes_away_cancels_the_generation(gateway, generator, clie
             )
             if when == "after the first step":
                 assert b'"type":"progress"' in connection.recv(4096)
-        deadline = time.monotonic() + 60
-        while not calls:  # the generator has started the abandoned job
-            assert time.monotonic() < deadline, "the generation never started"
+        # Closed before the first step, the request may be cancelled before it even reaches the DiT; give
+        # it time to start if it is going to.
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
             time.sleep(0.01)
-        # The worker thread is single: once this tiny job runs, the abandoned one has returned.
+        # The worker thread is single: once this tiny job runs, an abandoned one that started has returned.
         client.generate("a cat", steps=1, width=64, height=64, seed=0)
+        settled = len(calls)
+        time.sleep(1)
     finally:
         handle.remove()
-    assert len(calls) < 100 // 2, f"{len(calls)} DiT forwards ran for a stream abandoned {when}"
+    assert settled < 100 // 2, f"{settled} DiT forwards ran for a stream abandoned {when}"
+    assert len(calls) == settled, "the abandoned generation ran on after a later request"
