@@ -8,8 +8,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
-from zimage.tensor.v1 import tensor_pb2
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.client import Client, InvalidArgument, NotFound, Unavailable, ZSplitError
 from zimage_split.common import wire
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import LoopThread, start_encoder, start_generator
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import Client
 from zimage_split.common.errors import Unavailable
 from zimage_split.dit_service.disk_store import IDENTITY_FILE, TEMP_PREFIX

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from tests.conftest import start_generator
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import Client
 from zimage_split.dit_service.attention import needs_padding_mask
 from zimage_split.dit_service.engine import DiTEngine, GenerationJob, GenerationParams

@@ -138,7 +138,7 @@ def test_bad_start_images_are_refused_clearly(client) -> None:  # type: ignore[n
 
 
 def test_keys_that_are_gone_or_of_the_wrong_kind(client) -> None:  # type: ignore[no-untyped-def]
-    from zimage.generator.v1 import generator_pb2
+    from zimage_split._proto.generator.v1 import generator_pb2
 
     mask_key = client.upload_image(png(mask_image()), mask=True)
     image_key = client.upload_image(png(start_image()))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import start_encoder
-from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.client import AsyncClient, Client, InvalidArgument
 from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding
 from zimage_split.encoder_service.engine import shorten

@@ -30,10 +30,10 @@ from safetensors.torch import save
 
 from tests.reliability.conftest import Figures
 from tests.reliability.processes import ProcessStats, ServiceProcess, free_port, health_status
-from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
-from zimage.tensor.v1 import tensor_pb2
 from zimage_split import cli
+from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.client import Client
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.common import wire

@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from zimage.encoder.v1 import encoder_pb2
-from zimage.generator.v1 import generator_pb2
-from zimage.tensor.v1 import tensor_pb2
+from zimage_split._proto.encoder.v1 import encoder_pb2
+from zimage_split._proto.generator.v1 import generator_pb2
+from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.batch_jobs import read_prompt_file
 from zimage_split.client import Client
 from zimage_split.client.embeddings import FILE_FORMAT, Embeddings, PromptEmbedding

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from zimage.encoder.v1 import encoder_pb2
+from zimage_split._proto.encoder.v1 import encoder_pb2
 from zimage_split.common import wire
 from zimage_split.encoder_service.engine import TokenizedPrompt
 from zimage_split.encoder_service.servicer import EncoderServicer

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zimage.tensor.v1 import tensor_pb2
+from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument
 

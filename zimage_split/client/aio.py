@@ -30,8 +30,8 @@ from grpc import aio
 from PIL import Image
 from safetensors.torch import load as safetensors_load
 
-from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import from_rpc_error
@@ -40,6 +40,12 @@ from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, Reso
 from zimage_split.common.logs import REQUEST_ID_KEY, current_request_id, new_request_id
 from zimage_split.common.security import ClientSecurity, is_loopback
 from zimage_split.common.server import GRPC_OPTIONS
+from zimage_split.common.vocabulary import (
+    ENCODER_LONG_PROMPT_MODE,
+    GENERATOR_LONG_PROMPT_MODE,
+    GENERATOR_PORT,
+    OUTPUT_FORMAT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +67,6 @@ EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
 LoraLike = str | tuple[str, float] | Mapping[str, Any]
 # An image to upload: a file path, file bytes, or a PIL image (sent as PNG).
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
-LONG_PROMPT_MODES = {
-    "truncate": generator_pb2.LONG_PROMPT_MODE_TRUNCATE,
-    "interpolate": generator_pb2.LONG_PROMPT_MODE_INTERPOLATE,
-    "pool": generator_pb2.LONG_PROMPT_MODE_POOL,
-}
-LONG_PROMPT_NAMES = {value: name for name, value in LONG_PROMPT_MODES.items()}
-# The encoder's own enum: the two protos are versioned apart, so neither side relies on equal numbers.
-ENCODER_LONG_PROMPT_MODES = {
-    "truncate": encoder_pb2.LONG_PROMPT_MODE_TRUNCATE,
-    "interpolate": encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE,
-    "pool": encoder_pb2.LONG_PROMPT_MODE_POOL,
-}
-ENCODER_LONG_PROMPT_NAMES = {value: name for name, value in ENCODER_LONG_PROMPT_MODES.items()}
-OUTPUT_FORMATS = {
-    "png": generator_pb2.OUTPUT_FORMAT_PNG,
-    "jpeg": generator_pb2.OUTPUT_FORMAT_JPEG,
-    "webp": generator_pb2.OUTPUT_FORMAT_WEBP,
-    "latent": generator_pb2.OUTPUT_FORMAT_LATENT,
-}
 
 
 @contextlib.contextmanager
@@ -123,7 +110,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        generator: str | None = "localhost:50052",
+        generator: str | None = f"localhost:{GENERATOR_PORT}",
         encoder: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
@@ -205,7 +192,7 @@ class AsyncClient:
         fits is the same in every mode; `shortened_by` and `source_token_count` say what happened.
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        mode = _enum_value(ENCODER_LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode")
+        mode = ENCODER_LONG_PROMPT_MODE.number(long_prompt_mode)
         with _fields_in_range():
             options = encoder_pb2.EncodeOptions(
                 max_sequence_length=max_sequence_length, hidden_layer=hidden_layer, long_prompt_mode=mode
@@ -394,8 +381,8 @@ class AsyncClient:
                 model=model,
                 max_sequence_length=max_sequence_length,
                 num_images=None if num_images == 1 else num_images,
-                long_prompt_mode=_enum_value(LONG_PROMPT_MODES, long_prompt_mode, "long_prompt_mode"),
-                output_format=_enum_value(OUTPUT_FORMATS, output_format, "output_format"),
+                long_prompt_mode=GENERATOR_LONG_PROMPT_MODE.number(long_prompt_mode),
+                output_format=OUTPUT_FORMAT.number(output_format),
                 quality=quality,
                 strip_metadata=strip_metadata,
                 loras=[_lora_request(lora) for lora in loras],
@@ -665,14 +652,6 @@ def _lora_request(lora: LoraLike) -> generator_pb2.LoraRequest:
     return generator_pb2.LoraRequest(name=name, scale=None if scale is None else float(scale))
 
 
-def _enum_value(values: Mapping[str, int], name: str | None, what: str) -> int:
-    if name is None:
-        return 0
-    if name not in values:
-        raise InvalidArgument(f"Unknown {what} {name!r}; use one of {', '.join(values)}.")
-    return values[name]
-
-
 def _key_of(item: PromptEmbedding | torch.Tensor) -> str:
     if isinstance(item, PromptEmbedding) and item.content_key:
         return item.content_key
@@ -699,7 +678,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "loras": [{"name": lora.name, "scale": lora.scale} for lora in header.loras],
         "prompt_token_count": header.prompt_token_count,
         "prompt_source_token_count": header.prompt_source_token_count,
-        "prompt_shortened_by": LONG_PROMPT_NAMES.get(header.prompt_shortened_by, ""),
+        "prompt_shortened_by": GENERATOR_LONG_PROMPT_MODE.name(header.prompt_shortened_by, ""),
         "strength": header.strength,
         "steps_run": header.steps_run,
         "timings": {
@@ -722,7 +701,7 @@ async def read_embedding_stream(
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
 
     def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
-        shortened_by = ENCODER_LONG_PROMPT_NAMES.get(header.shortened_by, "")
+        shortened_by = ENCODER_LONG_PROMPT_MODE.name(header.shortened_by, "")
         if header.truncated:  # an encoder from before long-prompt modes could only truncate
             shortened_by = "truncate"
         items.append(

@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
 from zimage_split.client.batch import JobResult
 from zimage_split.common.security import ClientSecurity
+from zimage_split.common.vocabulary import GENERATOR_PORT
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,7 +51,7 @@ class Client:
 
     def __init__(
         self,
-        generator: str | None = "localhost:50052",
+        generator: str | None = f"localhost:{GENERATOR_PORT}",
         encoder: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,

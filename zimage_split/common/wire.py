@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zimage.tensor.v1 import tensor_pb2
+from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
 
 CHUNK_BYTES = 1 << 20

@@ -22,6 +22,7 @@ from zimage_split.common.errors import (
     ZSplitError,
 )
 from zimage_split.common.lru import ByteBoundedLRU
+from zimage_split.common.vocabulary import LONG_PROMPT_MODES
 from zimage_split.common.wire import TensorMeta, describe, embedding_key
 from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.validation import validate_embedding
@@ -31,7 +32,6 @@ T = TypeVar("T")
 
 # The encoder Info fields that change what it outputs for the same text; text keys include them.
 IDENTITY_FIELDS = ("model_id", "dtype", "hidden_layer", "max_sequence_length")
-LONG_PROMPT_MODES = ("truncate", "interpolate", "pool")
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.vocabulary import FORMAT_SUFFIXES, OUTPUT_FORMATS, QUALITY_FORMATS
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp", "latent")
 DEFAULT_QUALITY = 90
-QUALITY_FORMATS = ("jpeg", "webp")
 # Z-Image-Turbo's scheduler (FlowMatchEulerDiscreteScheduler), named the way AUTOMATIC1111 names samplers.
 SAMPLER = "Euler (flow match)"
 # Keys generation_metadata writes itself; `extra` may not reuse them.
@@ -44,7 +43,6 @@ EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 # A JPEG APP1 segment holds at most this many bytes (Pillow refuses longer EXIF).
 JPEG_MAX_EXIF_BYTES = 65533
-_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "latent": "safetensors"}
 _EXTRA_KEY = re.compile(r"[A-Za-z0-9_]{1,79}")
 
 Metadata = tuple[tuple[str, str], ...]
@@ -89,7 +87,7 @@ def check_output(format: str, quality: int | None, *, metadata: Metadata = ()) -
 def file_extension(format: str) -> str:
     """The file name extension of an output format: png, jpg, webp or safetensors (for latent)."""
     try:
-        return _EXTENSIONS[format.lower()]
+        return FORMAT_SUFFIXES[format.lower()].lstrip(".")
     except KeyError:
         raise InvalidArgument(
             f"Unknown output format {format!r}; use one of {', '.join(OUTPUT_FORMATS)}."

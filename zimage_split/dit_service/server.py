@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from zimage.generator.v1 import generator_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.security import ClientSecurity, ServerSecurity
@@ -19,6 +19,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
+from zimage_split.common.vocabulary import ENCODER_PORT, GENERATOR_PORT
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import EngineOptions
@@ -32,7 +33,6 @@ from zimage_split.model_source import resolve_model
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "zimage.generator.v1.GeneratorService"
-DEFAULT_PORT = 50052
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,11 @@ class GeneratorConfig:
     """Everything `zsplit serve generator` can set, resolved once."""
 
     model: str
-    encoder: str | None = "127.0.0.1:50051"
+    encoder: str | None = f"127.0.0.1:{ENCODER_PORT}"
     # None: one in-process worker. Otherwise the replicas run under Ray Serve (see ray_pool.RayOptions).
     ray: RayOptions | None = None
     host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
+    port: int = GENERATOR_PORT
     device: str = "auto"
     dtype: str = "auto"
     # Attention kernel: auto (the fastest that works here; native off CUDA), native, flash, _flash_3, sage.

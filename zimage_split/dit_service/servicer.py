@@ -16,11 +16,17 @@ from typing import cast
 from grpc import aio
 from PIL import Image
 
-from zimage.generator.v1 import generator_pb2, generator_pb2_grpc
+from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.common.metrics import ServiceMetrics
+from zimage_split.common.vocabulary import (
+    DEFAULT_LONG_PROMPT_MODE,
+    DEFAULT_OUTPUT_FORMAT,
+    GENERATOR_LONG_PROMPT_MODE,
+    OUTPUT_FORMAT,
+)
 from zimage_split.dit_service.embedding_store import Embedding, EmbeddingStore, TextEncoding
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 from zimage_split.dit_service.init_images import ImageStore
@@ -30,22 +36,6 @@ from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
 
 _DONE = object()
-LONG_PROMPT_MODES = {
-    generator_pb2.LONG_PROMPT_MODE_UNSPECIFIED: "truncate",
-    generator_pb2.LONG_PROMPT_MODE_TRUNCATE: "truncate",
-    generator_pb2.LONG_PROMPT_MODE_INTERPOLATE: "interpolate",
-    generator_pb2.LONG_PROMPT_MODE_POOL: "pool",
-}
-SHORTENED_BY = {"": generator_pb2.LONG_PROMPT_MODE_UNSPECIFIED} | {
-    name: value for value, name in LONG_PROMPT_MODES.items() if value
-}
-OUTPUT_FORMATS = {
-    generator_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
-    generator_pb2.OUTPUT_FORMAT_PNG: "png",
-    generator_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
-    generator_pb2.OUTPUT_FORMAT_WEBP: "webp",
-    generator_pb2.OUTPUT_FORMAT_LATENT: "latent",
-}
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
 DEFAULT_STRENGTH = 0.6
 DEFAULT_INPAINT_STRENGTH = 1.0
@@ -169,10 +159,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"{request.max_sequence_length}); default 512. For longer prompts use long_prompt_mode "
                 "interpolate or pool, which fit all of the prompt into max_sequence_length tokens."
             )
-        if request.long_prompt_mode not in LONG_PROMPT_MODES:
-            raise InvalidArgument(
-                f"Unknown long_prompt_mode {request.long_prompt_mode}; use TRUNCATE, INTERPOLATE or POOL."
-            )
+        long_prompt_mode = GENERATOR_LONG_PROMPT_MODE.name(request.long_prompt_mode, DEFAULT_LONG_PROMPT_MODE)
         prompt = _conditioning(request.prompt, "GenerateRequest.prompt", self.limits)
         negative = None
         if params.uses_guidance:
@@ -185,7 +172,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             max_sequence_length=request.max_sequence_length
             if request.HasField("max_sequence_length")
             else None,
-            long_prompt_mode=LONG_PROMPT_MODES[request.long_prompt_mode],
+            long_prompt_mode=long_prompt_mode,
         )
         return params, prompt, negative, encoding, start
 
@@ -218,13 +205,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return StartImages(image=image, mask=mask, strength=float(strength))
 
     def _output(self, request: generator_pb2.GenerateRequest) -> OutputOptions:
-        if request.output_format not in OUTPUT_FORMATS:
-            raise InvalidArgument(
-                f"Unknown output_format {request.output_format}; use PNG, JPEG, WEBP or LATENT."
-            )
-        return check_output(
-            OUTPUT_FORMATS[request.output_format], request.quality if request.HasField("quality") else None
-        )
+        output_format = OUTPUT_FORMAT.name(request.output_format, DEFAULT_OUTPUT_FORMAT)
+        return check_output(output_format, request.quality if request.HasField("quality") else None)
 
     def _image_count(self, request: generator_pb2.GenerateRequest, seed: int) -> int:
         count = request.num_images if request.HasField("num_images") else 1
@@ -362,7 +344,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 loras=[generator_pb2.LoraRequest(name=lora.name, scale=lora.scale) for lora in params.loras],
                 prompt_token_count=positive_embedding.token_count,
                 prompt_source_token_count=positive_embedding.source_token_count,
-                prompt_shortened_by=SHORTENED_BY[positive_embedding.shortened_by],  # type: ignore[arg-type]
+                prompt_shortened_by=GENERATOR_LONG_PROMPT_MODE.number(positive_embedding.shortened_by),
                 strength=params.strength or 0.0,
                 steps_run=params.steps_run,
             )

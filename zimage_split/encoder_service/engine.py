@@ -10,13 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.vocabulary import LONG_PROMPT_MODES
 from zimage_split.model_source import ModelSource, load_component
 from zimage_split.random_weights import load_config, materialize, meta_model
 
 logger = logging.getLogger(__name__)
-
-# How a prompt longer than max_sequence_length tokens is brought down to it; "truncate" is diffusers'.
-LONG_PROMPT_MODES = ("truncate", "interpolate", "pool")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage.encoder.v1 import encoder_pb2_grpc
+from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import (
@@ -17,6 +17,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
+from zimage_split.common.vocabulary import ENCODER_PORT
 from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import (
@@ -31,7 +32,6 @@ from zimage_split.model_source import ModelSource, resolve_model
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "zimage.encoder.v1.EncoderService"
-DEFAULT_PORT = 50051
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class EncoderConfig:
 
     model: str
     host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
+    port: int = ENCODER_PORT
     device: str = "auto"
     dtype: str = "bfloat16"
     hidden_layer: int = -2

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from grpc import aio
 
-from zimage.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.common import wire
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.common.metrics import ServiceMetrics
+from zimage_split.common.vocabulary import DEFAULT_LONG_PROMPT_MODE, ENCODER_LONG_PROMPT_MODE
 from zimage_split.encoder_service.batching import MicroBatcher
 from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
 
@@ -28,20 +29,6 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT = 1504
 # Tokenized prompts kept, so a repeated prompt skips the chat template and the tokenizer (about 1 ms).
 TOKENIZED_CACHE_BYTES = 32 << 20
-
-# The wire's LongPromptMode and the engine's plain names for it.
-MODE_NAMES = {
-    encoder_pb2.LONG_PROMPT_MODE_UNSPECIFIED: "truncate",
-    encoder_pb2.LONG_PROMPT_MODE_TRUNCATE: "truncate",
-    encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE: "interpolate",
-    encoder_pb2.LONG_PROMPT_MODE_POOL: "pool",
-}
-MODE_ENUMS = {
-    "": encoder_pb2.LONG_PROMPT_MODE_UNSPECIFIED,
-    "truncate": encoder_pb2.LONG_PROMPT_MODE_TRUNCATE,
-    "interpolate": encoder_pb2.LONG_PROMPT_MODE_INTERPOLATE,
-    "pool": encoder_pb2.LONG_PROMPT_MODE_POOL,
-}
 
 
 @dataclass(frozen=True)
@@ -149,12 +136,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 f"ask for at most {limit} with long_prompt_mode interpolate or pool, which fold all its tokens "
                 "into that many rows instead of truncating them."
             )
-        mode = MODE_NAMES.get(options.long_prompt_mode)
-        if mode is None:
+        try:
+            mode = ENCODER_LONG_PROMPT_MODE.name(options.long_prompt_mode, DEFAULT_LONG_PROMPT_MODE)
+        except InvalidArgument:
             raise InvalidArgument(
                 f"long_prompt_mode {options.long_prompt_mode} is not one this encoder knows; send TRUNCATE, "
                 "INTERPOLATE or POOL (unset means TRUNCATE)."
-            )
+            ) from None
         layer = options.hidden_layer if options.HasField("hidden_layer") else self.encoder.hidden_layer
         layer = self.encoder.check_layer(layer)
         return [self._tokenize(text, layer, max_length, mode) for text in request.prompts]
@@ -229,7 +217,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     max_sequence_length=item.prompt.max_sequence_length,
                     model_id=self.encoder.model_id,
                     source_token_count=item.prompt.source_token_count,
-                    shortened_by=MODE_ENUMS[item.prompt.shortened_by],
+                    shortened_by=ENCODER_LONG_PROMPT_MODE.number(item.prompt.shortened_by),
                 )
             )
             self.metrics.count_bytes("sent", "embedding", len(payload))

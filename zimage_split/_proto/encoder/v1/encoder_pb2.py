@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from zimage.tensor.v1 import tensor_pb2 as zimage_dot_tensor_dot_v1_dot_tensor__pb2
+from zimage_split._proto.tensor.v1 import tensor_pb2 as zimage_dot_tensor_dot_v1_dot_tensor__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fzimage/encoder/v1/encoder.proto\x12\x11zimage.encoder.v1\x1a\x1dzimage/tensor/v1/tensor.proto\"\xb2\x01\n\rEncodeOptions\x12 \n\x13max_sequence_length\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0chidden_layer\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12;\n\x10long_prompt_mode\x18\x03 \x01(\x0e\x32!.zimage.encoder.v1.LongPromptModeB\x16\n\x14_max_sequence_lengthB\x0f\n\r_hidden_layer\"S\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x31\n\x07options\x18\x02 \x01(\x0b\x32 .zimage.encoder.v1.EncodeOptions\"\xf1\x02\n\x0f\x45mbeddingHeader\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63ontent_key\x18\x02 \x01(\t\x12.\n\x06tensor\x18\x03 \x01(\x0b\x32\x1e.zimage.tensor.v1.TensorHeader\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x16\n\x0e\x65ncode_seconds\x18\x07 \x01(\x01\x12\x16\n\x0e\x66ormatted_text\x18\x08 \x01(\t\x12\x14\n\x0chidden_layer\x18\t \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\n \x01(\r\x12\x10\n\x08model_id\x18\x0b \x01(\t\x12\x1a\n\x12source_token_count\x18\x0c \x01(\r\x12\x37\n\x0cshortened_by\x18\r \x01(\x0e\x32!.zimage.encoder.v1.LongPromptMode\"_\n\x0e\x45ncodeResponse\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".zimage.encoder.v1.EmbeddingHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\r\n\x0bInfoRequest\"\xe2\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\x14\n\x0chidden_layer\x18\x04 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x15\n\rlayers_loaded\x18\x07 \x01(\r\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\x04\x12\x17\n\x0fprompts_encoded\x18\n \x01(\x04\x12\x16\n\x0e\x66orward_passes\x18\x0b \x01(\x04\x12\x17\n\x0fparameter_count\x18\x0c \x01(\x04\x12\x12\n\ncomponents\x18\r \x03(\t\x12!\n\x19max_sequence_length_limit\x18\x0e \x01(\r*\x8e\x01\n\x0eLongPromptMode\x12 \n\x1cLONG_PROMPT_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19LONG_PROMPT_MODE_TRUNCATE\x10\x01\x12 \n\x1cLONG_PROMPT_MODE_INTERPOLATE\x10\x02\x12\x19\n\x15LONG_PROMPT_MODE_POOL\x10\x03\x32\xaa\x01\n\x0e\x45ncoderService\x12O\n\x06\x45ncode\x12 .zimage.encoder.v1.EncodeRequest\x1a!.zimage.encoder.v1.EncodeResponse0\x01\x12G\n\x04Info\x12\x1e.zimage.encoder.v1.InfoRequest\x1a\x1f.zimage.encoder.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zimage.encoder.v1.encoder_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zimage_split._proto.encoder.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LONGPROMPTMODE']._serialized_start=1193

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from zimage.generator.v1 import generator_pb2 as zimage_dot_generator_dot_v1_dot_generator__pb2
+from zimage_split._proto.generator.v1 import generator_pb2 as zimage_dot_generator_dot_v1_dot_generator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
