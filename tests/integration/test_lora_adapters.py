@@ -24,7 +24,8 @@ from tests.unit.test_lora_files import (
 )
 from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.dit_service.engine import DiTEngine
-from zimage_split.dit_service.lora import LoraAdapters, LoraLibrary, LoraSpec, adapter_name_for
+from zimage_split.dit_service.lora.adapters import LoraAdapters, adapter_name_for
+from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
 from zimage_split.model_source import resolve_model
 
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from zimage_split.common.errors import InvalidArgument, NotFound
-from zimage_split.dit_service.lora import (
+from zimage_split.dit_service.lora.library import (
     MAX_LORA_SCALE,
     MAX_LORAS_PER_REQUEST,
     LoraLibrary,

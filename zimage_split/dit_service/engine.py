@@ -17,7 +17,8 @@ from PIL import Image
 
 from zimage_split.common.errors import Cancelled, InvalidArgument
 from zimage_split.dit_service.attention import check_backend, choose_attention
-from zimage_split.dit_service.lora import LoraAdapters, LoraLibrary, LoraSpec
+from zimage_split.dit_service.lora.adapters import LoraAdapters
+from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
 from zimage_split.dit_service.outputs import OutputOptions, encode_image, encode_latents
 from zimage_split.model_source import ModelSource, load_component, load_model
 

@@ -24,7 +24,7 @@ from zimage_split.devices import parse_dtype, pick_device
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.engine import EngineOptions
 from zimage_split.dit_service.init_images import ImageStore
-from zimage_split.dit_service.lora import LoraLibrary
+from zimage_split.dit_service.lora.library import LoraLibrary
 from zimage_split.dit_service.servicer import GeneratorServicer
 from zimage_split.dit_service.validation import Limits
 from zimage_split.dit_service.worker import LocalWorker, Worker

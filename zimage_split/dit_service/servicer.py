@@ -30,7 +30,7 @@ from zimage_split.common.vocabulary import (
 from zimage_split.dit_service.embedding_store import Embedding, EmbeddingStore, TextEncoding
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 from zimage_split.dit_service.init_images import ImageStore
-from zimage_split.dit_service.lora import LoraLibrary, LoraSpec, check_specs
+from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec, check_specs
 from zimage_split.dit_service.outputs import OutputOptions, check_output, generation_metadata
 from zimage_split.dit_service.validation import Limits, validate_params
 from zimage_split.dit_service.worker import Worker
