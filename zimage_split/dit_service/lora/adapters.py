@@ -131,7 +131,7 @@ class LoraAdapters:
 
     def _load(self, name: str, path: Path, key: tuple[str, int, int, int]) -> _Adapter:
         started = time.perf_counter()
-        state_dict, info = self.library._read(name, path, load=True)
+        state_dict, info = self.library.read(name, path)
         transformer = self.pipe.transformer
         modules = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
         _check_against_model(name, transformer, modules)

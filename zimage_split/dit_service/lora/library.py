@@ -130,12 +130,12 @@ class LoraLibrary:
             )
         return resolved
 
-    def read(self, name: str) -> tuple[dict[str, torch.Tensor], LoraFile]:
+    def read(self, name: str, path: Path | None = None) -> tuple[dict[str, torch.Tensor], LoraFile]:
         """Reads and converts a LoRA: a state dict with diffusers/PEFT keys (`transformer.<module>.lora_A.weight`
         and `lora_B`, alpha folded into lora_A, fused qkv split), plus `transformer.<parameter>.diff` for the
         norm and bias differences a ComfyUI file may hold. InvalidArgument, saying the fix, for files that
-        cannot work on a Z-Image DiT."""
-        return self._read(name, self.resolve(name), load=True)
+        cannot work on a Z-Image DiT. `path`, when given, is what `resolve(name)` already returned."""
+        return self._read(name, path or self.resolve(name), load=True)
 
     def _root(self) -> Path:
         if self.root is None:
