@@ -27,6 +27,9 @@ from benchmarks.report import RESULTS, machine_info
 ROOT = Path(__file__).resolve().parent.parent
 # Cheapest first, so a quick look at the first results does not wait for Ray.
 BENCHMARKS = ("encode", "transfer", "generate", "batch", "ray", "gpu")
+# Where --update-readme puts the headline figures, between the markers below (the flag kept its name when the
+# figures moved out of README.md).
+FIGURES = ROOT / "docs" / "benchmarks.md"
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -141,7 +144,7 @@ def markdown(summary: dict) -> str:
 
 
 def update_readme(readme: Path, summary_markdown: str, summary_path: str) -> None:
-    """Puts the latest figures between the README's bench markers (the table and its notes only)."""
+    """Puts the latest figures between the bench markers of `readme` (the table and its notes only)."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block to fill in.")
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go (benchmarks/results)")
     parser.add_argument(
-        "--update-readme", action="store_true", help="also put the headline figures into README.md"
+        "--update-readme", action="store_true", help="also put the headline figures into docs/benchmarks.md"
     )
     args = parser.parse_args(argv)
     chosen = [name for name in (args.only.split(",") if args.only else BENCHMARKS) if name]
@@ -223,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {json_path} and {md_path}")
     if args.update_readme:
         relative = md_path.resolve().relative_to(ROOT) if md_path.resolve().is_relative_to(ROOT) else md_path
-        update_readme(ROOT / "README.md", summary_markdown, str(relative))
-        print("updated the figures in README.md")
+        update_readme(FIGURES, summary_markdown, str(relative))
+        print(f"updated the figures in {FIGURES.relative_to(ROOT)}")
     failed = [name for name, result in results.items() if "error" in result]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
