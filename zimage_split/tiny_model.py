@@ -8,7 +8,6 @@ architecture) stores configs only: its weights are drawn on the device at load t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +313,11 @@ def cached_tiny_model(size: str = "tiny") -> Path:
     spec_hash = hashlib.sha256(repr(SPECS[size]).encode()).hexdigest()[:12]
     path = Path(cache_home) / f"{size}-{spec_hash}"
     if not (path / "model_index.json").exists():
-        with contextlib.suppress(FileExistsError):  # another process finished the same build first
+        try:
             build_tiny_model(path, size=size)
+        except OSError:
+            # Another process renamed the same build into place first: FileExistsError before our build,
+            # or ENOTEMPTY from our rename onto its folder. Its model is the same as ours.
+            if not (path / "model_index.json").exists():
+                raise
     return path

@@ -242,3 +242,46 @@ def test_random_weights_are_the_same_in_another_process(random_tiny_dir: Path) -
         AutoencoderKL, config, seed=3, component="vae", device="cpu", dtype=torch.float32
     )
     assert result.stdout.strip() == weights_digest(here)
+
+
+def test_two_builds_of_the_same_preset_at_once_both_get_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder and a generator started together on a fresh cache both build `tiny`; the one whose
+    rename comes second used to die with ENOTEMPTY."""
+    import threading
+
+    # diffusers' and transformers' lazy imports are not thread-safe; the real race is between processes.
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel  # noqa: F401
+    from transformers import AutoTokenizer, Qwen2Tokenizer, Qwen3Config, Qwen3Model  # noqa: F401
+
+    from zimage_split import tiny_model
+
+    monkeypatch.setenv("ZSPLIT_CACHE", str(tmp_path / "cache"))
+    barrier = threading.Barrier(2)
+    build = tiny_model.build_tiny_model
+    builds: list[Path] = []
+
+    def build_after_the_other_started(*args, **kwargs):  # type: ignore[no-untyped-def]
+        barrier.wait(timeout=60)  # both have seen no model: the race the two services ran
+        builds.append(Path(args[0]))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", build_after_the_other_started)
+    results: list[Path | BaseException] = []
+
+    def start() -> None:
+        try:
+            results.append(tiny_model.cached_tiny_model("tiny"))
+        except BaseException as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(builds) == 2, "both callers must have built"
+    assert results[0] == results[1] and isinstance(results[0], Path), results
+    assert (results[0] / "model_index.json").is_file()
+    assert [p.name for p in results[0].parent.iterdir()] == [results[0].name], "no staging folder left"
