@@ -50,7 +50,7 @@ class WorkerResult:
 
 
 class LocalWorker:
-    """One model replica in this process; each Ray replica (ray_replica.py) wraps a DiTEngine the same way."""
+    """One model replica in this process; with Ray, each replica holds a DiTEngine of its own (ray_replica.py)."""
 
     def __init__(self, engine: DiTEngine, *, max_queue: int = 32) -> None:
         if max_queue < 1:
