@@ -14,7 +14,7 @@ import torch
 from tests.conftest import start_encoder
 from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.client import AsyncClient, Client, InvalidArgument
-from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding
+from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding, TextPrompt
 from zimage_split.encoder_service.engine import shorten
 from zimage_split.encoder_service.server import caption_token_limit
 from zimage_split.model_source import resolve_model
@@ -207,7 +207,7 @@ def test_the_generators_store_reports_shortening_on_every_hit(encoder_fp32, tmp_
             first = await live.from_text(LONG_PROMPT, pooled, timeout=30)
             again = await live.from_text(LONG_PROMPT, pooled, timeout=30)
             truncated, _ = await live.resolve_pair(
-                ("text", LONG_PROMPT), None, TextEncoding(ROWS), timeout=30
+                TextPrompt(LONG_PROMPT), None, TextEncoding(ROWS), timeout=30
             )
         finally:
             await live.encoder.close()  # type: ignore[union-attr]

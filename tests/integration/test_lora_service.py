@@ -157,3 +157,12 @@ def test_a_batch_job_with_a_lora(lora_server, encoder_fp32, tmp_path) -> None:  
         assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(alone.convert("RGB")))
     assert asyncio.run(batch((("style", 0.7),)))[0].made == 0  # resumed: all there
     assert asyncio.run(batch(()))[0].made == 2  # another LoRA set: made again
+
+
+def test_listing_marks_what_the_worker_holds_loaded(lora_client, lora_server) -> None:  # type: ignore[no-untyped-def]
+    file_bytes(lora_client, loras=["ink"])
+    files = {file["name"]: file for file in lora_client.list_loras()}
+    assert files["ink"]["loaded"] and not files["broken"]["loaded"]
+    assert {
+        name for name, file in files.items() if file["loaded"]
+    } == lora_server.servicer.worker.loaded_loras()

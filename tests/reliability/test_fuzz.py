@@ -39,7 +39,7 @@ from zimage_split.client import Client
 from zimage_split.client.embeddings import FILE_FORMAT, Embeddings, PromptEmbedding
 from zimage_split.common import wire
 from zimage_split.common.errors import ZSplitError
-from zimage_split.dit_service.embedding_store import EmbeddingStore
+from zimage_split.dit_service.embedding_store import EmbeddingStore, TextPrompt, UploadedPrompt
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.servicer import GeneratorServicer, request_fingerprint
 from zimage_split.dit_service.validation import Limits, validate_embedding, validate_params
@@ -381,13 +381,15 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
 def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.GenerateRequest) -> None:
     """What Generate does with a request before any work: fingerprint it, then validate it."""
     request_fingerprint(request)
-    params, prompt, negative, encoding, start = servicer._job_parts(request)
-    output = servicer._output(request)
+    job = servicer.validate(request)
+    params, prompt, encoding, start, output = job.params, job.prompt, job.encoding, job.start, job.output
     assert 64 <= params.width <= 4096 and 64 <= params.height <= 4096 and 1 <= params.steps <= 100
     assert math.isfinite(params.guidance_scale) and 0 <= params.cfg_truncation <= 1
     limit = servicer.info.max_caption_tokens
     max_length = encoding.max_sequence_length
-    assert prompt[0] in ("text", "embedding_key") and (max_length is None or 1 <= max_length <= limit)
+    assert isinstance(prompt, TextPrompt | UploadedPrompt) and (
+        max_length is None or 1 <= max_length <= limit
+    )
     assert encoding.long_prompt_mode in ("truncate", "interpolate", "pool")
     assert not params.loras  # this servicer has no --lora-dir: every LoRA is refused
     assert start.image is None and params.strength is None  # nothing was uploaded: every key is unknown
@@ -398,7 +400,7 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
 @fuzz_settings(max_examples=500)
 @given(request=generate_requests())
 def test_generate_requests_are_validated_cleanly(fuzz, generator_servicer, request) -> None:  # type: ignore[no-untyped-def]
-    target = fuzz("GeneratorServicer._job_parts on arbitrary GenerateRequests")
+    target = fuzz("GeneratorServicer.validate on arbitrary GenerateRequests")
     target.run(lambda: check_generate_request(generator_servicer, request))
 
 
@@ -870,10 +872,10 @@ def would_generate(servicer: GeneratorServicer, body: bytes) -> bool:
     if request is None:
         return False
     try:
-        _, prompt, negative, _, _ = servicer._job_parts(request)
+        job = servicer.validate(request)
     except ZSplitError:
         return False
-    return prompt[0] == "text" or (negative is not None and negative[0] == "text")
+    return isinstance(job.prompt, TextPrompt) or isinstance(job.negative, TextPrompt)
 
 
 def status_of(call: Callable[[], Any]) -> str:

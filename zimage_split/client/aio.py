@@ -34,9 +34,18 @@ from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
-from zimage_split.client.errors import from_rpc_error
+from zimage_split.client.errors import typed_errors
 from zimage_split.common import tracing, wire
-from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, ZSplitError
+from zimage_split.common.errors import (
+    BUSY,
+    EMBEDDING_UNKNOWN,
+    IMAGE_UNKNOWN,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ZSplitError,
+)
 from zimage_split.common.logs import REQUEST_ID_KEY, current_request_id, new_request_id
 from zimage_split.common.security import ClientSecurity, is_loopback
 from zimage_split.common.server import GRPC_OPTIONS
@@ -133,7 +142,6 @@ class AsyncClient:
         self.security = security or ClientSecurity.plaintext()
         self._metadata = self.security.metadata()
         self._channels: dict[str, aio.Channel] = {}
-        self._encoder_model_id: str | None = None
         # Keys of embeddings this client has uploaded to the generator: sent once, not with every request.
         self._uploaded: set[str] = set()
         self._uploaded_images: dict[tuple[str, bool], str] = {}
@@ -169,6 +177,14 @@ class AsyncClient:
         tracing.inject(metadata)
         return tuple(metadata)
 
+    @property
+    def _generator_target(self) -> str:
+        return f"generator {self.generator_address}"
+
+    @property
+    def _encoder_target(self) -> str:
+        return f"encoder {self.encoder_address}"
+
     def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
         return generator_pb2_grpc.GeneratorServiceStub(self._channel(self.generator_address, "generator"))
 
@@ -198,36 +214,25 @@ class AsyncClient:
                 max_sequence_length=max_sequence_length, hidden_layer=hidden_layer, long_prompt_mode=mode
             )
             request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
-        target = f"encoder {self.encoder_address}"
-        try:
+        with typed_errors(self._encoder_target):
             stream = self._encoder().Encode(
                 request, timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
             items, model_id = await read_embedding_stream(stream, texts)
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, target) from None
-        if not model_id:  # an encoder from before EmbeddingHeader.model_id: ask it once
-            if self._encoder_model_id is None:
-                self._encoder_model_id = str((await self.encoder_info(timeout=timeout)).get("model_id", ""))
-            model_id = self._encoder_model_id
         return Embeddings(items, model_id=model_id)
 
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
-        try:
+        with typed_errors(self._encoder_target):
             reply = await self._encoder().Info(
                 encoder_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"encoder {self.encoder_address}") from None
         return MessageToDict(reply, preserving_proto_field_name=True)
 
     async def generator_info(self, *, timeout: float | None = None) -> dict[str, Any]:
-        try:
+        with typed_errors(self._generator_target):
             reply = await self._generator().Info(
                 generator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"generator {self.generator_address}") from None
         return MessageToDict(reply, preserving_proto_field_name=True)
 
     async def upload(self, embedding: EmbeddingLike, *, timeout: float | None = None) -> str:
@@ -247,12 +252,10 @@ class AsyncClient:
             for chunk in wire.iter_chunks(payload):
                 yield generator_pb2.UploadEmbeddingRequest(chunk=chunk)
 
-        try:
+        with typed_errors(self._generator_target):
             reply = await self._generator().UploadEmbedding(
                 messages(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"generator {self.generator_address}") from None
         self._uploaded.add(reply.embedding_key)
         return reply.embedding_key
 
@@ -418,25 +421,21 @@ class AsyncClient:
             for chunk in wire.iter_chunks(memoryview(data)):
                 yield generator_pb2.UploadImageRequest(chunk=bytes(chunk))
 
-        try:
+        with typed_errors(self._generator_target):
             reply = await self._generator().UploadImage(
                 messages(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"generator {self.generator_address}") from None
         self._uploaded_images[(digest, mask)] = reply.image_key
         return reply.image_key
 
     async def list_loras(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """The LoRA files the generator can load (under its --lora-dir): name, format, rank, size, ..."""
-        try:
+        with typed_errors(self._generator_target):
             reply = await self._generator().ListLoras(
                 generator_pb2.ListLorasRequest(),
                 timeout=timeout or self.timeout,
                 metadata=self._call_metadata(),
             )
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"generator {self.generator_address}") from None
         if not reply.enabled:
             raise InvalidArgument(
                 f"The generator at {self.generator_address} was started without --lora-dir, so it takes no "
@@ -519,12 +518,13 @@ class AsyncClient:
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def _with_busy_retries(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Retries RESOURCE_EXHAUSTED up to `busy_retries` times, waiting the server's hint or backing off."""
+        """Retries a full generator (RESOURCE_EXHAUSTED, reason busy) up to `busy_retries` times, waiting the
+        server's hint or backing off."""
         for attempt in range(self.busy_retries + 1):
             try:
                 return await call()
             except ResourceExhausted as error:
-                if attempt == self.busy_retries:
+                if attempt == self.busy_retries or error.reason != BUSY:
                     raise
                 backoff = min(30.0, max(error.retry_after_seconds or 0.0, 0.25 * 2**attempt))
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
@@ -562,7 +562,7 @@ class AsyncClient:
                 return await self._generate_once(request, on_progress, timeout)
             except NotFound as error:
                 uploaded = embeddings is not None or negative_embeddings is not None or start is not None
-                lost = "embedding_key" in error.message or "UploadImage" in error.message
+                lost = error.reason in (EMBEDDING_UNKNOWN, IMAGE_UNKNOWN)
                 if attempt or not uploaded or not lost:
                     raise
         raise AssertionError("unreachable")
@@ -574,7 +574,7 @@ class AsyncClient:
         timeout: float | None,
     ) -> list[Image.Image | Latents]:
         received: list[tuple[generator_pb2.ImageHeader, bytearray]] = []
-        try:
+        with typed_errors(self._generator_target):
             async for response in self._generator().Generate(
                 request, timeout=timeout or self.timeout, metadata=self._call_metadata(request.request_id)
             ):
@@ -586,8 +586,6 @@ class AsyncClient:
                     received.append((response.image, bytearray()))
                 elif kind == "image_chunk" and received:
                     received[-1][1].extend(response.image_chunk)
-        except aio.AioRpcError as error:
-            raise from_rpc_error(error, f"generator {self.generator_address}") from None
         expected = request.num_images if request.HasField("num_images") else 1
         if len(received) != expected or any(len(data) != header.byte_length for header, data in received):
             raise DataLoss(
@@ -701,9 +699,6 @@ async def read_embedding_stream(
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
 
     def finish(header: encoder_pb2.EmbeddingHeader, assembler: wire.TensorAssembler) -> None:
-        shortened_by = ENCODER_LONG_PROMPT_MODE.name(header.shortened_by, "")
-        if header.truncated:  # an encoder from before long-prompt modes could only truncate
-            shortened_by = "truncate"
         items.append(
             PromptEmbedding(
                 text=texts[header.prompt_index],
@@ -715,8 +710,8 @@ async def read_embedding_stream(
                 formatted_text=header.formatted_text,
                 hidden_layer=header.hidden_layer,
                 max_sequence_length=header.max_sequence_length,
-                source_token_count=header.source_token_count or header.token_count,
-                shortened_by=shortened_by,
+                source_token_count=header.source_token_count,
+                shortened_by=ENCODER_LONG_PROMPT_MODE.name(header.shortened_by, ""),
                 encode_seconds=header.encode_seconds,
             )
         )

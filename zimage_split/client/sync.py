@@ -7,11 +7,10 @@ import concurrent.futures
 import contextvars
 import functools
 import threading
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
-from zimage_split.client.batch import JobResult
 from zimage_split.common.security import ClientSecurity
 from zimage_split.common.vocabulary import GENERATOR_PORT
 
@@ -28,10 +27,36 @@ def _settle(done: concurrent.futures.Future[R], task: asyncio.Task[R]) -> None:
         done.set_result(task.result())
 
 
-def _blocking(method: Callable[..., Coroutine[Any, Any, R]]) -> Callable[..., R]:
+# Typed with the AsyncClient method's parameters (P), so editors and type checkers show Client.generate's
+# real signature.
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Client, P], R]:
     @functools.wraps(method)
-    def call(self: Client, *args: Any, **kwargs: Any) -> R:
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._run(method(self._async, *args, **kwargs))
+
+    return call
+
+
+def _blocking_iterator(
+    method: Callable[Concatenate[AsyncClient, P], AsyncGenerator[R, None]],
+) -> Callable[Concatenate[Client, P], Iterator[R]]:
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+        results = method(self._async, *args, **kwargs)
+
+        async def next_result() -> R:
+            return await anext(results)
+
+        try:
+            while True:
+                try:
+                    yield self._run(next_result())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(results.aclose())
 
     return call
 
@@ -91,27 +116,13 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def generate_many(self, *args: Any, **kwargs: Any) -> Iterator[JobResult]:
-        """Same as AsyncClient.generate_many, as a blocking iterator."""
-        results = self._async.generate_many(*args, **kwargs)
-
-        async def next_result() -> JobResult:
-            return await anext(results)
-
-        try:
-            while True:
-                try:
-                    yield self._run(next_result())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._run(results.aclose())
-
     encode = _blocking(AsyncClient.encode)
     upload = _blocking(AsyncClient.upload)
     upload_image = _blocking(AsyncClient.upload_image)
     list_loras = _blocking(AsyncClient.list_loras)
     generate = _blocking(AsyncClient.generate)
     generate_images = _blocking(AsyncClient.generate_images)
+    # AsyncClient.generate_many as a blocking iterator.
+    generate_many = _blocking_iterator(AsyncClient.generate_many)
     encoder_info = _blocking(AsyncClient.encoder_info)
     generator_info = _blocking(AsyncClient.generator_info)

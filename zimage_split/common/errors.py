@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+# Machine-readable reasons. The error interceptor sends an error's reason beside its status, and clients
+# branch on it, never on the message text, which is advice for people and may be reworded.
+# NOT_FOUND: an embedding_key the generator does not hold (never uploaded, or evicted); upload it again.
+EMBEDDING_UNKNOWN = "embedding-unknown"
+# NOT_FOUND: an init or mask image key the generator does not hold; upload the image again.
+IMAGE_UNKNOWN = "image-unknown"
+# RESOURCE_EXHAUSTED: the generator's queue is full; retry later.
+BUSY = "busy"
+
 
 class ZSplitError(Exception):
     """Base class of every error zimage-split raises on purpose.
 
-    `code` names the gRPC status the error travels as; the message says how to fix the problem.
+    `code` names the gRPC status the error travels as; the message says how to fix the problem; `reason`,
+    one of the constants above or "", tells a program what happened without parsing the message.
     """
 
     code = "UNKNOWN"
 
-    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_seconds = retry_after_seconds
+        self.reason = reason
 
 
 class InvalidArgument(ZSplitError):
@@ -69,10 +80,12 @@ ERRORS_BY_CODE: dict[str, type[ZSplitError]] = {
 }
 
 
-def error_for_code(code_name: str, message: str, retry_after_seconds: float | None = None) -> ZSplitError:
+def error_for_code(
+    code_name: str, message: str, retry_after_seconds: float | None = None, reason: str = ""
+) -> ZSplitError:
     """Builds the typed error for a gRPC status code name (unknown codes map to the base class)."""
     cls = ERRORS_BY_CODE.get(code_name, ZSplitError)
-    error = cls(message, retry_after_seconds=retry_after_seconds)
+    error = cls(message, retry_after_seconds=retry_after_seconds, reason=reason)
     if cls is ZSplitError:
         error.code = code_name
     return error

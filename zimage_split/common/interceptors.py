@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after-ms"
 # Marks a status our own code chose, so clients can tell it from a transport failure.
 ORIGIN_KEY = "zsplit-error"
+# The error's machine-readable reason (common.errors), sent beside the origin when the error has one.
+REASON_KEY = "zsplit-reason"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
@@ -68,6 +70,8 @@ async def _abort(error: Exception, context: aio.ServicerContext, method: str) ->
         error = _undecodable(method, error)
     if isinstance(error, ZSplitError):
         metadata = [(ORIGIN_KEY, error.code)]
+        if error.reason:
+            metadata.append((REASON_KEY, error.reason))
         if error.retry_after_seconds is not None:
             metadata.append((RETRY_AFTER_KEY, str(int(error.retry_after_seconds * 1000))))
         context.set_trailing_metadata(tuple(metadata))

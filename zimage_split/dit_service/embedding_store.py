@@ -14,6 +14,7 @@ import torch
 
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import (
+    EMBEDDING_UNKNOWN,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -48,6 +49,24 @@ class TextEncoding:
             raise InvalidArgument(
                 f"long_prompt_mode must be one of {', '.join(LONG_PROMPT_MODES)} (got {self.long_prompt_mode!r})."
             )
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """Prompt text, to be encoded by the encoder service (or found in the cache)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class UploadedPrompt:
+    """An embedding the client sent earlier with UploadEmbedding, by the key it got back."""
+
+    embedding_key: str
+
+
+# A prompt or negative prompt of a request, as GenerateRequest's `Conditioning` gives it.
+Prompt = TextPrompt | UploadedPrompt
 
 
 @dataclass(frozen=True)
@@ -169,6 +188,7 @@ class EmbeddingStore:
             f"served. {error.message} Start the encoder (or point --encoder at a running one), or send "
             "embeddings made earlier with generate(embeddings=...).",
             retry_after_seconds=error.retry_after_seconds,
+            reason=error.reason,
         )
 
     def _text_key(self, identity: str, text: str, encoding: TextEncoding) -> str:
@@ -306,7 +326,8 @@ class EmbeddingStore:
         if embedding is None:
             raise NotFound(
                 f"embedding_key {key[:16]}... is not held by this generator (never uploaded, or evicted). "
-                "Upload the embedding again with UploadEmbedding."
+                "Upload the embedding again with UploadEmbedding.",
+                reason=EMBEDDING_UNKNOWN,
             )
         return embedding
 
@@ -317,22 +338,26 @@ class EmbeddingStore:
         await self._keep(Embedding(tensor, key))
         return key
 
+    async def resolve(
+        self, prompt: Prompt, encoding: TextEncoding, timeout: float | None = None
+    ) -> Embedding:
+        """The embedding of a prompt: text encoded as `encoding` (`timeout` bounds the encoder calls), or an
+        upload by its key."""
+        if isinstance(prompt, TextPrompt):
+            return await self.from_text(prompt.text, encoding, timeout)
+        return await self.from_key(prompt.embedding_key)
+
     async def resolve_pair(
         self,
-        prompt: tuple[str, str],
-        negative: tuple[str, str] | None,
+        prompt: Prompt,
+        negative: Prompt | None,
         encoding: TextEncoding,
         timeout: float | None = None,
     ) -> tuple[Embedding, Embedding | None]:
-        """Resolves ("text"|"embedding_key", value) pairs concurrently; texts are encoded as `encoding`, and
-        `timeout` bounds encoder calls."""
-
-        async def resolve(kind: str, value: str) -> Embedding:
-            if kind == "text":
-                return await self.from_text(value, encoding, timeout)
-            return await self.from_key(value)
-
+        """Resolves a prompt and its negative prompt (None: none) concurrently, as `resolve` does."""
         if negative is None:
-            return await resolve(*prompt), None
-        positive, negative_embedding = await asyncio.gather(resolve(*prompt), resolve(*negative))
+            return await self.resolve(prompt, encoding, timeout), None
+        positive, negative_embedding = await asyncio.gather(
+            self.resolve(prompt, encoding, timeout), self.resolve(negative, encoding, timeout)
+        )
         return positive, negative_embedding

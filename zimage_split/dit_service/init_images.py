@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from zimage_split.common.errors import IMAGE_UNKNOWN, DataLoss, InvalidArgument, NotFound, ResourceExhausted
 from zimage_split.common.lru import ByteBoundedLRU
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -166,7 +166,8 @@ class ImageStore:
         if image is None:
             raise NotFound(
                 f"This generator no longer holds the upload {key!r} (or never did); upload it again with "
-                "UploadImage."
+                "UploadImage.",
+                reason=IMAGE_UNKNOWN,
             )
         return image
 

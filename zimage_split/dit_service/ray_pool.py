@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from zimage_split.common.errors import ERRORS_BY_CODE, ResourceExhausted, Unavailable, ZSplitError
+from zimage_split.common.errors import BUSY, ERRORS_BY_CODE, ResourceExhausted, Unavailable, ZSplitError
 from zimage_split.dit_service.engine import EngineInfo, EngineOptions, GenerationJob
 from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
 from zimage_split.dit_service.server import RayOptions
@@ -82,6 +82,10 @@ class RayWorkerPool:
     def outstanding(self) -> int:
         """Jobs dispatched to the replicas and not finished (queued in Serve, batching or running)."""
         return self._outstanding
+
+    def loaded_loras(self) -> frozenset[str]:
+        """None known: each replica keeps its own adapter cache, and this front does not ask them."""
+        return frozenset()
 
     def replica_count(self) -> int:
         from ray import serve
@@ -247,6 +251,7 @@ class RayWorkerPool:
                 raise ResourceExhausted(
                     f"All generator replicas are busy (more than {self.max_queue} requests queued); retry later.",
                     retry_after_seconds=1.0,
+                    reason=BUSY,
                 ) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
                 logger.warning("Replica died during request %s (attempt %d): %s", request_id, attempt, error)

@@ -9,7 +9,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -27,13 +27,20 @@ from zimage_split.common.vocabulary import (
     GENERATOR_LONG_PROMPT_MODE,
     OUTPUT_FORMAT,
 )
-from zimage_split.dit_service.embedding_store import Embedding, EmbeddingStore, TextEncoding
+from zimage_split.dit_service.embedding_store import (
+    Embedding,
+    EmbeddingStore,
+    Prompt,
+    TextEncoding,
+    TextPrompt,
+    UploadedPrompt,
+)
 from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 from zimage_split.dit_service.init_images import ImageStore
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec, check_specs
 from zimage_split.dit_service.outputs import OutputOptions, check_output, generation_metadata
 from zimage_split.dit_service.validation import Limits, validate_params
-from zimage_split.dit_service.worker import Worker
+from zimage_split.dit_service.worker import Worker, WorkerResult
 
 _DONE = object()
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
@@ -43,11 +50,41 @@ DEFAULT_INPAINT_STRENGTH = 1.0
 
 @dataclass(frozen=True)
 class StartImages:
-    """A request's img2img start image (already at the output size) and inpainting mask, if any."""
+    """A request's img2img start image (at the output size once validated) and inpainting mask, if any."""
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """A GenerateRequest once validated, in plain values: everything Generate runs."""
+
+    request_id: str
+    # The first image's parameters; image i has seed + i.
+    params: GenerationParams
+    prompt: Prompt
+    # None when the request uses no guidance, which leaves the negative prompt unused.
+    negative: Prompt | None
+    encoding: TextEncoding
+    start: StartImages
+    output: OutputOptions
+    image_count: int
+    strip_metadata: bool
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A job's prompt and negative prompt, resolved to embeddings."""
+
+    positive: Embedding
+    negative: Embedding | None
+
+    @property
+    def encode_seconds(self) -> float:
+        """Seconds spent fetching them from the encoder (they are fetched concurrently)."""
+        return max(self.positive.encode_seconds, self.negative.encode_seconds if self.negative else 0.0)
 
 
 @dataclass(frozen=True)
@@ -70,20 +107,75 @@ def request_fingerprint(request: generator_pb2.GenerateRequest) -> str:
     return hashlib.sha256(unnamed.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _conditioning(message: generator_pb2.Conditioning, what: str, limits: Limits) -> tuple[str, str]:
+def _prompt(message: generator_pb2.Conditioning, what: str, limits: Limits) -> Prompt:
     kind = message.WhichOneof("source")
     if kind is None:
         raise InvalidArgument(f"{what} is empty; set its `text` or an `embedding_key` from UploadEmbedding.")
-    value: str = getattr(message, kind)
-    if (
-        kind == "text"
-        and (size := len(value.encode("utf-8", errors="surrogatepass"))) > limits.max_prompt_bytes
-    ):
+    if kind == "embedding_key":
+        return UploadedPrompt(message.embedding_key)
+    if (size := len(message.text.encode("utf-8", errors="surrogatepass"))) > limits.max_prompt_bytes:
         raise InvalidArgument(
             f"{what}.text is {size} bytes of UTF-8; this generator takes at most {limits.max_prompt_bytes} "
             "(--max-prompt-bytes). Shorten it: only the first max_sequence_length tokens are used anyway."
         )
-    return kind, value
+    return TextPrompt(message.text)
+
+
+class _ImageRuns:
+    """One Generate's images running on the worker, and their step reports merged into one stream.
+
+    Each image is a worker job of its own, so replicas (and Ray's batching) share them out.
+    """
+
+    def __init__(self, worker: Worker, jobs: Sequence[GenerationJob], request_id: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[int, int, str] | object] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self._steps_done = [0] * len(jobs)
+        self._tasks: list[asyncio.Future[WorkerResult]] = []
+        for index, job in enumerate(jobs):
+            job_id = f"{request_id}#{index}" if request_id and len(jobs) > 1 else request_id
+            run = dataclasses.replace(
+                job, on_step=self._step_reporter(index), is_cancelled=self.cancelled.is_set
+            )
+            task = asyncio.ensure_future(worker.run(run, request_id=job_id))
+            task.add_done_callback(lambda _: self._events.put_nowait(_DONE))
+            self._tasks.append(task)
+
+    def _step_reporter(self, index: int) -> Callable[..., None]:
+        # Called on the worker's thread (or by the Ray pool) after each step of image `index`.
+        def on_step(step: int, total: int, replica: str = "") -> None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (index, step, replica))
+
+        return on_step
+
+    async def steps(self) -> AsyncIterator[tuple[int, str]]:
+        """After each denoising step of any image: the steps done over all images, and the replica that
+        reported. Ends when every image is done; a failed image fails it at once."""
+        finished = 0
+        while finished < len(self._tasks):
+            event = await self._events.get()
+            if event is _DONE:
+                finished += 1
+                if failed := next(
+                    (t for t in self._tasks if t.done() and not t.cancelled() and t.exception()), None
+                ):
+                    await failed
+                continue
+            index, step, replica = cast(tuple[int, int, str], event)
+            self._steps_done[index] = step
+            yield sum(self._steps_done), replica
+
+    async def results(self) -> list[WorkerResult]:
+        return [await task for task in self._tasks]
+
+    def stop(self) -> None:
+        """Stops the images still running before their next step (on client cancel, deadline or error)."""
+        self.cancelled.set()
+        for task in self._tasks:
+            task.cancel()  # a no-op once done; a Ray worker passes it on to the replica
+            # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
@@ -123,13 +215,82 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         for cancelled in list(self._active):
             cancelled.set()
 
-    def _job_parts(self, request: generator_pb2.GenerateRequest):  # type: ignore[no-untyped-def]
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        received = time.perf_counter()
+        fingerprint = request_fingerprint(request) if request.request_id else ""
+        if (done := self._completed_before(request.request_id, fingerprint)) is not None:
+            for header, data in done.images:
+                for response in _image_responses(header, data):
+                    yield response
+            return
+        job = self.validate(request)
+        # The caller's deadline also bounds the call to the encoder.
+        conditioning = await self._conditioning(job, timeout=context.time_remaining())
+        runs = _ImageRuns(self.worker, self._worker_jobs(job, conditioning), job.request_id)
+        self._active.add(runs.cancelled)
+        try:
+            async for steps_done, replica in runs.steps():
+                yield self._progress(job, steps_done, replica, received)
+            results = await runs.results()
+        finally:
+            runs.stop()
+            self._active.discard(runs.cancelled)
+        images = [
+            self._image(job, index, result, conditioning, received) for index, result in enumerate(results)
+        ]
+        if job.request_id:
+            self.completed.put(job.request_id, CompletedImages(fingerprint, tuple(images)))
+        for header, data in images:
+            self.metrics.count_bytes("sent", "image", len(data))
+            for response in _image_responses(header, data):
+                yield response
+
+    def _completed_before(self, request_id: str, fingerprint: str) -> CompletedImages | None:
+        """The images an earlier call with this request_id made (a client retrying after losing them)."""
+        if not request_id or (done := self.completed.get(request_id)) is None:
+            return None
+        if done.fingerprint != fingerprint:
+            raise InvalidArgument(
+                f"request_id {request_id!r} was already used for a different request; "
+                "give every distinct request its own request_id."
+            )
+        return done
+
+    def validate(self, request: generator_pb2.GenerateRequest) -> GenerateJob:
+        """Checks a request before any work, converting it into a GenerateJob; raises the first error."""
         if request.model and request.model != self.info.model_id:
             raise NotFound(
                 f"This generator serves {self.info.model_id!r}, not {request.model!r}. "
                 "Send the request to a generator started with that --model, or leave `model` empty."
             )
         start = self._start_images(request)
+        params = self._params(request, start)
+        encoding = self._encoding(request)
+        prompt = _prompt(request.prompt, "GenerateRequest.prompt", self.limits)
+        negative = None
+        if params.uses_guidance:
+            negative = (
+                _prompt(request.negative_prompt, "GenerateRequest.negative_prompt", self.limits)
+                if request.HasField("negative_prompt")
+                else TextPrompt("")
+            )
+        output = self._output(request)
+        image_count = self._image_count(request, params.seed)
+        return GenerateJob(
+            request_id=request.request_id,
+            params=params,
+            prompt=prompt,
+            negative=negative,
+            encoding=encoding,
+            start=dataclasses.replace(start, image=_fit(start.image, params.width, params.height)),
+            output=output,
+            image_count=image_count,
+            strip_metadata=request.strip_metadata,
+        )
+
+    def _params(self, request: generator_pb2.GenerateRequest, start: StartImages) -> GenerationParams:
         width = request.width if request.HasField("width") else None
         height = request.height if request.HasField("height") else None
         if start.image is not None and width is None and height is None:
@@ -146,12 +307,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             cfg_truncation=request.cfg_truncation if request.HasField("cfg_truncation") else None,
             seed=request.seed if request.HasField("seed") else random.getrandbits(63),
         )
-        params = dataclasses.replace(
+        return dataclasses.replace(
             params,
             strength=start.strength,
             inpaint=start.mask is not None,
             loras=self._loras(request),
         )
+
+    def _encoding(self, request: generator_pb2.GenerateRequest) -> TextEncoding:
         limit = self.info.max_caption_tokens
         if request.HasField("max_sequence_length") and not 1 <= request.max_sequence_length <= limit:
             raise InvalidArgument(
@@ -159,22 +322,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"{request.max_sequence_length}); default 512. For longer prompts use long_prompt_mode "
                 "interpolate or pool, which fit all of the prompt into max_sequence_length tokens."
             )
-        long_prompt_mode = GENERATOR_LONG_PROMPT_MODE.name(request.long_prompt_mode, DEFAULT_LONG_PROMPT_MODE)
-        prompt = _conditioning(request.prompt, "GenerateRequest.prompt", self.limits)
-        negative = None
-        if params.uses_guidance:
-            negative = (
-                _conditioning(request.negative_prompt, "GenerateRequest.negative_prompt", self.limits)
-                if request.HasField("negative_prompt")
-                else ("text", "")
-            )
-        encoding = TextEncoding(
+        return TextEncoding(
             max_sequence_length=request.max_sequence_length
             if request.HasField("max_sequence_length")
             else None,
-            long_prompt_mode=long_prompt_mode,
+            long_prompt_mode=GENERATOR_LONG_PROMPT_MODE.name(
+                request.long_prompt_mode, DEFAULT_LONG_PROMPT_MODE
+            ),
         )
-        return params, prompt, negative, encoding, start
 
     def _loras(self, request: generator_pb2.GenerateRequest) -> tuple[LoraSpec, ...]:
         specs = check_specs(
@@ -221,143 +376,91 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             )
         return count
 
-    async def Generate(
-        self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
-        received = time.perf_counter()
-        fingerprint = request_fingerprint(request) if request.request_id else ""
-        if request.request_id and (done := self.completed.get(request.request_id)) is not None:
-            if done.fingerprint != fingerprint:
-                raise InvalidArgument(
-                    f"request_id {request.request_id!r} was already used for a different request; "
-                    "give every distinct request its own request_id."
+    async def _conditioning(self, job: GenerateJob, timeout: float | None) -> Conditioning:
+        positive, negative = await self.store.resolve_pair(job.prompt, job.negative, job.encoding, timeout)
+        self._observe_fetches(positive, negative)
+        return Conditioning(positive, negative)
+
+    def _worker_jobs(self, job: GenerateJob, conditioning: Conditioning) -> list[GenerationJob]:
+        """One job per image; image i has seed + i."""
+        jobs = []
+        for index in range(job.image_count):
+            params = dataclasses.replace(job.params, seed=job.params.seed + index)
+            metadata = () if job.strip_metadata else self._metadata(params, job.prompt, job.negative)
+            jobs.append(
+                GenerationJob(
+                    params=params,
+                    prompt_embeds=conditioning.positive.tensor,
+                    negative_prompt_embeds=conditioning.negative.tensor if conditioning.negative else None,
+                    init_image=job.start.image,
+                    mask_image=job.start.mask,
+                    output=dataclasses.replace(job.output, metadata=metadata),
                 )
-            for header, data in done.images:
-                for response in _image_responses(header, data):
-                    yield response
-            return
-        params, prompt, negative, encoding, start = self._job_parts(request)
-        output = self._output(request)
-        count = self._image_count(request, params.seed)
-        init_image = _fit(start.image, params.width, params.height)
-        # The caller's deadline also bounds the call to the encoder.
-        positive_embedding, negative_embedding = await self.store.resolve_pair(
-            prompt, negative, encoding, timeout=context.time_remaining()
+            )
+        return jobs
+
+    def _progress(
+        self, job: GenerateJob, steps_done: int, replica: str, received: float
+    ) -> generator_pb2.GenerateResponse:
+        return generator_pb2.GenerateResponse(
+            progress=generator_pb2.Progress(
+                step=steps_done,
+                total_steps=job.params.steps_run * job.image_count,
+                elapsed_seconds=time.perf_counter() - received,
+                replica=replica,
+            )
         )
-        encode_seconds = max(
-            positive_embedding.encode_seconds, getattr(negative_embedding, "encode_seconds", 0.0)
+
+    def _image(
+        self,
+        job: GenerateJob,
+        index: int,
+        result: WorkerResult,
+        conditioning: Conditioning,
+        received: float,
+    ) -> tuple[generator_pb2.ImageHeader, bytes]:
+        """Image `index` of the job: its header and file bytes."""
+        image, params, positive, negative = (
+            result.image,
+            job.params,
+            conditioning.positive,
+            conditioning.negative,
         )
-        self._observe_fetches(positive_embedding, negative_embedding)
-
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, int, str] | object] = asyncio.Queue()
-        cancelled = threading.Event()
-        self._active.add(cancelled)
-
-        def step_reporter(index: int) -> Callable[..., None]:
-            def on_step(step: int, total: int, replica: str = "") -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (index, step, replica))
-
-            return on_step
-
-        # Image i has seed + i; each is a job of its own, so replicas (and Ray's batching) share them out.
-        tasks = []
-        for index in range(count):
-            image_params = dataclasses.replace(params, seed=params.seed + index)
-            metadata = () if request.strip_metadata else self._metadata(image_params, prompt, negative)
-            job = GenerationJob(
-                params=image_params,
-                prompt_embeds=positive_embedding.tensor,
-                negative_prompt_embeds=negative_embedding.tensor if negative_embedding else None,
-                on_step=step_reporter(index),
-                is_cancelled=cancelled.is_set,
-                init_image=init_image,
-                mask_image=start.mask,
-                output=dataclasses.replace(output, metadata=metadata),
-            )
-            job_id = (
-                f"{request.request_id}#{index}" if request.request_id and count > 1 else request.request_id
-            )
-            task = asyncio.ensure_future(self.worker.run(job, request_id=job_id))
-            task.add_done_callback(lambda _: events.put_nowait(_DONE))
-            tasks.append(task)
-        steps_done = [0] * count
-        try:
-            finished = 0
-            while finished < count:
-                event = await events.get()
-                if event is _DONE:
-                    finished += 1
-                    # A failed image fails the request at once; the finally below stops the others.
-                    if failed := next(
-                        (t for t in tasks if t.done() and not t.cancelled() and t.exception()), None
-                    ):
-                        await failed
-                    continue
-                index, step, replica = cast(tuple[int, int, str], event)
-                steps_done[index] = step
-                yield generator_pb2.GenerateResponse(
-                    progress=generator_pb2.Progress(
-                        step=sum(steps_done),
-                        total_steps=params.steps_run * count,
-                        elapsed_seconds=time.perf_counter() - received,
-                        replica=replica,
-                    )
-                )
-            results = [await task for task in tasks]
-        finally:
-            # Reached on client cancel, deadline or error: the engine stops before its next step.
-            cancelled.set()
-            for task in tasks:
-                task.cancel()  # a no-op once done; a Ray worker passes it on to the replica
-                # Nobody awaits an abandoned job; retrieve its outcome so asyncio does not log it as lost.
-                task.add_done_callback(lambda done: done.cancelled() or done.exception())
-            self._active.discard(cancelled)
-
-        images = []
-        for index, result in enumerate(results):
-            image = result.image
-            header = generator_pb2.ImageHeader(
-                request_id=request.request_id,
-                seed=params.seed + index,
-                width=image.width,
-                height=image.height,
-                steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                format=image.format,
-                byte_length=len(image.data),
-                sha256=hashlib.sha256(image.data).hexdigest(),
-                timings=generator_pb2.Timings(
-                    queue_seconds=result.queue_seconds,
-                    encode_seconds=encode_seconds,
-                    denoise_seconds=image.denoise_seconds,
-                    decode_seconds=image.decode_seconds,
-                    total_seconds=time.perf_counter() - received,
-                ),
-                model_id=self.info.model_id,
-                replica=result.replica,
-                batch_size=result.batch_size,
-                prompt_key=positive_embedding.key,
-                negative_prompt_key=negative_embedding.key if negative_embedding else "",
-                image_index=index,
-                vae_tiled=image.vae_tiled,
-                loras=[generator_pb2.LoraRequest(name=lora.name, scale=lora.scale) for lora in params.loras],
-                prompt_token_count=positive_embedding.token_count,
-                prompt_source_token_count=positive_embedding.source_token_count,
-                prompt_shortened_by=GENERATOR_LONG_PROMPT_MODE.number(positive_embedding.shortened_by),
-                strength=params.strength or 0.0,
-                steps_run=params.steps_run,
-            )
-            images.append((header, image.data))
-            self.metrics.observe_stage("queue", result.queue_seconds)
-            self.metrics.observe_stage("denoise", image.denoise_seconds)
-            self.metrics.observe_stage("decode", image.decode_seconds)
-        if request.request_id:
-            self.completed.put(request.request_id, CompletedImages(fingerprint, tuple(images)))
-        for header, data in images:
-            self.metrics.count_bytes("sent", "image", len(data))
-            for response in _image_responses(header, data):
-                yield response
+        header = generator_pb2.ImageHeader(
+            request_id=job.request_id,
+            seed=params.seed + index,
+            width=image.width,
+            height=image.height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            format=image.format,
+            byte_length=len(image.data),
+            sha256=hashlib.sha256(image.data).hexdigest(),
+            timings=generator_pb2.Timings(
+                queue_seconds=result.queue_seconds,
+                encode_seconds=conditioning.encode_seconds,
+                denoise_seconds=image.denoise_seconds,
+                decode_seconds=image.decode_seconds,
+                total_seconds=time.perf_counter() - received,
+            ),
+            model_id=self.info.model_id,
+            replica=result.replica,
+            batch_size=result.batch_size,
+            prompt_key=positive.key,
+            negative_prompt_key=negative.key if negative else "",
+            image_index=index,
+            vae_tiled=image.vae_tiled,
+            loras=[generator_pb2.LoraRequest(name=lora.name, scale=lora.scale) for lora in params.loras],
+            prompt_token_count=positive.token_count,
+            prompt_source_token_count=positive.source_token_count,
+            prompt_shortened_by=GENERATOR_LONG_PROMPT_MODE.number(positive.shortened_by),
+            strength=params.strength or 0.0,
+            steps_run=params.steps_run,
+        )
+        self.metrics.observe_stage("queue", result.queue_seconds)
+        self.metrics.observe_stage("denoise", image.denoise_seconds)
+        self.metrics.observe_stage("decode", image.decode_seconds)
+        return header, image.data
 
     def _observe_fetches(self, *embeddings: Embedding | None) -> None:
         """Stages of the embeddings fetched from the encoder for this request (cache hits took none)."""
@@ -370,15 +473,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             self.metrics.count_bytes("received", "embedding", tensor.numel() * tensor.element_size())
 
     def _metadata(
-        self,
-        params: GenerationParams,
-        prompt: tuple[str, str],
-        negative: tuple[str, str] | None,
+        self, params: GenerationParams, prompt: Prompt, negative: Prompt | None
     ) -> tuple[tuple[str, str], ...]:
         """What the result file records about how it was made (PNG text chunks, EXIF, safetensors header)."""
         return generation_metadata(
-            prompt=prompt[1] if prompt[0] == "text" else None,
-            negative_prompt=negative[1] if negative is not None and negative[0] == "text" else None,
+            prompt=prompt.text if isinstance(prompt, TextPrompt) else None,
+            negative_prompt=negative.text if isinstance(negative, TextPrompt) else None,
             seed=params.seed,
             steps=params.steps,
             width=params.width,
@@ -387,7 +487,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             model=self.info.model_id,
             loras=[(lora.name, lora.scale) for lora in params.loras],
             strength=params.strength,
-            prompt_key=prompt[1] if prompt[0] == "embedding_key" else "",
+            prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
 
     async def UploadImage(
@@ -435,8 +535,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.ListLorasRequest, context: aio.ServicerContext
     ) -> generator_pb2.ListLorasResponse:
         files = await asyncio.to_thread(self.loras.list) if self.loras.enabled else []
-        engine = getattr(self.worker, "engine", None)  # the in-process worker; Ray replicas keep their own
-        loaded = set(engine.loras.loaded) if engine is not None else set()
+        loaded = self.worker.loaded_loras()
         return generator_pb2.ListLorasResponse(
             enabled=self.loras.enabled,
             loras=[

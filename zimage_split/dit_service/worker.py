@@ -1,6 +1,6 @@
 """Runs DiTEngine jobs one at a time on a dedicated thread, with a bounded queue (the in-process worker).
 
-`RayWorkerPool` (ray_pool.py) has the same contract: `info`, `run(job, request_id=...)`, `close()`.
+`RayWorkerPool` (ray_pool.py) has the same contract, `Worker`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from zimage_split.common.errors import Cancelled, ResourceExhausted
+from zimage_split.common.errors import BUSY, Cancelled, ResourceExhausted
 from zimage_split.dit_service.engine import DiTEngine, EngineInfo, GeneratedImage, GenerationJob
 
 
@@ -33,6 +33,10 @@ class Worker(Protocol):
         """Model replicas serving now (may block briefly; metrics call it from their own thread)."""
         ...
 
+    def loaded_loras(self) -> frozenset[str]:
+        """Names of the LoRAs held loaded as adapters now, as far as this worker can tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -46,7 +50,7 @@ class WorkerResult:
 
 
 class LocalWorker:
-    """One model replica in this process. The next issue's Ray workers wrap the same DiTEngine."""
+    """One model replica in this process; with Ray, each replica holds a DiTEngine of its own (ray_replica.py)."""
 
     def __init__(self, engine: DiTEngine, *, max_queue: int = 32) -> None:
         if max_queue < 1:
@@ -66,6 +70,9 @@ class LocalWorker:
     def replica_count(self) -> int:
         return 1
 
+    def loaded_loras(self) -> frozenset[str]:
+        return frozenset(self.engine.loras.loaded)
+
     def _run(self, job: GenerationJob, submitted: float) -> tuple[GeneratedImage, float]:
         queue_seconds = time.perf_counter() - submitted
         started = time.perf_counter()
@@ -80,6 +87,7 @@ class LocalWorker:
             raise ResourceExhausted(
                 f"The generator queue is full ({self._outstanding} requests waiting or running); retry later.",
                 retry_after_seconds=self._recent_seconds * self._outstanding,
+                reason=BUSY,
             )
         self._outstanding += 1
         try:
