@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -64,7 +64,13 @@ class Embeddings(Sequence[PromptEmbedding]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+    @overload
+    def __getitem__(self, index: int) -> PromptEmbedding: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[PromptEmbedding]: ...
+
+    def __getitem__(self, index: int | slice) -> PromptEmbedding | list[PromptEmbedding]:
         return self._items[index]
 
     def __iter__(self) -> Iterator[PromptEmbedding]:

@@ -244,7 +244,7 @@ class CallObserver(aio.ServerInterceptor):
             return handler
         carrier = {
             key: value
-            for key, value in handler_call_details.invocation_metadata or ()  # type: ignore[attr-defined]
+            for key, value in handler_call_details.invocation_metadata or ()
             if isinstance(value, str)
         }
         request_id = usable_request_id(carrier.get(REQUEST_ID_KEY))

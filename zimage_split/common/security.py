@@ -226,7 +226,7 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         # Probes (kubelet, load balancers, grpc_health_probe) cannot always send a token; health says nothing secret.
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata):  # type: ignore[arg-type]
+        if self._authorized(handler_call_details.invocation_metadata):
             return handler
         return _refusal(handler, method)
 

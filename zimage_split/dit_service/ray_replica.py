@@ -188,7 +188,7 @@ def build_deployment(
     max_batch_wait_seconds: float,
     max_queue: int,
     engine: EngineOptions,
-):  # type: ignore[no-untyped-def]
+) -> serve.Application:
     """A bound Serve application: `replicas` fixed, or None for one per GPU, scaling with the cluster."""
     if replicas is None:
         # One replica per GPU now; under load Serve adds replicas wherever a GPU is free, so a GPU host
