@@ -20,9 +20,9 @@ from zimage_split.dit_service.attention import (
     needs_padding_mask,
     time_backends,
 )
+from zimage_split.dit_service.config import GeneratorConfig, Limits, RayOptions
 from zimage_split.dit_service.engine import decodes_tiled, to_device
-from zimage_split.dit_service.server import GeneratorConfig, RayOptions, start_generator_server, warm_up_side
-from zimage_split.dit_service.validation import Limits
+from zimage_split.dit_service.server import start_generator_server, warm_up_side
 
 CPU = torch.device("cpu")
 GPU_ONLY = ["flash", "_flash_3", "sage"]
