@@ -63,8 +63,10 @@ def prompts_for(round_index: int, count: int) -> list[str]:
 async def one_round(folder: str, args: argparse.Namespace, round_index: int) -> dict:
     from zimage_split.batch_jobs import BatchSettings, encode_prompts, run_batch
     from zimage_split.client import AsyncClient, Embeddings
-    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
-    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+    from zimage_split.dit_service.config import GeneratorConfig
+    from zimage_split.dit_service.server import start_generator_server
+    from zimage_split.encoder_service.config import EncoderConfig
+    from zimage_split.encoder_service.server import start_encoder_server
 
     encoder = await start_encoder_server(EncoderConfig(model=folder, port=0, device="cpu", dtype="float32"))
     generator = await start_generator_server(

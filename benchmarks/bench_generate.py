@@ -81,8 +81,10 @@ async def run(args: argparse.Namespace, folder: str) -> tuple[int, int, list[dic
     from diffusers import ZImagePipeline
 
     from zimage_split.client import AsyncClient
-    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
-    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+    from zimage_split.dit_service.config import GeneratorConfig
+    from zimage_split.dit_service.server import start_generator_server
+    from zimage_split.encoder_service.config import EncoderConfig
+    from zimage_split.encoder_service.server import start_encoder_server
 
     # The encoder defaults to bfloat16; float32 on both sides keeps the comparison like for like.
     encoder = await start_encoder_server(

@@ -177,8 +177,10 @@ def measure_encode(source, device: torch.device, rounds: int, prompts: int = len
 async def measure_latency(source, model: str, device: torch.device, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
     """p50 prompt-to-image seconds, both services on `device` against ZImagePipeline in-process."""
     from zimage_split.client import AsyncClient
-    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
-    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+    from zimage_split.dit_service.config import EngineOptions, GeneratorConfig
+    from zimage_split.dit_service.server import start_generator_server
+    from zimage_split.encoder_service.config import EncoderConfig
+    from zimage_split.encoder_service.server import start_encoder_server
     from zimage_split.model_source import reference_pipeline
 
     encoder = await start_encoder_server(
@@ -192,7 +194,7 @@ async def measure_latency(source, model: str, device: torch.device, args: argpar
             device=str(device),
             dtype="bfloat16",
             cache_bytes=0,
-            **generator_options(args),
+            engine=EngineOptions(**generator_options(args)),
         )
     )
     from diffusers.models.attention_dispatch import attention_backend

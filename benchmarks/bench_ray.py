@@ -114,7 +114,8 @@ async def burst(client, seeds: list[int], caption_dim: int, side: int) -> tuple[
 
 async def run_config(name: str, folder: str, args: argparse.Namespace, seeds: list[int]) -> tuple[dict, list]:
     from zimage_split.client import AsyncClient
-    from zimage_split.dit_service.server import GeneratorConfig, RayOptions, start_generator_server
+    from zimage_split.dit_service.config import GeneratorConfig, RayOptions
+    from zimage_split.dit_service.server import start_generator_server
 
     started = time.perf_counter()
     options = RayOptions(address="local", max_batch_wait_ms=MAX_BATCH_WAIT_MS, **CONFIGS[name])

@@ -193,8 +193,10 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
     from zimage_split.client.aio import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_SECONDS
     from zimage_split.common import wire
     from zimage_split.common.server import TransportLimits
-    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
-    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+    from zimage_split.dit_service.config import GeneratorConfig
+    from zimage_split.dit_service.server import start_generator_server
+    from zimage_split.encoder_service.config import EncoderConfig
+    from zimage_split.encoder_service.server import start_encoder_server
 
     with quiet_loading():
         generator = await start_generator_server(

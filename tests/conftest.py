@@ -49,17 +49,26 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 def start_encoder(loop_thread: LoopThread, model: Path, **overrides: Any):  # type: ignore[no-untyped-def]
-    from zimage_split.encoder_service.server import EncoderConfig, start_encoder_server
+    from zimage_split.encoder_service.config import EncoderConfig
+    from zimage_split.encoder_service.server import start_encoder_server
 
     config = EncoderConfig(model=str(model), port=0, device="cpu", **overrides)
     return loop_thread.run(start_encoder_server(config))
 
 
+# Keywords of start_generator that go to the generator's EngineOptions.
+ENGINE_FIELDS = ("attention", "compile", "vae_tiling", "lora_dir", "lora_cache")
+
+
 def start_generator(loop_thread: LoopThread, model: Path, encoder_port: int | None, **overrides: Any):  # type: ignore[no-untyped-def]
-    from zimage_split.dit_service.server import GeneratorConfig, start_generator_server
+    from zimage_split.dit_service.config import EngineOptions, GeneratorConfig
+    from zimage_split.dit_service.server import start_generator_server
 
     encoder = f"127.0.0.1:{encoder_port}" if encoder_port else None
-    config = GeneratorConfig(model=str(model), encoder=encoder, port=0, device="cpu", **overrides)
+    engine = {name: overrides.pop(name) for name in ENGINE_FIELDS if name in overrides}
+    config = GeneratorConfig(
+        model=str(model), encoder=encoder, port=0, device="cpu", engine=EngineOptions(**engine), **overrides
+    )
     return loop_thread.run(start_generator_server(config))
 
 

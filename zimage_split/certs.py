@@ -9,8 +9,12 @@ import datetime
 import ipaddress
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zimage_split.common.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 ROLES = ("encoder", "generator", "client")
 VALID_DAYS = 365
@@ -22,7 +26,7 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
         os.chmod(path, 0o600)
 
 
-def _alternative_names(hosts: list[str]):  # type: ignore[no-untyped-def]
+def _alternative_names(hosts: list[str]) -> x509.SubjectAlternativeName:
     from cryptography import x509
 
     names: list[x509.GeneralName] = []

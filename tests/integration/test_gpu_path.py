@@ -25,9 +25,9 @@ from tests.conftest import start_generator
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import Client
 from zimage_split.dit_service.attention import needs_padding_mask
+from zimage_split.dit_service.config import EngineOptions, GeneratorConfig, Limits, RayOptions
 from zimage_split.dit_service.engine import DiTEngine, GenerationJob, GenerationParams
-from zimage_split.dit_service.server import GeneratorConfig, RayOptions, start_generator_server
-from zimage_split.dit_service.validation import Limits
+from zimage_split.dit_service.server import start_generator_server
 from zimage_split.model_source import resolve_model
 
 CPU = torch.device("cpu")
@@ -118,7 +118,7 @@ def compiled_generator(loop_thread, tiny_model_dir: Path):  # type: ignore[no-un
         encoder=None,
         port=port,
         device="cpu",
-        compile=True,
+        engine=EngineOptions(compile=True),
         limits=Limits(max_pixels=128 * 128),
     )
     server = loop_thread.run(start_generator_server(config), timeout=600)

@@ -18,7 +18,7 @@ from tests.conftest import cancel_after_first_step, start_generator
 from tests.integration.test_observability import scrape, value
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import AsyncClient, Client, ResourceExhausted
-from zimage_split.dit_service.server import RayOptions
+from zimage_split.dit_service.config import RayOptions
 
 ray = pytest.importorskip("ray")
 

@@ -39,13 +39,15 @@ from zimage_split.client import Client
 from zimage_split.client.embeddings import FILE_FORMAT, Embeddings, PromptEmbedding
 from zimage_split.common import wire
 from zimage_split.common.errors import ZSplitError
+from zimage_split.dit_service.config import Limits
 from zimage_split.dit_service.embedding_store import EmbeddingStore, TextPrompt, UploadedPrompt
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.servicer import GeneratorServicer, request_fingerprint
-from zimage_split.dit_service.validation import Limits, validate_embedding, validate_params
+from zimage_split.dit_service.validation import validate_embedding, validate_params
 from zimage_split.dit_service.worker import WorkerResult
+from zimage_split.encoder_service.config import MAX_PROMPT_BYTES
 from zimage_split.encoder_service.engine import TextEncoder
-from zimage_split.encoder_service.servicer import MAX_PROMPT_BYTES, EncoderServicer
+from zimage_split.encoder_service.servicer import EncoderServicer
 from zimage_split.model_source import resolve_model
 
 pytestmark = pytest.mark.timeout(300)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from zimage_split.cli import build_parser, parse_settings
-from zimage_split.config import load_toml
+from zimage_split.cli.layered_settings import load_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -20,9 +20,9 @@ from zimage_split.dit_service.attention import (
     needs_padding_mask,
     time_backends,
 )
+from zimage_split.dit_service.config import EngineOptions, GeneratorConfig, Limits, RayOptions
 from zimage_split.dit_service.engine import decodes_tiled, to_device
-from zimage_split.dit_service.server import GeneratorConfig, RayOptions, start_generator_server, warm_up_side
-from zimage_split.dit_service.validation import Limits
+from zimage_split.dit_service.server import start_generator_server, warm_up_side
 
 CPU = torch.device("cpu")
 GPU_ONLY = ["flash", "_flash_3", "sage"]
@@ -78,7 +78,9 @@ def test_the_environment_and_config_file_set_the_options(
 def test_generator_config_refuses_a_gpu_only_backend_before_the_model_or_ray(
     backend: str, ray: RayOptions | None
 ) -> None:
-    config = GeneratorConfig(model=NO_MODEL, encoder=None, port=0, device="cpu", attention=backend, ray=ray)
+    config = GeneratorConfig(
+        model=NO_MODEL, encoder=None, port=0, device="cpu", engine=EngineOptions(attention=backend), ray=ray
+    )
     with pytest.raises(InvalidArgument, match=f"--attention {backend} needs a CUDA GPU"):
         asyncio.run(start_generator_server(config))
     if ray is not None:
@@ -87,19 +89,27 @@ def test_generator_config_refuses_a_gpu_only_backend_before_the_model_or_ray(
 
 
 def test_bad_values_in_generator_config_are_invalid_arguments() -> None:
-    for options, expected in (
-        ({"vae_tiling": "sometimes"}, "Unknown --vae-tiling 'sometimes'; use auto, on or off"),
-        ({"attention": "xformers"}, "Unknown --attention 'xformers'"),
-        ({"attention": "flash", "dtype": "float32"}, "--attention flash needs a CUDA GPU"),
+    for engine, dtype, expected in (
+        (
+            EngineOptions(vae_tiling="sometimes"),
+            "auto",
+            "Unknown --vae-tiling 'sometimes'; use auto, on or off",
+        ),
+        (EngineOptions(attention="xformers"), "auto", "Unknown --attention 'xformers'"),
+        (EngineOptions(attention="flash"), "float32", "--attention flash needs a CUDA GPU"),
     ):
-        config = GeneratorConfig(model=NO_MODEL, encoder=None, port=0, device="cpu", **options)
+        config = GeneratorConfig(
+            model=NO_MODEL, encoder=None, port=0, device="cpu", dtype=dtype, engine=engine
+        )
         with pytest.raises(InvalidArgument, match=expected):
             asyncio.run(start_generator_server(config))
 
 
 def test_compile_without_a_cpu_compiler_fails_before_the_model_loads() -> None:
     """A host with no C++ compiler, as torch's inductor sees it: the compiler it searches for is absent."""
-    config = GeneratorConfig(model=NO_MODEL, encoder=None, port=0, device="cpu", compile=True)
+    config = GeneratorConfig(
+        model=NO_MODEL, encoder=None, port=0, device="cpu", engine=EngineOptions(compile=True)
+    )
     with (
         torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
         pytest.raises(InvalidArgument, match="--compile on CPU needs a C\\+\\+ compiler"),

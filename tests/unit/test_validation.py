@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from zimage_split.common.errors import InvalidArgument
-from zimage_split.dit_service.validation import Limits, all_finite, validate_embedding, validate_params
+from zimage_split.dit_service.config import Limits
+from zimage_split.dit_service.validation import all_finite, validate_embedding, validate_params
 
 LIMITS = Limits()
 

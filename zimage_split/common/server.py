@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from grpc import aio
@@ -17,7 +17,6 @@ from zimage_split.common.errors import InvalidArgument, Unavailable
 from zimage_split.common.interceptors import CallObserver, ErrorMappingInterceptor, ServingGate
 from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
-from zimage_split.common.wire import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,9 @@ class TransportLimits:
     shutdown_grace_seconds: float = 30.0
 
     def __post_init__(self) -> None:
+        # Here, not at the top: wire imports torch, and `zsplit --help` builds its defaults from this class.
+        from zimage_split.common.wire import CHUNK_BYTES
+
         if self.max_message_bytes < 2 * CHUNK_BYTES:
             raise InvalidArgument(
                 f"max message size {self.max_message_bytes} bytes is below the {2 * CHUNK_BYTES // (1 << 20)} "
@@ -96,6 +98,24 @@ class RunningServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         return drained
+
+
+def check_bounds(bounds: Iterable[tuple[str, float, float, float | None, str]]) -> None:
+    """Raises InvalidArgument for the first (flag, value, low, high or None, why) whose value is out of range."""
+    for flag, value, low, high, why in bounds:
+        if value < low or (high is not None and value > high):
+            allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise InvalidArgument(f"{flag} must be {allowed} (got {value}); {why}.")
+
+
+def check_metrics_port(port: int, metrics_port: int | None) -> None:
+    """`--metrics-port` must be a port, and not the service's own."""
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise InvalidArgument(
+            f"--metrics-port must be between 0 and 65535 (got {metrics_port}); 0 picks a free port."
+        )
+    if metrics_port is not None and metrics_port == port != 0:
+        raise InvalidArgument(f"--metrics-port {metrics_port} is the service's own --port; pick another.")
 
 
 def metrics_address(host: str, metrics_host: str | None, metrics_port: int | None) -> tuple[str, int] | None:

@@ -148,48 +148,6 @@ def check_compiler(device: torch.device) -> None:
 
 
 @dataclass(frozen=True)
-class EngineOptions:
-    """How a generator runs its engine (--attention, --compile, --vae-tiling) and warms it up.
-
-    One value for the in-process worker and every Ray replica.
-    """
-
-    attention: str = "auto"
-    compile: bool = False
-    vae_tiling: str = "auto"
-    # Folder of LoRA files requests may name (--lora-dir; "" turns LoRA off), and adapters kept loaded.
-    lora_dir: str = ""
-    lora_cache: int = 8
-    # The square side compiled graphs are warmed up at, and whether guided batches are warmed up too.
-    warm_up_side: int = 1024
-    warm_up_guidance: bool = True
-
-    def resolved(self, device: torch.device, dtype: torch.dtype) -> EngineOptions:
-        """These options with `auto` attention decided for `device`; raises InvalidArgument (saying the fix)
-        for options that cannot work there. Loads nothing.
-        """
-        check_engine_options(
-            device, dtype, attention=self.attention, compile=self.compile, vae_tiling=self.vae_tiling
-        )
-        return replace(self, attention=choose_attention(self.attention, device, dtype).backend)
-
-    def start_engine(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> DiTEngine:
-        """Loads the engine and warms it up (compiling it with --compile)."""
-        engine = DiTEngine(
-            source,
-            device=device,
-            dtype=dtype,
-            attention=self.attention,
-            compile=self.compile,
-            vae_tiling=self.vae_tiling,
-            lora_dir=self.lora_dir or None,
-            lora_cache=self.lora_cache,
-        )
-        engine.warm_up(self.warm_up_side, guidance=self.warm_up_guidance)
-        return engine
-
-
-@dataclass(frozen=True)
 class EngineInfo:
     """What the front needs to know about a loaded engine, without holding it (it may be in a Ray replica)."""
 

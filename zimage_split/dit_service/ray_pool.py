@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from zimage_split.common.errors import BUSY, ERRORS_BY_CODE, ResourceExhausted, Unavailable, ZSplitError
-from zimage_split.dit_service.engine import EngineInfo, EngineOptions, GenerationJob
+from zimage_split.dit_service.config import EngineOptions, RayOptions
+from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
-from zimage_split.dit_service.server import RayOptions
 from zimage_split.dit_service.worker import WorkerResult
 from zimage_split.model_source import ModelSource
 

@@ -21,13 +21,8 @@ import ray
 import torch
 from ray import serve
 
-from zimage_split.dit_service.engine import (
-    EngineInfo,
-    EngineOptions,
-    GeneratedImage,
-    GenerationJob,
-    GenerationParams,
-)
+from zimage_split.dit_service.config import EngineOptions
+from zimage_split.dit_service.engine import EngineInfo, GeneratedImage, GenerationJob, GenerationParams
 from zimage_split.dit_service.outputs import OutputOptions
 from zimage_split.model_source import ModelSource
 

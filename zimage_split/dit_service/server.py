@@ -5,89 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
-from zimage_split.common.security import ClientSecurity, ServerSecurity
 from zimage_split.common.server import (
     RunningServer,
-    TransportLimits,
     metrics_address,
     serve_until_signal,
     start_server,
 )
-from zimage_split.common.vocabulary import ENCODER_PORT, GENERATOR_PORT
 from zimage_split.devices import parse_dtype, pick_device
+from zimage_split.dit_service.config import GeneratorConfig, Limits
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
-from zimage_split.dit_service.engine import EngineOptions
 from zimage_split.dit_service.init_images import ImageStore
-from zimage_split.dit_service.lora.library import LoraLibrary
+from zimage_split.dit_service.lora.library import LoraLibrary, check_lora_dir
 from zimage_split.dit_service.servicer import GeneratorServicer
-from zimage_split.dit_service.validation import Limits
 from zimage_split.dit_service.worker import LocalWorker, Worker
 from zimage_split.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "zimage.generator.v1.GeneratorService"
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """`zsplit serve generator --ray-address ... --replicas ...`: run the replicas under Ray Serve."""
-
-    address: str = "local"  # "local" starts Ray in this process; "auto" or HOST:PORT joins a cluster
-    replicas: int | None = 1  # None ("auto"): one per GPU, growing as GPU hosts join the cluster
-    max_batch_size: int = 4
-    max_batch_wait_ms: float = 10.0
-    torch_threads: int = 0  # torch threads per replica; 0 keeps Ray's default (one per reserved CPU)
-    cpus_per_replica: float = 1.0
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """Everything `zsplit serve generator` can set, resolved once."""
-
-    model: str
-    encoder: str | None = f"127.0.0.1:{ENCODER_PORT}"
-    # None: one in-process worker. Otherwise the replicas run under Ray Serve (see ray_pool.RayOptions).
-    ray: RayOptions | None = None
-    host: str = "127.0.0.1"
-    port: int = GENERATOR_PORT
-    device: str = "auto"
-    dtype: str = "auto"
-    # Attention kernel: auto (the fastest that works here; native off CUDA), native, flash, _flash_3, sage.
-    attention: str = "auto"
-    # Regional torch.compile of the DiT blocks, compiled during warm-up, before health reports SERVING.
-    compile: bool = False
-    # VAE decode in tiles: auto (above 2048x2048 pixels), on, off.
-    vae_tiling: str = "auto"
-    max_queue: int = 32
-    cache_bytes: int = 2 << 30
-    # A folder of <key>.safetensors embeddings behind the in-memory cache; survives restarts.
-    embedding_store: str | None = None
-    # Finished images kept by request_id, so a retried request is answered without running again.
-    completed_cache_bytes: int = 128 << 20
-    # LoRA files requests may name (None: LoRA off), and how many adapters each replica keeps loaded.
-    lora_dir: str | None = None
-    lora_cache: int = 8
-    # Decoded start images and masks from UploadImage, kept for Generate.
-    image_cache_bytes: int = 256 << 20
-    limits: Limits = field(default_factory=Limits)
-    transport: TransportLimits = TransportLimits()
-    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
-    metrics_port: int | None = None
-    metrics_host: str | None = None
-    # Extra tries of an encoder call that failed with UNAVAILABLE (a restart, a dropped connection), within
-    # the caller's deadline.
-    encoder_retries: int = 2
-    # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
-    security: ServerSecurity = ServerSecurity(insecure=True)
-    # How this generator reaches its encoder: TLS, its client certificate, its token.
-    encoder_security: ClientSecurity = ClientSecurity(insecure=True)
 
 
 @dataclass
@@ -117,21 +57,13 @@ def warm_up_side(limits: Limits) -> int:
 
 async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     worker: Worker
-    options = EngineOptions(
-        attention=config.attention,
-        compile=config.compile,
-        vae_tiling=config.vae_tiling,
+    options = replace(
+        config.engine,
         warm_up_side=warm_up_side(config.limits),
         warm_up_guidance=config.limits.max_guidance_scale > 0,
-        lora_dir=config.lora_dir or "",
-        lora_cache=config.lora_cache,
     )
-    if config.lora_dir and not Path(config.lora_dir).is_dir():
-        raise InvalidArgument(
-            f"--lora-dir {config.lora_dir} is not a folder; create it and put LoRA .safetensors files in it."
-        )
-    if config.lora_cache < 1:
-        raise InvalidArgument(f"--lora-cache must be at least 1 (got {config.lora_cache}).")
+    if options.lora_dir:
+        check_lora_dir(options.lora_dir)
     if config.ray is None:
         device = pick_device(config.device)
         dtype = parse_dtype(config.dtype, device)
@@ -195,7 +127,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         config.encoder or "",
         completed_bytes=config.completed_cache_bytes,
         images=ImageStore(config.image_cache_bytes),
-        loras=LoraLibrary(config.lora_dir),
+        loras=LoraLibrary(options.lora_dir),
     )
     running = await start_server(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),

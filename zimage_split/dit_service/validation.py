@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.dit_service.config import Limits
 from zimage_split.dit_service.engine import GenerationParams
 
 DEFAULTS = GenerationParams()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of this generator (`zsplit serve generator --max-pixels ...`)."""
-
-    size_multiple: int = 16
-    min_side: int = 64
-    max_side: int = 4096
-    max_pixels: int = 2048 * 2048
-    max_steps: int = 100
-    max_guidance_scale: float = 30.0
-    # Prompt text, checked before the encoder is asked (the encoder has its own limit).
-    max_prompt_bytes: int = 64 << 10
-    max_images_per_request: int = 4
-    # Uploaded start images and masks (UploadImage): file bytes, and pixels once decoded. Larger than any
-    # output, since a start image is resized to the requested size.
-    max_upload_bytes: int = 64 << 20
-    max_upload_pixels: int = 8192 * 8192
 
 
 def validate_params(

@@ -9,21 +9,17 @@ from pathlib import Path
 
 from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
-from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import (
     RunningServer,
-    TransportLimits,
     metrics_address,
     serve_until_signal,
     start_server,
 )
-from zimage_split.common.vocabulary import ENCODER_PORT
 from zimage_split.devices import parse_dtype, pick_device
+from zimage_split.encoder_service.config import EncoderConfig
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import (
     DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT,
-    MAX_PROMPT_BYTES,
-    MAX_PROMPTS_PER_CALL,
     EncoderServicer,
     check_default_length,
 )
@@ -32,30 +28,6 @@ from zimage_split.model_source import ModelSource, resolve_model
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "zimage.encoder.v1.EncoderService"
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Everything `zsplit serve encoder` can set, resolved once."""
-
-    model: str
-    host: str = "127.0.0.1"
-    port: int = ENCODER_PORT
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    hidden_layer: int = -2
-    max_sequence_length: int = 512
-    cache_bytes: int = 1 << 30
-    max_batch_size: int = 16
-    max_batch_wait_ms: float = 5.0
-    max_prompt_bytes: int = MAX_PROMPT_BYTES
-    max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
-    transport: TransportLimits = TransportLimits()
-    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
-    metrics_port: int | None = None
-    metrics_host: str | None = None
-    # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
-    security: ServerSecurity = ServerSecurity(insecure=True)
 
 
 @dataclass

@@ -17,14 +17,15 @@ from zimage_split.common.lru import ByteBoundedLRU
 from zimage_split.common.metrics import ServiceMetrics
 from zimage_split.common.vocabulary import DEFAULT_LONG_PROMPT_MODE, ENCODER_LONG_PROMPT_MODE
 from zimage_split.encoder_service.batching import MicroBatcher
+from zimage_split.encoder_service.config import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    MAX_PROMPT_BYTES,
+    MAX_PROMPTS_PER_CALL,
+)
 from zimage_split.encoder_service.engine import TextEncoder, TokenizedPrompt
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPTS_PER_CALL = 64
-# About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
-MAX_PROMPT_BYTES = 64 << 10
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
 # Z-Image's DiT gives caption tokens RoPE positions up to axes_lens[0] - 32 = 1504; more would not fit.
 DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT = 1504
 # Tokenized prompts kept, so a repeated prompt skips the chat template and the tokenizer (about 1 ms).

@@ -133,7 +133,7 @@ def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
         return [str(item).strip() for item in items if str(item).strip()]
     if action.type is not None and not isinstance(raw, bool):
         try:
-            value = action.type(str(raw)) if isinstance(raw, str) or action.type in (int, float) else raw  # type: ignore[misc,operator]
+            value = action.type(str(raw)) if isinstance(raw, str) or action.type in (int, float) else raw  # type: ignore[operator]
         except (TypeError, ValueError):
             raise InvalidArgument(f"{where}: {raw!r} is not a valid {action.dest}.") from None
     else:

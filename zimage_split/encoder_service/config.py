@@ -1,0 +1,60 @@
+"""What an encoder can be set to (`zsplit serve encoder`), as a frozen dataclass checked when it is built,
+so a server started from Python refuses a bad value with the same error as the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zimage_split.common.security import ServerSecurity
+from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
+from zimage_split.common.vocabulary import ENCODER_PORT
+
+MAX_PROMPTS_PER_CALL = 64
+# About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
+MAX_PROMPT_BYTES = 64 << 10
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything `zsplit serve encoder` can set, resolved once."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = ENCODER_PORT
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    hidden_layer: int = -2
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    cache_bytes: int = 1 << 30
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 5.0
+    max_prompt_bytes: int = MAX_PROMPT_BYTES
+    max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
+    # A factory, not an instance: TransportLimits' check imports the wire module, and torch with it.
+    transport: TransportLimits = field(default_factory=TransportLimits)
+    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
+    security: ServerSecurity = ServerSecurity(insecure=True)
+
+    def __post_init__(self) -> None:
+        check_metrics_port(self.port, self.metrics_port)
+        # Limits no request could meet fail here rather than after the model loads; the model's own caption
+        # limit is checked once its config is read (servicer.check_default_length).
+        check_bounds(
+            [
+                ("--port", self.port, 0, 65535, "0 picks a free port"),
+                ("--max-prompt-bytes", self.max_prompt_bytes, 1, None, "0 would refuse every prompt"),
+                ("--max-prompts-per-request", self.max_prompts_per_request, 1, None, "0 refuses every call"),
+                (
+                    "--max-sequence-length",
+                    self.max_sequence_length,
+                    1,
+                    4096,
+                    f"the default is {DEFAULT_MAX_SEQUENCE_LENGTH} tokens",
+                ),
+                ("--max-batch-size", self.max_batch_size, 1, None, "a forward pass takes one prompt or more"),
+            ]
+        )
