@@ -22,13 +22,11 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
-import torch
 from google.protobuf.json_format import MessageToDict
 from grpc import aio
 from PIL import Image
-from safetensors.torch import load as safetensors_load
 
 from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
@@ -56,6 +54,9 @@ from zimage_split.common.vocabulary import (
     OUTPUT_FORMAT,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
@@ -71,7 +72,7 @@ CHANNEL_OPTIONS = [
 ]
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
-EmbeddingLike = PromptEmbedding | Embeddings | torch.Tensor
+EmbeddingLike: TypeAlias = "PromptEmbedding | Embeddings | torch.Tensor"
 # A LoRA of a request: "name", ("name", scale) or {"name": ..., "scale": ...}.
 LoraLike = str | tuple[str, float] | Mapping[str, Any]
 # An image to upload: a file path, file bytes, or a PIL image (sent as PNG).
@@ -99,6 +100,8 @@ def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
         value = value[0]
     if isinstance(value, PromptEmbedding):
         return value.tensor, value.content_key
+    import torch  # only a caller who passes tensors needs torch
+
     if isinstance(value, torch.Tensor):
         return value, ""
     raise InvalidArgument(f"{what} must be a PromptEmbedding, a one-prompt Embeddings or a tensor.")
@@ -600,6 +603,8 @@ class AsyncClient:
                 )
             info = image_metadata(header) | {"file_bytes": bytes(data), "format": header.format}
             if header.format == "safetensors":
+                from safetensors.torch import load as safetensors_load  # latents are torch tensors
+
                 images.append(Latents(safetensors_load(bytes(data))["latents"], info))
                 continue
             image = Image.open(io.BytesIO(bytes(data)))

@@ -14,13 +14,14 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
-
-import torch
+from typing import TYPE_CHECKING, Any, overload
 
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
 from zimage_split.common.files import write_atomically
+
+if TYPE_CHECKING:
+    import torch
 
 FILE_FORMAT = "zimage-split/embeddings"
 FILE_FORMAT_VERSION = 1
@@ -105,7 +106,7 @@ class Embeddings(Sequence[PromptEmbedding]):
                     "model_id": self.model_id,
                     "hidden_layer": item.hidden_layer,
                     "max_sequence_length": item.max_sequence_length,
-                    "dtype": wire.DTYPE_NAMES[meta.dtype],
+                    "dtype": meta.dtype_name,
                     "token_count": item.token_count,
                     "truncated": item.truncated,
                     "source_token_count": item.source_token_count,
@@ -207,7 +208,7 @@ def _checked_item(
         )
     hidden_size = int(metadata.get("hidden_size", tensor.shape[-1]))
     expected_shape = (int(entry["token_count"]), hidden_size)
-    if tuple(tensor.shape) != expected_shape or wire.DTYPE_NAMES.get(tensor.dtype) != entry["dtype"]:
+    if tuple(tensor.shape) != expected_shape or wire.dtype_name(tensor.dtype) != entry["dtype"]:
         raise DataLoss(
             f"{where}: tensor is {list(tensor.shape)} {tensor.dtype}, but the header says "
             f"{list(expected_shape)} {entry['dtype']}. Make the file again with `zsplit encode`."

@@ -17,6 +17,7 @@ from zimage_split.common.errors import InvalidArgument, Unavailable
 from zimage_split.common.interceptors import CallObserver, ErrorMappingInterceptor, ServingGate
 from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
+from zimage_split.common.wire import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ class TransportLimits:
     shutdown_grace_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        # Here, not at the top: wire imports torch, and `zsplit --help` builds its defaults from this class.
-        from zimage_split.common.wire import CHUNK_BYTES
-
         if self.max_message_bytes < 2 * CHUNK_BYTES:
             raise InvalidArgument(
                 f"max message size {self.max_message_bytes} bytes is below the {2 * CHUNK_BYTES // (1 << 20)} "

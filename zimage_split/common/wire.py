@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
@@ -21,16 +21,33 @@ MAX_TENSOR_BYTES = 256 << 20
 # Embeddings are 2-D; a header with thousands of dimensions is hostile (their product takes minutes to compute).
 MAX_TENSOR_DIMS = 8
 
-_DTYPES: dict[int, torch.dtype] = {
-    tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
-    tensor_pb2.DTYPE_FLOAT16: torch.float16,
-    tensor_pb2.DTYPE_FLOAT32: torch.float32,
+# The dtypes the wire carries, by their torch names, and their DType codes.
+DTYPE_CODES = {
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "float32": tensor_pb2.DTYPE_FLOAT32,
 }
-_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+if TYPE_CHECKING:
+    import torch
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("zimage-split's wire format is little-endian; this platform is not.")
+
+
+@functools.cache
+def _torch_dtypes() -> dict[int, torch.dtype]:
+    # torch is imported by the first tensor, not by this module: a client that only sends prompts and
+    # receives images (the SDK's common path, the CLI's client commands) never loads it.
+    import torch
+
+    return {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The wire's name for a torch dtype ("bfloat16", ...), or None if the wire does not carry it."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPE_CODES else None
 
 
 @dataclass(frozen=True)
@@ -42,19 +59,22 @@ class TensorMeta:
     byte_length: int
     sha256: str
 
+    @property
+    def dtype_name(self) -> str:
+        """ "bfloat16", "float16" or "float32": a TensorMeta only ever holds a dtype the wire carries."""
+        return str(self.dtype).removeprefix("torch.")
+
 
 def dtype_to_proto(dtype: torch.dtype) -> int:
-    try:
-        return _DTYPE_CODES[dtype]
-    except KeyError:
-        raise InvalidArgument(
-            f"Cannot send a {dtype} tensor; use one of {', '.join(DTYPE_NAMES.values())}."
-        ) from None
+    name = dtype_name(dtype)
+    if name is None:
+        raise InvalidArgument(f"Cannot send a {dtype} tensor; use one of {', '.join(DTYPE_CODES)}.")
+    return DTYPE_CODES[name]
 
 
 def dtype_from_proto(code: int) -> torch.dtype:
     try:
-        return _DTYPES[code]
+        return _torch_dtypes()[code]
     except KeyError:
         raise InvalidArgument(
             f"Unsupported tensor dtype code {code}; send bfloat16, float16 or float32 "
@@ -64,6 +84,8 @@ def dtype_from_proto(code: int) -> torch.dtype:
 
 def payload_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat memoryview; copies only if the tensor is not already contiguous on CPU."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
@@ -106,7 +128,7 @@ def embedding_key(meta: TensorMeta) -> str:
     Built from the checksum the wire already computes, so neither side hashes the bytes twice, and a
     client can tell which key an upload will get before sending it.
     """
-    return hashlib.sha256(f"{DTYPE_NAMES[meta.dtype]}|{list(meta.shape)}|{meta.sha256}".encode()).hexdigest()
+    return hashlib.sha256(f"{meta.dtype_name}|{list(meta.shape)}|{meta.sha256}".encode()).hexdigest()
 
 
 def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -146,7 +168,7 @@ def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR
     expected = math.prod(shape) * dtype.itemsize
     if header.byte_length != expected:
         raise InvalidArgument(
-            f"Header says {header.byte_length} bytes but shape {list(shape)} in {DTYPE_NAMES[dtype]} "
+            f"Header says {header.byte_length} bytes but shape {list(shape)} in {dtype_name(dtype)} "
             f"needs {expected}; the sender's header is inconsistent."
         )
     if len(header.sha256) != 64:
@@ -190,6 +212,8 @@ class TensorAssembler:
             )
         if self._hash.hexdigest() != self.meta.sha256:
             raise DataLoss("Tensor bytes do not match their sha256: the data was corrupted. Send it again.")
+        import torch
+
         if self.meta.byte_length == 0:
             return torch.empty(self.meta.shape, dtype=self.meta.dtype)
         return torch.frombuffer(self._buffer, dtype=self.meta.dtype).reshape(self.meta.shape)

@@ -3,7 +3,7 @@ so a server started from Python refuses a bad value with the same error as the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from zimage_split.common.errors import InvalidArgument
@@ -136,8 +136,7 @@ class GeneratorConfig:
     # Decoded start images and masks from UploadImage, kept for Generate.
     image_cache_bytes: int = 256 << 20
     limits: Limits = Limits()
-    # A factory, not an instance: TransportLimits' check imports the wire module, and torch with it.
-    transport: TransportLimits = field(default_factory=TransportLimits)
+    transport: TransportLimits = TransportLimits()
     # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
     metrics_port: int | None = None
     metrics_host: str | None = None

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
-from zimage_split.common.wire import DTYPE_NAMES, describe
+from zimage_split.common.wire import describe, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class DiskEmbeddingStore:
         meta, _ = describe(tensor)
         metadata = {
             "key": key,
-            "dtype": DTYPE_NAMES[meta.dtype],
+            "dtype": meta.dtype_name,
             "shape": json.dumps(list(meta.shape)),
             "sha256": meta.sha256,
             "source_token_count": str(source_token_count),
@@ -171,10 +171,10 @@ def _read(path: Path, key: str) -> StoredEmbedding:
     metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
     if metadata.get("key") != key:
         raise CorruptFile(f"it holds key {metadata.get('key')!r}")
-    if tensor.dtype not in DTYPE_NAMES:
+    if dtype_name(tensor.dtype) is None:
         raise CorruptFile(f"it holds a {tensor.dtype} tensor")
     meta, _ = describe(tensor)
-    found = {"dtype": DTYPE_NAMES[meta.dtype], "shape": json.dumps(list(meta.shape)), "sha256": meta.sha256}
+    found = {"dtype": meta.dtype_name, "shape": json.dumps(list(meta.shape)), "sha256": meta.sha256}
     for field, value in found.items():
         if metadata.get(field) != value:
             raise CorruptFile(f"its {field} is {value}, its metadata says {metadata.get(field)}")

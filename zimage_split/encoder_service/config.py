@@ -3,7 +3,7 @@ so a server started from Python refuses a bad value with the same error as the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
@@ -31,8 +31,7 @@ class EncoderConfig:
     max_batch_wait_ms: float = 5.0
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
-    # A factory, not an instance: TransportLimits' check imports the wire module, and torch with it.
-    transport: TransportLimits = field(default_factory=TransportLimits)
+    transport: TransportLimits = TransportLimits()
     # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
     metrics_port: int | None = None
     metrics_host: str | None = None
