@@ -245,7 +245,7 @@ def test_doc_variables_are_ones_zsplit_reads() -> None:
 
 def test_doc_toml_examples_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from zimage_split.cli import parse_settings
-    from zimage_split.config import load_toml
+    from zimage_split.cli.layered_settings import load_toml
 
     for name in list(os.environ):
         if name.startswith("ZSPLIT_"):
