@@ -190,9 +190,10 @@ def median_ms(call: Callable[[], object], repeats: int) -> float:
 async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict], dict]:
     """Returns the tensor's description, the timed rounds, and the separately timed steps."""
     from zimage_split.client import AsyncClient
-    from zimage_split.client.aio import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_SECONDS
+    from zimage_split.client.aio import CHANNEL_OPTIONS
     from zimage_split.common import wire
     from zimage_split.common.server import TransportLimits
+    from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS
     from zimage_split.dit_service.config import GeneratorConfig
     from zimage_split.dit_service.server import start_generator_server
     from zimage_split.encoder_service.config import EncoderConfig

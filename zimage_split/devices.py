@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.vocabulary import DTYPES as DTYPE_NAMES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device(requested: str = "auto") -> torch.device:

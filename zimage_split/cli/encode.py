@@ -18,6 +18,7 @@ from zimage_split.cli.flags import (
 )
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity
+from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS
 from zimage_split.encoder_service.config import EncoderConfig
 
 
@@ -43,7 +44,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help=f"dtype for an encoder started here ({EncoderConfig.dtype})",
     )
     add_prompt_options(encode)
-    encode.add_argument("--timeout", type=float, default=600.0, help="seconds per encoder call (600)")
+    encode.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help=f"seconds per encoder call ({DEFAULT_TIMEOUT_SECONDS:g})",
+    )
     encode.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -23,6 +23,7 @@ from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity
 from zimage_split.common.vocabulary import (
     DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_TIMEOUT_SECONDS,
     FORMAT_SUFFIXES,
     OUTPUT_FORMATS,
     SUFFIX_FORMATS,
@@ -100,7 +101,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--strip-metadata", action="store_true", help="leave the prompt and settings out of the file"
     )
     add_prompt_options(generate)
-    generate.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (600)")
+    generate.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help=f"seconds before giving up ({DEFAULT_TIMEOUT_SECONDS:g})",
+    )
     generate.add_argument(
         "--device", default=GeneratorConfig.device, help="device for services started locally"
     )

@@ -19,8 +19,15 @@ from zimage_split.cli.flags import (
 )
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.server import check_metrics_port
-from zimage_split.common.vocabulary import GENERATOR_PORT, HTTP_PORT
-from zimage_split.dit_service.config import EngineOptions, GeneratorConfig, Limits, RayOptions
+from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS, DTYPES, GENERATOR_PORT, HTTP_PORT
+from zimage_split.dit_service.config import (
+    ATTENTION_BACKENDS,
+    VAE_TILING_MODES,
+    EngineOptions,
+    GeneratorConfig,
+    Limits,
+    RayOptions,
+)
 from zimage_split.encoder_service.config import EncoderConfig
 
 
@@ -38,7 +45,7 @@ def _add_encoder(services: argparse._SubParsersAction) -> None:
     add_settings_file(encoder, "encoder")
     add_model(encoder)
     add_listen(encoder, host=EncoderConfig.host, port=EncoderConfig.port, device=EncoderConfig.device)
-    encoder.add_argument("--dtype", default=EncoderConfig.dtype, choices=["bfloat16", "float16", "float32"])
+    encoder.add_argument("--dtype", default=EncoderConfig.dtype, choices=DTYPES)
     encoder.add_argument(
         "--hidden-layer",
         type=int,
@@ -90,13 +97,11 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         help="encoder service HOST:PORT, or 'none' to accept only uploaded embeddings",
     )
     add_client_security(generator, "encoder-", "the encoder")
-    generator.add_argument(
-        "--dtype", default=GeneratorConfig.dtype, choices=["auto", "bfloat16", "float16", "float32"]
-    )
+    generator.add_argument("--dtype", default=GeneratorConfig.dtype, choices=("auto", *DTYPES))
     generator.add_argument(
         "--attention",
         default=EngineOptions.attention,
-        choices=["auto", "native", "flash", "_flash_3", "sage"],
+        choices=ATTENTION_BACKENDS,
         help="attention kernel: auto (the fastest that works here; native off CUDA), native (SDPA), flash, "
         f"_flash_3, sage ({EngineOptions.attention})",
     )
@@ -108,7 +113,7 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
     generator.add_argument(
         "--vae-tiling",
         default=EngineOptions.vae_tiling,
-        choices=["auto", "on", "off"],
+        choices=VAE_TILING_MODES,
         help=f"decode in 1024-pixel tiles: auto (above 2048x2048 pixels), on, off ({EngineOptions.vae_tiling})",
     )
     generator.add_argument(
@@ -236,7 +241,12 @@ def _add_http(services: argparse._SubParsersAction) -> None:
         help="bearer tokens accepted, one per line (or one token in env ZSPLIT_AUTH_TOKEN)",
     )
     http.add_argument("--insecure", action="store_true", help="serve plain HTTP (trusted networks only)")
-    http.add_argument("--timeout", type=float, default=600.0, help="seconds per image request (600)")
+    http.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help=f"seconds per image request ({DEFAULT_TIMEOUT_SECONDS:g})",
+    )
     add_metrics(http)
 
 

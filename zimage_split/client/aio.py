@@ -48,6 +48,7 @@ from zimage_split.common.logs import REQUEST_ID_KEY, current_request_id, new_req
 from zimage_split.common.security import ClientSecurity, is_loopback
 from zimage_split.common.server import GRPC_OPTIONS
 from zimage_split.common.vocabulary import (
+    DEFAULT_TIMEOUT_SECONDS,
     ENCODER_LONG_PROMPT_MODE,
     GENERATOR_LONG_PROMPT_MODE,
     GENERATOR_PORT,
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_SECONDS = 600.0
 CHANNEL_OPTIONS = [
     *GRPC_OPTIONS,
     # A restarted service is reached again within a second, not after gRPC's default backoff of up to 2

@@ -10,9 +10,9 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from zimage_split.client.aio import DEFAULT_TIMEOUT_SECONDS, AsyncClient
+from zimage_split.client.aio import AsyncClient
 from zimage_split.common.security import ClientSecurity
-from zimage_split.common.vocabulary import GENERATOR_PORT
+from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS, GENERATOR_PORT
 
 P = ParamSpec("P")
 R = TypeVar("R")

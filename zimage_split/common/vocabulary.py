@@ -14,6 +14,10 @@ from zimage_split.common.errors import InvalidArgument
 ENCODER_PORT = 50051
 GENERATOR_PORT = 50052
 HTTP_PORT = 8000
+# Seconds a client call may take before the SDK and the CLI give up (`timeout=`, `--timeout`).
+DEFAULT_TIMEOUT_SECONDS = 600.0
+# The tensor dtypes the services compute in and the wire carries (`--dtype`).
+DTYPES = ("bfloat16", "float16", "float32")
 
 # How a prompt longer than max_sequence_length becomes exactly that many rows: "truncate" keeps the first
 # tokens (as diffusers), "interpolate" resamples linearly along the tokens, "pool" averages adaptively.

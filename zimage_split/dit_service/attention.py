@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.dit_service.config import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "native", "flash", "_flash_3", "sage")
 # Kernels that need a CUDA GPU and a package of their own, with how to get it.
 GPU_ONLY = {
     "flash": "`pip install flash-attn --no-build-isolation` (FlashAttention 2; Ampere or newer)",
@@ -78,8 +78,8 @@ def needs_padding_mask(caption_lengths: Iterable[int]) -> bool:
 
 def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
     """Raises InvalidArgument, saying how to fix it, when `name` cannot run on `device` in `dtype`."""
-    if name not in CHOICES:
-        raise InvalidArgument(f"Unknown --attention {name!r}; use {', '.join(CHOICES)}.")
+    if name not in ATTENTION_BACKENDS:
+        raise InvalidArgument(f"Unknown --attention {name!r}; use {', '.join(ATTENTION_BACKENDS)}.")
     if name in ("auto", "native"):
         return
     if device.type != "cuda":

@@ -40,6 +40,12 @@ class Limits:
     max_upload_pixels: int = 8192 * 8192
 
 
+# --attention: auto (the fastest that works here; native off CUDA), or one of diffusers' backends.
+ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "sage")
+# --vae-tiling: auto (above 2048x2048 pixels), on, off.
+VAE_TILING_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How a generator runs its engine (--attention, --compile, --vae-tiling, LoRA) and warms it up.

@@ -17,6 +17,7 @@ from PIL import Image
 
 from zimage_split.common.errors import Cancelled, InvalidArgument
 from zimage_split.dit_service.attention import check_backend, choose_attention
+from zimage_split.dit_service.config import VAE_TILING_MODES
 from zimage_split.dit_service.lora.adapters import LoraAdapters
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
 from zimage_split.dit_service.outputs import OutputOptions, encode_image, encode_latents
@@ -24,7 +25,6 @@ from zimage_split.model_source import ModelSource, load_component, load_model
 
 logger = logging.getLogger(__name__)
 
-VAE_TILING = ("auto", "on", "off")
 # `--vae-tiling auto` decodes in tiles above this many pixels (2048x2048), where an untiled decode of the
 # real VAE needs several GiB of activations; at or below it, the decode is diffusers' own, untiled.
 TILED_DECODE_ABOVE_PIXELS = 2048 * 2048
@@ -118,7 +118,7 @@ def check_engine_options(
     device: torch.device, dtype: torch.dtype, *, attention: str, compile: bool, vae_tiling: str
 ) -> None:
     """Raises InvalidArgument, saying the fix, for options that cannot work here; needs no model."""
-    if vae_tiling not in VAE_TILING:
+    if vae_tiling not in VAE_TILING_MODES:
         raise InvalidArgument(f"Unknown --vae-tiling {vae_tiling!r}; use auto, on or off.")
     check_backend(attention, device, dtype)
     if compile:
