@@ -52,7 +52,8 @@ def start_encoder(loop_thread: LoopThread, model: Path, **overrides: Any):  # ty
     from zimage_split.encoder_service.config import EncoderConfig
     from zimage_split.encoder_service.server import start_encoder_server
 
-    config = EncoderConfig(model=str(model), port=0, device="cpu", **overrides)
+    # A fixed dtype: `auto` depends on the CPU's features, and a test must not.
+    config = EncoderConfig(model=str(model), port=0, device="cpu", **({"dtype": "bfloat16"} | overrides))
     return loop_thread.run(start_encoder_server(config))
 
 
@@ -66,6 +67,7 @@ def start_generator(loop_thread: LoopThread, model: Path, encoder_port: int | No
 
     encoder = f"127.0.0.1:{encoder_port}" if encoder_port else None
     engine = {name: overrides.pop(name) for name in ENGINE_FIELDS if name in overrides}
+    overrides = {"dtype": "float32"} | overrides  # `auto` depends on the CPU's features, and a test must not
     config = GeneratorConfig(
         model=str(model), encoder=encoder, port=0, device="cpu", engine=EngineOptions(**engine), **overrides
     )

@@ -747,7 +747,7 @@ TABLE: list[Case] = [
     Case("config-unknown-profile", "config file", zsplit(*CONFIG, "--profile", "prod", files={TOML: "[profiles.dev]\nport = 1\n"}), "NOT_FOUND", "No profile 'prod' in"),
     Case("config-value-of-the-wrong-type", "config file", zsplit(*CONFIG, files={TOML: '[encoder]\nport = "high"\n'}), "INVALID_ARGUMENT", "'high' is not a valid port"),
     Case("config-boolean-that-is-not", "config file", zsplit(*CONFIG, files={TOML: 'insecure = "maybe"\n'}), "INVALID_ARGUMENT", "'maybe' is not a boolean; use true or false"),
-    Case("config-value-not-a-choice", "config file", zsplit(*CONFIG, files={TOML: '[encoder]\ndtype = "int8"\n'}), "INVALID_ARGUMENT", "'int8' is not one of bfloat16, float16, float32"),
+    Case("config-value-not-a-choice", "config file", zsplit(*CONFIG, files={TOML: '[encoder]\ndtype = "int8"\n'}), "INVALID_ARGUMENT", "'int8' is not one of auto, bfloat16, float16, float32"),
     Case("config-limit-out-of-range", "config file", zsplit(*CONFIG, files={TOML: "[encoder]\nmax_message_mb = 1\n"}), "INVALID_ARGUMENT", "--max-message-mb must be between 2 and 2047 (got 1)"),
     # -- Embeddings files (zsplit generate --embeddings): read and checked before any DiT work.
     Case("embeddings-missing", "embeddings file", zsplit(*BATCH, *TO_GENERATOR), "NOT_FOUND", "Make one with `zsplit encode -o"),

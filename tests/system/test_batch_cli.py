@@ -61,7 +61,8 @@ def test_encode_file_then_batch_resumes_after_sigkill(
     out_dir = tmp_path / "out"
     batch = [
         "generate", "--embeddings", str(embeds), "--seeds", "0-2", "--sizes", "128x128,64x96",
-        "--steps", "6", "--out-dir", str(out_dir), "--concurrency", "1", "--device", "cpu", "--no-progress",
+        "--steps", "6", "--out-dir", str(out_dir), "--concurrency", "1", "--device", "cpu", "--dtype", "float32",
+        "--no-progress",
     ]  # fmt: skip
     # No --generator: a generator runs in the command, with no encoder at all. Kill it partway.
     process = subprocess.Popen(

@@ -7,6 +7,7 @@ Everything here runs without a model: the checks come before any weights are rea
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,62 @@ def test_embeddings_reach_a_cpu_device_by_the_plain_copy() -> None:
     if not torch.cuda.is_available():  # why CPU must not take the pinned path
         with pytest.raises(RuntimeError):
             embedding.pin_memory()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            {"fpu", "avx2", "avx512f", "amx_bf16", "amx_tile", "avx512_bf16"},
+            torch.bfloat16,
+        ),  # Sapphire Rapids
+        ({"fpu", "avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),  # Zen 4, Cooper Lake
+        ({"fp", "asimd", "sve", "bf16"}, torch.bfloat16),  # Graviton 3 (Arm `Features`)
+        ({"fpu", "avx2", "avx512f"}, torch.float32),  # Skylake, Zen 3: bf16 would be emulated
+        ({"fpu", "avx2"}, torch.float32),
+        (set(), torch.float32),  # the kernel lists nothing (macOS, Windows)
+    ],
+)
+def test_auto_dtype_on_a_cpu_follows_its_bf16_instructions(flags: set[str], expected: torch.dtype) -> None:
+    from zimage_split.devices import choose_dtype
+
+    choice = choose_dtype("auto", torch.device("cpu"), flags)
+    assert choice.dtype == expected
+    assert choice.reason.startswith("auto: ")
+    assert ("runs natively" in choice.reason) == (expected == torch.bfloat16)
+
+
+def test_auto_dtype_is_bf16_on_gpus_and_explicit_dtypes_win() -> None:
+    from zimage_split.devices import choose_dtype
+
+    for device in ("cuda", "mps"):
+        assert choose_dtype("auto", torch.device(device), set()).dtype == torch.bfloat16
+    assert choose_dtype("float32", torch.device("cuda")).dtype == torch.float32
+    assert choose_dtype("bfloat16", torch.device("cpu"), set()).reason == "--dtype bfloat16"
+    with pytest.raises(InvalidArgument, match="Unknown dtype 'int8'; use auto, bfloat16, float16, float32"):
+        choose_dtype("int8", torch.device("cpu"))
+
+
+def test_cpu_features_are_read_from_the_kernels_list(tmp_path: Path) -> None:
+    from zimage_split.devices import cpu_features
+
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n"
+    )
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n")
+    assert cpu_features(x86) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_features(arm) == {"fp", "asimd", "bf16"}
+    assert cpu_features(tmp_path / "missing") == frozenset()
+
+
+def test_the_choice_made_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a fixed answer: what `auto` chose here, and that it agrees with the kernel's own list."""
+    from zimage_split.devices import BF16_CPU_FEATURES, choose_dtype, cpu_features
+
+    choice = choose_dtype("auto", torch.device("cpu"))
+    native = bool(cpu_features() & BF16_CPU_FEATURES.keys())
+    assert choice.dtype == (torch.bfloat16 if native else torch.float32)
+    with capsys.disabled():
+        print(f"\n  --dtype auto on this CPU: {choice.name} ({choice.reason})")

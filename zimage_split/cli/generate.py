@@ -24,6 +24,7 @@ from zimage_split.common.security import ClientSecurity
 from zimage_split.common.vocabulary import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_TIMEOUT_SECONDS,
+    DTYPES,
     FORMAT_SUFFIXES,
     OUTPUT_FORMATS,
     SUFFIX_FORMATS,
@@ -110,6 +111,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--device", default=GeneratorConfig.device, help="device for services started locally"
     )
+    generate.add_argument(
+        "--dtype",
+        default=GeneratorConfig.dtype,
+        choices=("auto", *DTYPES),
+        help="dtype for services started locally; auto: bf16 on CUDA, MPS and CPUs with native bf16 "
+        "matrix instructions, else float32 (auto)",
+    )
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     batch = generate.add_argument_group("batch from an embeddings file (made by zsplit encode)")
     batch.add_argument("--embeddings", metavar="FILE", help="safetensors file from `zsplit encode`")
@@ -138,6 +146,7 @@ async def local_services(
     device: str,
     encoder: str | None,
     *,
+    dtype: str = GeneratorConfig.dtype,
     start_encoder: bool = True,
     encoder_security: ClientSecurity | None = None,
 ) -> AsyncIterator[str]:
@@ -148,7 +157,9 @@ async def local_services(
 
     encoder_server = None
     if encoder is None and start_encoder:
-        encoder_server = await start_encoder_server(EncoderConfig(model=model, port=0, device=device))
+        encoder_server = await start_encoder_server(
+            EncoderConfig(model=model, port=0, device=device, dtype=dtype)
+        )
         encoder = f"127.0.0.1:{encoder_server.port}"
     try:
         generator_server = await start_generator_server(
@@ -157,6 +168,7 @@ async def local_services(
                 encoder=encoder,
                 port=0,
                 device=device,
+                dtype=dtype,
                 encoder_security=encoder_security or ClientSecurity.plaintext(),
             )
         )
@@ -281,7 +293,7 @@ async def _generate(args: argparse.Namespace) -> int:
             model = str(args.model or DEFAULT_MODEL)
             encoder_security = client_security(args, args.encoder) if args.encoder else None
             async with local_services(
-                model, args.device, args.encoder, encoder_security=encoder_security
+                model, args.device, args.encoder, dtype=args.dtype, encoder_security=encoder_security
             ) as address:
                 await run(address, ClientSecurity.plaintext())
     finally:
@@ -391,7 +403,9 @@ async def _generate_batch(args: argparse.Namespace) -> int:
         else:
             # No encoder at all: the embeddings are all there is to condition on.
             model = args.model or embeddings.model_id
-            async with local_services(model, args.device, None, start_encoder=False) as address:
+            async with local_services(
+                model, args.device, None, dtype=args.dtype, start_encoder=False
+            ) as address:
                 await run(address, ClientSecurity.plaintext())
     finally:
         close_bars()

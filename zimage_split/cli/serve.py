@@ -45,7 +45,13 @@ def _add_encoder(services: argparse._SubParsersAction) -> None:
     add_settings_file(encoder, "encoder")
     add_model(encoder)
     add_listen(encoder, host=EncoderConfig.host, port=EncoderConfig.port, device=EncoderConfig.device)
-    encoder.add_argument("--dtype", default=EncoderConfig.dtype, choices=DTYPES)
+    encoder.add_argument(
+        "--dtype",
+        default=EncoderConfig.dtype,
+        choices=("auto", *DTYPES),
+        help="auto: bfloat16 on CUDA, MPS and CPUs with native bf16 matrix instructions (AMX-BF16, "
+        "AVX512-BF16, Arm BF16), float32 on other CPUs (auto)",
+    )
     encoder.add_argument(
         "--hidden-layer",
         type=int,
@@ -97,7 +103,13 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         help="encoder service HOST:PORT, or 'none' to accept only uploaded embeddings",
     )
     add_client_security(generator, "encoder-", "the encoder")
-    generator.add_argument("--dtype", default=GeneratorConfig.dtype, choices=("auto", *DTYPES))
+    generator.add_argument(
+        "--dtype",
+        default=GeneratorConfig.dtype,
+        choices=("auto", *DTYPES),
+        help="auto: bfloat16 on CUDA, MPS and CPUs with native bf16 matrix instructions, float32 on other "
+        "CPUs (auto)",
+    )
     generator.add_argument(
         "--attention",
         default=EngineOptions.attention,

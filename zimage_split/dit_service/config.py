@@ -83,7 +83,9 @@ class EngineOptions:
         )
         return replace(self, attention=choose_attention(self.attention, device, dtype).backend)
 
-    def start_engine(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> DiTEngine:
+    def start_engine(
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype, dtype_reason: str = ""
+    ) -> DiTEngine:
         """Loads the engine and warms it up (compiling it with --compile)."""
         from zimage_split.dit_service.engine import DiTEngine
 
@@ -96,6 +98,7 @@ class EngineOptions:
             vae_tiling=self.vae_tiling,
             lora_dir=self.lora_dir or None,
             lora_cache=self.lora_cache,
+            dtype_reason=dtype_reason,
         )
         engine.warm_up(self.warm_up_side, guidance=self.warm_up_guidance)
         return engine

@@ -165,6 +165,8 @@ class EngineInfo:
     vae_tiling: str = "auto"
     loras_enabled: bool = False
     lora_cache_size: int = 0
+    # Why the DiT computes in `dtype` (`--dtype auto` decides by device and CPU features).
+    dtype_reason: str = ""
 
 
 class _AllCancelled(Exception):
@@ -200,6 +202,7 @@ class DiTEngine:
         vae_tiling: str = "auto",
         lora_dir: str | None = None,
         lora_cache: int = 8,
+        dtype_reason: str = "",
     ) -> None:
         from diffusers import (
             AutoencoderKL,
@@ -213,6 +216,7 @@ class DiTEngine:
         self.model_id = source.model_id
         self.device = device
         self.dtype = dtype
+        self.dtype_reason = dtype_reason
         check_engine_options(device, dtype, attention=attention, compile=compile, vae_tiling=vae_tiling)
         self.attention = choose_attention(attention, device, dtype)
         self.compiled = compile
@@ -266,6 +270,7 @@ class DiTEngine:
             vae_tiling=self.vae_tiling,
             loras_enabled=self.lora_library.enabled,
             lora_cache_size=self.lora_cache if self.lora_library.enabled else 0,
+            dtype_reason=self.dtype_reason,
         )
 
     def _compile(self) -> None:

@@ -75,14 +75,16 @@ class DiTReplica:
         max_batch_wait_seconds: float,
         engine: EngineOptions,
     ) -> None:
-        from zimage_split.devices import parse_dtype, pick_device
+        from zimage_split.devices import choose_dtype, pick_device
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         resolved = pick_device(device)
         # Serve routes no request to a replica before its constructor returns: with --compile, the replica
         # has compiled its graphs before it serves.
-        self.engine = engine.start_engine(source, resolved, parse_dtype(dtype, resolved))
+        # Each replica decides `auto` by its own host's device and CPU features.
+        chosen = choose_dtype(dtype, resolved)
+        self.engine = engine.start_engine(source, resolved, chosen.dtype, chosen.reason)
         # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart.
         node_ip = ray.util.get_node_ip_address()
         self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{resolved}"

@@ -16,7 +16,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
-from zimage_split.devices import parse_dtype, pick_device
+from zimage_split.devices import choose_dtype, parse_dtype, pick_device
 from zimage_split.dit_service.config import GeneratorConfig, Limits
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.init_images import ImageStore
@@ -66,12 +66,14 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         check_lora_dir(options.lora_dir)
     if config.ray is None:
         device = pick_device(config.device)
-        dtype = parse_dtype(config.dtype, device)
+        dtype = choose_dtype(config.dtype, device)
+        logger.info("Generator dtype %s (%s)", dtype.name, dtype.reason)
         # Before the model loads, options this device cannot run fail, saying the fix; `auto` is decided.
-        options = options.resolved(device, dtype)
+        options = options.resolved(device, dtype.dtype)
         source = resolve_model(config.model)
         # The warm-up (with --compile, the compilation) ends before the server even listens.
-        worker = LocalWorker(options.start_engine(source, device, dtype), max_queue=config.max_queue)
+        engine = options.start_engine(source, device, dtype.dtype, dtype.reason)
+        worker = LocalWorker(engine, max_queue=config.max_queue)
     else:
         try:
             from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used

@@ -582,6 +582,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             model_id=self.info.model_id,
             caption_dim=self.info.caption_dim,
             dtype=wire.dtype_to_proto(self.info.dtype),  # type: ignore[arg-type]
+            dtype_reason=self.info.dtype_reason,
             device=self.info.device,
             encoder_address=self.encoder_address,
             parameter_count=self.info.parameter_count,

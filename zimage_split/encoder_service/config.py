@@ -23,7 +23,8 @@ class EncoderConfig:
     host: str = "127.0.0.1"
     port: int = ENCODER_PORT
     device: str = "auto"
-    dtype: str = "bfloat16"
+    # auto: bf16 on CUDA, MPS and CPUs with native bf16 matrix instructions, else fp32 (devices.choose_dtype).
+    dtype: str = "auto"
     hidden_layer: int = -2
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     cache_bytes: int = 1 << 30

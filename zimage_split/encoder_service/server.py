@@ -15,7 +15,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
-from zimage_split.devices import parse_dtype, pick_device
+from zimage_split.devices import choose_dtype, pick_device
 from zimage_split.encoder_service.config import EncoderConfig
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import (
@@ -81,12 +81,9 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     # Before loading the text encoder, so a bad flag fails in a second, not after the weights load.
     check_default_length(config.max_sequence_length, limit, source.model_id)
     device = pick_device(config.device)
-    encoder = TextEncoder(
-        source,
-        device=device,
-        dtype=parse_dtype(config.dtype, device),
-        hidden_layer=config.hidden_layer,
-    )
+    dtype = choose_dtype(config.dtype, device)
+    logger.info("Encoder dtype %s (%s)", dtype.name, dtype.reason)
+    encoder = TextEncoder(source, device=device, dtype=dtype.dtype, hidden_layer=config.hidden_layer)
     servicer = EncoderServicer(
         encoder,
         max_sequence_length=config.max_sequence_length,
@@ -96,6 +93,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         max_batch_wait_seconds=config.max_batch_wait_ms / 1000,
         max_prompt_bytes=config.max_prompt_bytes,
         max_prompts_per_call=config.max_prompts_per_request,
+        dtype_reason=dtype.reason,
     )
     servicer.batcher.start()
     running = await start_server(
@@ -116,7 +114,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
-        config.dtype,
+        dtype.name,
         encoder.hidden_layer,
         encoder.layers_loaded,
         config.host,

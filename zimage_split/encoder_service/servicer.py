@@ -68,11 +68,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         max_prompts_per_call: int = MAX_PROMPTS_PER_CALL,
         metrics: ServiceMetrics | None = None,
+        dtype_reason: str = "",
     ) -> None:
         """`max_sequence_length` is the default for requests that set none; no request may ask for more than
-        `max_sequence_length_limit` (the DiT's caption limit)."""
+        `max_sequence_length_limit` (the DiT's caption limit). `dtype_reason` says why the encoder computes in
+        its dtype, for Info."""
         check_default_length(max_sequence_length, max_sequence_length_limit, encoder.model_id)
         self.encoder = encoder
+        self.dtype_reason = dtype_reason
         self.max_sequence_length_limit = max_sequence_length_limit
         self.max_prompt_bytes = max_prompt_bytes
         self.max_prompts_per_call = max_prompts_per_call
@@ -232,6 +235,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             model_id=self.encoder.model_id,
             hidden_size=self.encoder.hidden_size,
             dtype=wire.dtype_to_proto(self.encoder.dtype),  # type: ignore[arg-type]
+            dtype_reason=self.dtype_reason,
             hidden_layer=self.encoder.hidden_layer,
             max_sequence_length=self.max_sequence_length,
             device=str(self.encoder.device),
