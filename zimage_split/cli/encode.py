@@ -34,7 +34,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--prompts", required=True, metavar="FILE", help="one prompt per line (.txt), or .jsonl lines"
     )
     encode.add_argument("-o", "--output", required=True, help="safetensors file to write")
-    encode.add_argument("--encoder", default=None, help="encoder HOST:PORT (default: run one here)")
+    encode.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder HOST:PORT, or several separated by commas (default: run one here)",
+    )
     add_client_security(encode, whom="the encoder")
     add_model(encode)
     encode.add_argument("--device", default=EncoderConfig.device, help="device for an encoder started here")

@@ -184,9 +184,12 @@ def client_security(args: argparse.Namespace, address: str | None, prefix: str =
     token = read_tokens(token_file)[0] if token_file else os.environ.get(token_variable(prefix)) or None
     insecure = bool(get("insecure"))
     uses_tls = bool(get("tls_ca") or get("tls_cert"))
-    if not uses_tls and not insecure and address and not is_loopback(address.rsplit(":", 1)[0]):
+    # `address` may list several (an encoder pool); each must be on this host for plaintext by default.
+    entries = [entry.strip() for entry in (address or "").split(",") if entry.strip()]
+    remote = [entry for entry in entries if not is_loopback(entry.rsplit(":", 1)[0])]
+    if not uses_tls and not insecure and remote:
         raise InvalidArgument(
-            f"{address} is not on this host: pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`), or "
+            f"{remote[0]} is not on this host: pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`), or "
             f"{flag}insecure for plaintext on a trusted network."
         )
     security = ClientSecurity(

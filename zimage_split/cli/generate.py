@@ -50,7 +50,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="file to write; .png, .jpg, .webp or .safetensors (latents) pick the format (out.png)",
     )
     generate.add_argument("--generator", default=None, help="generator HOST:PORT")
-    generate.add_argument("--encoder", default=None, help="encoder HOST:PORT (for a local generator)")
+    generate.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder HOST:PORT, or several separated by commas (for a local generator)",
+    )
     add_client_security(generate)
     add_model(generate, default=None)  # resolved later: a batch defaults to its embeddings' model
     generate.add_argument(

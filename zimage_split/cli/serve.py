@@ -100,7 +100,8 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
     generator.add_argument(
         "--encoder",
         default=GeneratorConfig.encoder,
-        help="encoder service HOST:PORT, or 'none' to accept only uploaded embeddings",
+        help="encoder service HOST:PORT, several separated by commas, or dns:NAME:PORT for every address NAME "
+        "resolves to (calls are spread over them, with failover); 'none' accepts only uploaded embeddings",
     )
     add_client_security(generator, "encoder-", "the encoder")
     generator.add_argument(

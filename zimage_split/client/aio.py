@@ -34,6 +34,7 @@ from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import typed_errors
 from zimage_split.common import tracing, wire
+from zimage_split.common.encoder_pool import EncoderPool
 from zimage_split.common.errors import (
     BUSY,
     EMBEDDING_UNKNOWN,
@@ -133,6 +134,10 @@ class AsyncClient:
 
         `security`: TLS and the bearer token, e.g. `ClientSecurity(ca_file="ca.crt", token=...)`; unset
         means plaintext (loopback and trusted networks only).
+
+        `encoder` may list several encoders, `"10.0.0.5:50051,10.0.0.6:50051"`, or name them all with
+        `"dns:NAME:PORT"`: `encode` spreads its calls over them and fails over to another when one is
+        down (see `EncoderPool`).
         """
         if generator is None and encoder is None:
             raise InvalidArgument(
@@ -140,6 +145,8 @@ class AsyncClient:
             )
         self.generator_address = generator
         self.encoder_address = encoder
+        # Checks the addresses now, so a malformed list fails here rather than at the first call.
+        self.encoder_pool = EncoderPool(encoder, self._encoder_info_at) if encoder is not None else None
         self.timeout = timeout
         self.busy_retries = busy_retries
         self.security = security or ClientSecurity.plaintext()
@@ -184,15 +191,25 @@ class AsyncClient:
     def _generator_target(self) -> str:
         return f"generator {self.generator_address}"
 
-    @property
-    def _encoder_target(self) -> str:
-        return f"encoder {self.encoder_address}"
-
     def _generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
         return generator_pb2_grpc.GeneratorServiceStub(self._channel(self.generator_address, "generator"))
 
-    def _encoder(self) -> encoder_pb2_grpc.EncoderServiceStub:
-        return encoder_pb2_grpc.EncoderServiceStub(self._channel(self.encoder_address, "encoder"))
+    def _encoders(self) -> EncoderPool:
+        if self.encoder_pool is None:
+            raise InvalidArgument(
+                "This client has no encoder address; pass encoder='host:port' to the client."
+            )
+        return self.encoder_pool
+
+    def _encoder_at(self, address: str) -> encoder_pb2_grpc.EncoderServiceStub:
+        return encoder_pb2_grpc.EncoderServiceStub(self._channel(address, "encoder"))
+
+    async def _encoder_info_at(self, address: str, timeout: float | None) -> dict[str, Any]:
+        with typed_errors(f"encoder {address}"):
+            reply = await self._encoder_at(address).Info(
+                encoder_pb2.InfoRequest(), timeout=timeout, metadata=self._call_metadata()
+            )
+        return MessageToDict(reply, preserving_proto_field_name=True)
 
     async def encode(
         self,
@@ -217,19 +234,25 @@ class AsyncClient:
                 max_sequence_length=max_sequence_length, hidden_layer=hidden_layer, long_prompt_mode=mode
             )
             request = encoder_pb2.EncodeRequest(prompts=texts, options=options)
-        with typed_errors(self._encoder_target):
-            stream = self._encoder().Encode(
-                request, timeout=timeout or self.timeout, metadata=self._call_metadata()
-            )
-            items, model_id = await read_embedding_stream(stream, texts)
+
+        async def encode_at(address: str, left: float | None) -> tuple[list[PromptEmbedding], str]:
+            with typed_errors(f"encoder {address}"):
+                stream = self._encoder_at(address).Encode(
+                    request, timeout=left, metadata=self._call_metadata()
+                )
+                return await read_embedding_stream(stream, texts)
+
+        items, model_id = await self._encoders().call(encode_at, timeout or self.timeout)
         return Embeddings(items, model_id=model_id)
 
     async def encoder_info(self, *, timeout: float | None = None) -> dict[str, Any]:
-        with typed_errors(self._encoder_target):
-            reply = await self._encoder().Info(
-                encoder_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._call_metadata()
-            )
-        return MessageToDict(reply, preserving_proto_field_name=True)
+        """The Info of an encoder (of one of them, when several are given)."""
+        return await self._encoders().call(self._encoder_info_at, timeout or self.timeout)
+
+    async def check_encoders(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The Info of every encoder, asked at once; raises InvalidArgument, naming it, for an encoder that
+        serves another model than the others. Returns one matching Info."""
+        return await self._encoders().check_all(timeout or self.timeout)
 
     async def generator_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         with typed_errors(self._generator_target):

@@ -125,4 +125,5 @@ class Client:
     # AsyncClient.generate_many as a blocking iterator.
     generate_many = _blocking_iterator(AsyncClient.generate_many)
     encoder_info = _blocking(AsyncClient.encoder_info)
+    check_encoders = _blocking(AsyncClient.check_encoders)
     generator_info = _blocking(AsyncClient.generator_info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from zimage_split.common.encoder_pool import EncoderStatus
 from zimage_split.common.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class _LiveValues(Collector):
         self.service = service
         self.caches: dict[str, CacheCounters] = {}
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.encoders: Callable[[], Iterable[EncoderStatus]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         labels = ["service", "cache"]
@@ -79,6 +81,8 @@ class _LiveValues(Collector):
             ratio.add_metric(values, cache.hits / lookups if lookups else 0.0)
             size.add_metric(values, cache.bytes)
         yield from (hits, misses, ratio, size)
+        if self.encoders is not None:
+            yield from self._encoder_metrics(self.encoders())
         for name, (documentation, read) in self.gauges.items():
             gauge = GaugeMetricFamily(name, documentation, labels=["service"])
             try:
@@ -87,6 +91,23 @@ class _LiveValues(Collector):
                 logger.debug("Metric %s unavailable: %s", name, error)
                 continue
             yield gauge
+
+    def _encoder_metrics(self, encoders: Iterable[EncoderStatus]) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "zsplit_encoder_calls",
+            "Calls to each encoder (Encode, and Info to check it), by final status code name.",
+            labels=["service", "encoder", "code"],
+        )
+        healthy = GaugeMetricFamily(
+            "zsplit_encoder_healthy",
+            "1 while the encoder answers and serves the expected model, 0 while it is down or refused.",
+            labels=["service", "encoder"],
+        )
+        for encoder in encoders:
+            for code, count in sorted(encoder.calls.items()):
+                calls.add_metric([self.service, encoder.address, code], count)
+            healthy.add_metric([self.service, encoder.address], 1.0 if encoder.healthy else 0.0)
+        yield from (calls, healthy)
 
 
 class ServiceMetrics:
@@ -152,6 +173,10 @@ class ServiceMetrics:
 
     def watch_replicas(self, read: Callable[[], float]) -> None:
         self._live.gauges["zsplit_replicas"] = ("Model replicas serving now.", read)
+
+    def watch_encoders(self, read: Callable[[], Iterable[EncoderStatus]]) -> None:
+        """Per-encoder calls and health of the encoders this service calls, read at scrape time."""
+        self._live.encoders = read
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from zimage_split.common.encoder_pool import parse_encoder_addresses
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity, ServerSecurity
 from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
@@ -128,6 +129,7 @@ class GeneratorConfig:
     """Everything `zsplit serve generator` can set, resolved once."""
 
     model: str
+    # One encoder HOST:PORT, several separated by commas, or dns:NAME:PORT (common.encoder_pool); None: none.
     encoder: str | None = f"127.0.0.1:{ENCODER_PORT}"
     # None: one in-process worker. Otherwise the replicas run under Ray Serve.
     ray: RayOptions | None = None
@@ -159,6 +161,8 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         check_metrics_port(self.port, self.metrics_port)
+        if self.encoder is not None:
+            parse_encoder_addresses(self.encoder)
         # Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads.
         check_bounds(
             [

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from zimage_split.client.aio import AsyncClient
+from zimage_split.common.encoder_pool import IDENTITY_FIELDS, encoder_identity
 from zimage_split.common.errors import (
     EMBEDDING_UNKNOWN,
     DeadlineExceeded,
@@ -30,9 +31,6 @@ from zimage_split.dit_service.validation import validate_embedding
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# The encoder Info fields that change what it outputs for the same text; text keys include them.
-IDENTITY_FIELDS = ("model_id", "dtype", "hidden_layer", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -95,10 +93,6 @@ def tensor_key(tensor: torch.Tensor) -> str:
     return embedding_key(describe(tensor)[0])
 
 
-def encoder_identity(info: dict[str, Any]) -> str:
-    return "|".join(str(info.get(field, "")) for field in IDENTITY_FIELDS)
-
-
 def _left(deadline: float | None, cap: float | None = None) -> float | None:
     """Seconds until `deadline` (None: no deadline), at most `cap`."""
     left = None if deadline is None else deadline - time.monotonic()
@@ -158,10 +152,11 @@ class EmbeddingStore:
         return self.encoder
 
     async def check_encoder(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        """Fetches the encoder's Info once and refuses an encoder made for another DiT."""
+        """Fetches the Info of every encoder and refuses one made for another DiT, or, with several, one
+        that serves another model than the others."""
         encoder = self._require_encoder()
         try:
-            info = await encoder.encoder_info(timeout=timeout)
+            info = await encoder.check_encoders(timeout=timeout)
         except Unauthenticated as error:
             raise encoder_refused(encoder.encoder_address, error) from None
         if int(info.get("hidden_size", 0)) != self.caption_dim:

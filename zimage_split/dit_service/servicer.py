@@ -209,6 +209,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.metrics.watch_cache("images", self.images)
         self.metrics.watch_queue_depth(lambda: worker.outstanding)
         self.metrics.watch_replicas(lambda: worker.replica_count())
+        if store.encoder is not None and store.encoder.encoder_pool is not None:
+            self.metrics.watch_encoders(store.encoder.encoder_pool.statuses)
 
     def cancel_all(self) -> None:
         """Stops every running job before its next step (used at shutdown, after the grace period)."""
