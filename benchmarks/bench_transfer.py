@@ -204,7 +204,9 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
             GeneratorConfig(model=str(folder), encoder=None, port=0, device="cpu")
         )
         encoder = await start_encoder_server(
-            EncoderConfig(model=str(folder), port=0, device="cpu", max_sequence_length=args.tokens)
+            EncoderConfig(
+                model=str(folder), port=0, device="cpu", dtype="bfloat16", max_sequence_length=args.tokens
+            )
         )
     client = AsyncClient(generator=f"127.0.0.1:{generator.port}", encoder=f"127.0.0.1:{encoder.port}")
     raw_server: aio.Server | None = None

@@ -118,6 +118,7 @@ def compiled_generator(loop_thread, tiny_model_dir: Path):  # type: ignore[no-un
         encoder=None,
         port=port,
         device="cpu",
+        dtype="float32",  # as the eager reference; `auto` would follow this CPU's bf16 support
         engine=EngineOptions(compile=True),
         limits=Limits(max_pixels=128 * 128),
     )
