@@ -704,7 +704,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "loras": [{"name": lora.name, "scale": lora.scale} for lora in header.loras],
         "prompt_token_count": header.prompt_token_count,
         "prompt_source_token_count": header.prompt_source_token_count,
-        "prompt_shortened_by": GENERATOR_LONG_PROMPT_MODE.name(header.prompt_shortened_by, ""),
+        "prompt_shortened_by": GENERATOR_LONG_PROMPT_MODE.reported(header.prompt_shortened_by),
         "strength": header.strength,
         "steps_run": header.steps_run,
         "timings": {
@@ -739,7 +739,7 @@ async def read_embedding_stream(
                 hidden_layer=header.hidden_layer,
                 max_sequence_length=header.max_sequence_length,
                 source_token_count=header.source_token_count,
-                shortened_by=ENCODER_LONG_PROMPT_MODE.name(header.shortened_by, ""),
+                shortened_by=ENCODER_LONG_PROMPT_MODE.reported(header.shortened_by),
                 encode_seconds=header.encode_seconds,
             )
         )

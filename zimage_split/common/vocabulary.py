@@ -67,6 +67,11 @@ class WireNames(Generic[Number]):
             raise InvalidArgument(f"Unknown {self.what} {number}; use {', '.join(others)} or {last}.")
         return self.names[number]
 
+    def reported(self, number: int) -> str:
+        """The name of a number a service reported: "" for UNSPECIFIED, and for a number this version does
+        not know (a newer service), so a reply is never refused for what it merely describes."""
+        return self.names.get(number, "")
+
 
 ENCODER_LONG_PROMPT_MODE = WireNames(
     "long_prompt_mode",
