@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +103,21 @@ def choose_dtype(name: str, device: torch.device, cpu_flags: Iterable[str] | Non
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype `choose_dtype` picks, without its reason."""
     return choose_dtype(name, device).dtype
+
+
+def synchronized_clock(device: torch.device) -> float:
+    """time.perf_counter() once `device` has finished the work queued on it.
+
+    CUDA kernels run asynchronously: without the synchronize, a clock read after a call measures the time to
+    queue its kernels, and the next clock read also pays for them. A plain clock read on other devices.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Gives the blocks torch's CUDA caching allocator holds back to the device (after an out-of-memory
+    error, so the next request starts from a clean pool); nothing on other devices."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -138,11 +138,12 @@ def test_auto_timing_keeps_backends_that_agree_with_native_and_drops_failing_one
     assert isinstance(trials["flash"], str) and trials["flash"].startswith("failed")
 
 
-def test_tiled_decode_only_above_2048_squared_in_auto() -> None:
-    assert not decodes_tiled("auto", 2048, 2048)
-    assert decodes_tiled("auto", 2064, 2048)
-    assert not decodes_tiled("auto", 4096, 1024)  # exactly 2048 * 2048 pixels
-    assert decodes_tiled("auto", 4096, 1040)
+def test_tiled_decode_from_2048_squared_in_auto() -> None:
+    assert decodes_tiled("auto", 2048, 2048)  # the default --max-pixels
+    assert not decodes_tiled("auto", 2048, 2032)
+    assert decodes_tiled("auto", 4096, 1024)  # exactly 2048 * 2048 pixels
+    assert not decodes_tiled("auto", 4096, 1008)
+    assert not decodes_tiled("auto", 1024, 1024)
     assert decodes_tiled("on", 1040, 64)  # two tiles
     assert not decodes_tiled("on", 1024, 1024)  # one 1024-pixel tile is an untiled decode
     assert not decodes_tiled("off", 4096, 4096)

@@ -11,6 +11,7 @@ from safetensors.torch import load
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.dit_service.outputs import (
     DEFAULT_QUALITY,
+    PNG_COMPRESS_LEVEL,
     OutputOptions,
     check_output,
     encode_image,
@@ -90,7 +91,7 @@ def test_png_is_deterministic() -> None:
 def test_png_without_metadata_is_a_plain_pillow_save() -> None:
     image = noisy_image()
     plain = io.BytesIO()
-    image.save(plain, format="PNG")
+    image.save(plain, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     data = encode_image(image, OutputOptions())
     assert data == plain.getvalue()
     assert read_metadata(data) == {}

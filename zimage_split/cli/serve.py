@@ -127,7 +127,7 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         "--vae-tiling",
         default=EngineOptions.vae_tiling,
         choices=VAE_TILING_MODES,
-        help=f"decode in 1024-pixel tiles: auto (above 2048x2048 pixels), on, off ({EngineOptions.vae_tiling})",
+        help=f"decode in 1024-pixel tiles: auto (from 2048x2048 pixels), on, off ({EngineOptions.vae_tiling})",
     )
     generator.add_argument(
         "--max-queue",

@@ -10,6 +10,9 @@ EMBEDDING_UNKNOWN = "embedding-unknown"
 IMAGE_UNKNOWN = "image-unknown"
 # RESOURCE_EXHAUSTED: the generator's queue is full; retry later.
 BUSY = "busy"
+# RESOURCE_EXHAUSTED: the GPU ran out of memory for this request; a retry as it is would fail again (ask for a
+# smaller size or fewer images, or change the server's settings).
+OUT_OF_MEMORY = "out-of-memory"
 
 
 class ZSplitError(Exception):

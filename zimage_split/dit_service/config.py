@@ -43,7 +43,7 @@ class Limits:
 
 # --attention: auto (the fastest that works here; native off CUDA), or one of diffusers' backends.
 ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "sage")
-# --vae-tiling: auto (above 2048x2048 pixels), on, off.
+# --vae-tiling: auto (from 2048x2048 pixels), on, off.
 VAE_TILING_MODES = ("auto", "on", "off")
 
 
@@ -59,7 +59,7 @@ class EngineOptions:
     attention: str = "auto"
     # Regional torch.compile of the DiT blocks, compiled during warm-up, before health reports SERVING.
     compile: bool = False
-    # VAE decode in tiles: auto (above 2048x2048 pixels), on, off.
+    # VAE decode in tiles: auto (from 2048x2048 pixels), on, off.
     vae_tiling: str = "auto"
     # Folder of LoRA files requests may name (--lora-dir; None turns LoRA off), and adapters kept loaded.
     lora_dir: str | None = None

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from zimage_split.common.errors import Cancelled, InvalidArgument
+from zimage_split.common.errors import OUT_OF_MEMORY, Cancelled, InvalidArgument, ResourceExhausted
+from zimage_split.devices import release_cached_memory, synchronized_clock
 from zimage_split.dit_service.attention import check_backend, choose_attention
 from zimage_split.dit_service.config import VAE_TILING_MODES
 from zimage_split.dit_service.lora.adapters import LoraAdapters
@@ -25,9 +26,10 @@ from zimage_split.model_source import ModelSource, load_component, load_model
 
 logger = logging.getLogger(__name__)
 
-# `--vae-tiling auto` decodes in tiles above this many pixels (2048x2048), where an untiled decode of the
-# real VAE needs several GiB of activations; at or below it, the decode is diffusers' own, untiled.
-TILED_DECODE_ABOVE_PIXELS = 2048 * 2048
+# `--vae-tiling auto` decodes in tiles from this many pixels (2048x2048, the default --max-pixels) up: an
+# untiled decode of the real VAE at 2048x2048 needs several GiB of activations, more than a 16 GB card has
+# left beside the DiT. Below it, the decode is diffusers' own, untiled.
+TILED_DECODE_FROM_PIXELS = 2048 * 2048
 # Tile side in pixels, with diffusers' 25% overlap. The real VAE's own default (its sample_size); set here
 # because a VAE's sample_size may be anything (32 in the tiny model, which would mean thousands of tiles).
 VAE_TILE_PIXELS = 1024
@@ -105,13 +107,66 @@ class GeneratedImage:
     decode_seconds: float
     # Whether the VAE decoded this image in overlapping tiles (--vae-tiling).
     vae_tiled: bool = False
+    # Writing the file (PNG, JPEG, WebP or safetensors encoding), after `decode_seconds` and off the DiT thread.
+    file_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    """One image out of the DiT and VAE whose file is not written yet: `write_file` does that, on any thread,
+    so the DiT can start its next batch meanwhile."""
+
+    output: OutputOptions
+    width: int
+    height: int
+    denoise_seconds: float
+    decode_seconds: float
+    vae_tiled: bool = False
+    # The decoded image, or for output format "latent" the latents ([1, C, h, w], float32, on the CPU).
+    picture: Image.Image | None = None
+    latents: torch.Tensor | None = None
+
+
+def write_file(rendered: RenderedImage) -> GeneratedImage:
+    """The result file of a rendered image. Thread-safe, and the same bytes on any thread (outputs.py)."""
+    started = time.perf_counter()
+    if rendered.latents is not None:
+        data, kind = encode_latents(rendered.latents, rendered.output.metadata), "safetensors"
+    elif rendered.picture is not None:
+        data, kind = encode_image(rendered.picture, rendered.output), rendered.output.format
+    else:
+        raise ValueError("A RenderedImage holds either a picture or latents.")
+    return GeneratedImage(
+        data=data,
+        format=kind,
+        width=rendered.width,
+        height=rendered.height,
+        denoise_seconds=rendered.denoise_seconds,
+        decode_seconds=rendered.decode_seconds,
+        vae_tiled=rendered.vae_tiled,
+        file_seconds=time.perf_counter() - started,
+    )
+
+
+def out_of_memory(
+    device: torch.device, params: GenerationParams, count: int, detail: str
+) -> ResourceExhausted:
+    """The error for a request the device had no memory for, after handing the allocator's cache back."""
+    release_cached_memory(device)
+    return ResourceExhausted(
+        f"The generator's {device} ran out of memory making {count} image(s) of {params.width}x"
+        f"{params.height} ({detail}). Ask for a smaller size or fewer images per request; on the server, "
+        "--vae-tiling on, a lower --max-batch-size or fewer replicas per GPU (--gpus-per-replica) leave more "
+        "memory per image.",
+        reason=OUT_OF_MEMORY,
+    )
 
 
 def decodes_tiled(vae_tiling: str, width: int, height: int) -> bool:
     """Whether --vae-tiling `vae_tiling` decodes a width x height image in tiles (a single tile is not)."""
     if vae_tiling == "off" or max(width, height) <= VAE_TILE_PIXELS:
         return False
-    return vae_tiling == "on" or width * height > TILED_DECODE_ABOVE_PIXELS
+    return vae_tiling == "on" or width * height >= TILED_DECODE_FROM_PIXELS
 
 
 def check_engine_options(
@@ -327,12 +382,21 @@ class DiTEngine:
         """Whether `decode` splits a width x height image into tiles."""
         return decodes_tiled(self.vae_tiling, width, height)
 
-    @torch.inference_mode()
     def generate(self, jobs: Sequence[GenerationJob]) -> list[GeneratedImage | None]:
-        """Makes one image per job in one batched denoising loop; cancelled jobs come back as None.
+        """Makes one image file per job in one batched denoising loop; cancelled jobs come back as None.
 
-        All jobs must share `params.batch_key`. Each keeps its own seed: its latents come from
+        `render` and then `write_file` for each image, on this thread. All jobs must share
+        `params.batch_key`. Each keeps its own seed: its latents come from
         `torch.Generator("cpu").manual_seed(seed)`, exactly as diffusers draws them.
+        """
+        return [None if image is None else write_file(image) for image in self.render(jobs)]
+
+    @torch.inference_mode()
+    def render(self, jobs: Sequence[GenerationJob]) -> list[RenderedImage | None]:
+        """`generate` without writing the files: denoise, then VAE-decode each image (cancelled: None).
+
+        The device's memory running out becomes ResourceExhausted (reason out-of-memory), with the cache
+        handed back so that the next request can run.
         """
         if not jobs:
             return []
@@ -348,6 +412,17 @@ class DiTEngine:
                 job.mask_image is not None
             ):
                 raise InvalidArgument("A job's start image and mask do not match its strength and inpaint.")
+        if all(job.is_cancelled() for job in jobs):
+            raise Cancelled("The request was cancelled before it started.")
+        try:
+            return self._render(jobs)
+        except torch.OutOfMemoryError as error:  # torch.cuda.OutOfMemoryError is this class
+            detail = (str(error).strip().splitlines() or ["out of memory"])[0]
+        # Out of the except block, so that the traceback no longer holds the batch's tensors.
+        raise out_of_memory(self.device, params, len(jobs), detail)
+
+    def _render(self, jobs: Sequence[GenerationJob]) -> list[RenderedImage | None]:
+        params = jobs[0].params
         total_steps = params.steps_run
 
         def on_step_end(pipe: object, step: int, timestep: object, callback_kwargs: dict) -> dict:
@@ -358,36 +433,36 @@ class DiTEngine:
                 raise _AllCancelled
             return {}
 
-        if all(job.is_cancelled() for job in jobs):
-            raise Cancelled("The request was cancelled before it started.")
-        started = time.perf_counter()
+        started = synchronized_clock(self.device)
         try:
             latents = self._denoise(jobs, on_step_end)
         except _AllCancelled:
             raise Cancelled("The request was cancelled; work stopped after the current step.") from None
-        denoise_seconds = time.perf_counter() - started
+        denoised = synchronized_clock(self.device)
+        denoise_seconds = denoised - started
 
-        results: list[GeneratedImage | None] = []
+        results: list[RenderedImage | None] = []
         for index, job in enumerate(jobs):
             if job.is_cancelled():
                 results.append(None)
                 continue
-            started = time.perf_counter()
+            started = synchronized_clock(self.device)
             latent = latents[index : index + 1]
             if job.output.format == "latent":
-                data, kind, tiled = encode_latents(latent, job.output.metadata), "safetensors", False
+                picture, cpu_latents, tiled = None, latent.to("cpu", torch.float32), False
             else:
-                data = encode_image(self.decode(latent)[0], job.output)
-                kind, tiled = job.output.format, self.decodes_tiled(params.width, params.height)
+                picture, cpu_latents = self.decode(latent)[0], None
+                tiled = self.decodes_tiled(params.width, params.height)
             results.append(
-                GeneratedImage(
-                    data=data,
-                    format=kind,
+                RenderedImage(
+                    output=job.output,
                     width=params.width,
                     height=params.height,
                     denoise_seconds=denoise_seconds,
-                    decode_seconds=time.perf_counter() - started,
+                    decode_seconds=synchronized_clock(self.device) - started,
                     vae_tiled=tiled,
+                    picture=picture,
+                    latents=cpu_latents,
                 )
             )
         return results

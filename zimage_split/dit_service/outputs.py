@@ -20,6 +20,10 @@ from zimage_split.common.vocabulary import FORMAT_SUFFIXES, OUTPUT_FORMATS, QUAL
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUALITY = 90
+# zlib level of PNG results. Measured on a 2-core EPYC, one 1024x1024 RGB image (level: ms, MB): a photo 1: 70,
+# 1.77; 3: 92, 1.71; 6 (Pillow's default): 261, 1.59. Random-weights noise takes about 100 ms at every level
+# (3.15 MB, incompressible). Level 1 costs 11% more bytes (about 1.5 ms on a 1 Gbit/s link) to save 190 ms.
+PNG_COMPRESS_LEVEL = 1
 # Z-Image-Turbo's scheduler (FlowMatchEulerDiscreteScheduler), named the way AUTOMATIC1111 names samplers.
 SAMPLER = "Euler (flow match)"
 # Keys generation_metadata writes itself; `extra` may not reuse them.
@@ -174,8 +178,8 @@ def parameters_text(items: Mapping[str, str]) -> str:
 def encode_image(image: Image.Image, options: OutputOptions) -> bytes:
     """Encodes `image` as options.format (png, jpeg or webp) with options.metadata embedded.
 
-    Deterministic: the same image and options give the same bytes. PNG with no metadata is exactly
-    Pillow's plain `save(format="PNG")`. PNG keeps each key as a text chunk (iTXt, UTF-8, when the value is
+    Deterministic: the same image and options give the same bytes, on any thread. PNG with no metadata is
+    exactly Pillow's plain `save(format="PNG", compress_level=PNG_COMPRESS_LEVEL)`. PNG keeps each key as a text chunk (iTXt, UTF-8, when the value is
     not ASCII). JPEG and WebP keep `parameters` in EXIF UserComment (where AUTOMATIC1111 tools look) and
     the other keys as JSON in EXIF ImageDescription; a JPEG whose EXIF would pass the format's 64 KiB
     limit gets its prompts shortened, with the key "prompts_truncated" set.
@@ -183,9 +187,11 @@ def encode_image(image: Image.Image, options: OutputOptions) -> bytes:
     buffer = io.BytesIO()
     if options.format == "png":
         if options.metadata:
-            image.save(buffer, format="PNG", pnginfo=_png_info(options.metadata))
+            image.save(
+                buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, pnginfo=_png_info(options.metadata)
+            )
         else:
-            image.save(buffer, format="PNG")
+            image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return buffer.getvalue()
     if options.format not in QUALITY_FORMATS:
         raise InvalidArgument(

@@ -442,7 +442,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 queue_seconds=result.queue_seconds,
                 encode_seconds=conditioning.encode_seconds,
                 denoise_seconds=image.denoise_seconds,
-                decode_seconds=image.decode_seconds,
+                # The proto's decode stage includes writing the file.
+                decode_seconds=image.decode_seconds + image.file_seconds,
                 total_seconds=time.perf_counter() - received,
             ),
             model_id=self.info.model_id,
@@ -461,7 +462,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
         self.metrics.observe_stage("queue", result.queue_seconds)
         self.metrics.observe_stage("denoise", image.denoise_seconds)
-        self.metrics.observe_stage("decode", image.decode_seconds)
+        self.metrics.observe_stage("decode", image.decode_seconds + image.file_seconds)
         return header, image.data
 
     def _observe_fetches(self, *embeddings: Embedding | None) -> None:

@@ -1,5 +1,7 @@
 """Runs DiTEngine jobs one at a time on a dedicated thread, with a bounded queue (the in-process worker).
 
+Result files are written on other threads, so the DiT starts the next job while the last image's PNG encodes.
+
 `RayWorkerPool` (ray_pool.py) has the same contract, `Worker`.
 """
 
@@ -14,7 +16,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from zimage_split.common.errors import BUSY, Cancelled, ResourceExhausted
-from zimage_split.dit_service.engine import DiTEngine, EngineInfo, GeneratedImage, GenerationJob
+from zimage_split.dit_service.engine import (
+    DiTEngine,
+    EngineInfo,
+    GeneratedImage,
+    GenerationJob,
+    RenderedImage,
+    write_file,
+)
+
+# Threads writing result files. Pillow's encoders release the GIL, so two encode beside the DiT thread; more
+# would only matter if images came out faster than one file per PNG encode time.
+FILE_WRITERS = 2
 
 
 class Worker(Protocol):
@@ -60,6 +73,7 @@ class LocalWorker:
         self.max_queue = max_queue
         self.name = f"{socket.gethostname()}/pid{os.getpid()}/{engine.device}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
+        self._file_writers = ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="dit-files")
         self._outstanding = 0
         self._recent_seconds = 1.0
 
@@ -73,10 +87,10 @@ class LocalWorker:
     def loaded_loras(self) -> frozenset[str]:
         return frozenset(self.engine.loras.loaded)
 
-    def _run(self, job: GenerationJob, submitted: float) -> tuple[GeneratedImage, float]:
+    def _render(self, job: GenerationJob, submitted: float) -> tuple[RenderedImage, float]:
         queue_seconds = time.perf_counter() - submitted
         started = time.perf_counter()
-        image = self.engine.generate([job])[0]
+        image = self.engine.render([job])[0]
         self._recent_seconds = time.perf_counter() - started
         if image is None:  # cancelled during decode
             raise Cancelled("The request was cancelled.")
@@ -92,12 +106,14 @@ class LocalWorker:
         self._outstanding += 1
         try:
             loop = asyncio.get_running_loop()
-            image, queue_seconds = await loop.run_in_executor(
-                self._executor, self._run, job, time.perf_counter()
+            rendered, queue_seconds = await loop.run_in_executor(
+                self._executor, self._render, job, time.perf_counter()
             )
+            image: GeneratedImage = await loop.run_in_executor(self._file_writers, write_file, rendered)
         finally:
             self._outstanding -= 1
         return WorkerResult(image=image, queue_seconds=queue_seconds, replica=self.name)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._file_writers.shutdown(wait=True, cancel_futures=True)
