@@ -89,6 +89,13 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_kinds() -> dict:
+    """Resident KiB by kind: anonymous (the process's own copies) and file (memory-mapped weights)."""
+    with open("/proc/self/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    return {key: int(fields[key].split()[0]) for key in ("RssAnon", "RssFile") if key in fields}
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -197,11 +204,23 @@ def measure_engine(folder: str, dtype_name: str, thread, args: argparse.Namespac
         "steady_rss_bytes": rss_bytes(),
         "load_seconds": load_seconds,
     }
-    memory["peak_rss_over_weights"] = (memory["peak_rss_bytes"] - before) / weights
-    memory["steady_rss_over_weights"] = (memory["steady_rss_bytes"] - before) / weights
+    # Weights read from safetensors in their own dtype stay memory-mapped until a pass touches them, so the
+    # figure that counts is the one after the first pass: file-backed pages, then, not a second copy.
+    warm_up = encoder.tokenize(prompt_pool(1)[0], hidden_layer=encoder.hidden_layer, max_sequence_length=512)
+    thread.submit(encoder.encode, [warm_up]).result()
+    gc.collect()
+    memory |= {
+        "peak_rss_after_first_pass_bytes": peak_rss_bytes(),
+        "steady_rss_after_first_pass_bytes": rss_bytes(),
+        "rss_anonymous_and_file_kib": rss_kinds(),
+    }
+    for key in ("peak_rss", "steady_rss", "peak_rss_after_first_pass", "steady_rss_after_first_pass"):
+        memory[f"{key}_over_weights"] = (memory[f"{key}_bytes"] - before) / weights
     print(
-        f"{dtype_name}: weights {weights / 2**30:.2f} GiB, peak RSS while loading {memory['peak_rss_over_weights']:.3f}x "
-        f"of them, steady {memory['steady_rss_over_weights']:.3f}x (load {load_seconds:.1f} s)",
+        f"{dtype_name}: weights {weights / 2**30:.2f} GiB; RSS over them: peak {memory['peak_rss_over_weights']:.3f}x "
+        f"while loading ({load_seconds:.1f} s), peak {memory['peak_rss_after_first_pass_over_weights']:.3f}x and "
+        f"steady {memory['steady_rss_after_first_pass_over_weights']:.3f}x after the first pass "
+        f"({memory['rss_anonymous_and_file_kib']})",
         flush=True,
     )
     config = encoder.model.config
@@ -379,7 +398,9 @@ def measure(settings: Settings, **overrides: object) -> dict:
         f"engine >= {TARGET_PEAK_SHARE:.0%} of the matmul peak at batch >= 4; peak RSS while loading "
         f"<= {TARGET_RSS_RATIO}x the weights"
     )
-    result["target_met"] = all(row["target_met"] for row in result["headline"] if row["target_met"] is not None)
+    result["target_met"] = all(
+        row["target_met"] for row in result["headline"] if row["target_met"] is not None
+    )
     return result
 
 
@@ -413,12 +434,13 @@ def headline(result: dict) -> list[dict]:
         rows.append(
             headline_row(
                 "encoder_host",
-                f"peak RSS loading the encoder, {case['dtype']}",
+                f"peak RSS, encoder load and first pass, {case['dtype']}",
                 unit="x weights",
-                ours=memory["peak_rss_over_weights"],
+                ours=memory["peak_rss_after_first_pass_over_weights"],
                 target=f"<= {TARGET_RSS_RATIO}",
-                target_met=memory["peak_rss_over_weights"] <= TARGET_RSS_RATIO,
-                note=f"weights {memory['weights_bytes'] / 2**30:.2f} GiB; steady {memory['steady_rss_over_weights']:.3f}x",
+                target_met=memory["peak_rss_after_first_pass_over_weights"] <= TARGET_RSS_RATIO,
+                note=f"weights {memory['weights_bytes'] / 2**30:.2f} GiB; through the load and the first pass; steady "
+                f"{memory['steady_rss_after_first_pass_over_weights']:.3f}x",
             )
         )
     return rows
@@ -441,7 +463,8 @@ def print_table(result: dict) -> None:
         memory = case["memory"]
         print(
             f"{case['dtype']}: peak {case['peak']['tflops']:.3f} TFLOP/s; weights {memory['weights_bytes'] / 2**30:.2f} GiB, "
-            f"peak RSS {memory['peak_rss_over_weights']:.3f}x, steady {memory['steady_rss_over_weights']:.3f}x"
+            f"peak RSS {memory['peak_rss_after_first_pass_over_weights']:.3f}x (load and first pass), steady "
+            f"{memory['steady_rss_after_first_pass_over_weights']:.3f}x"
         )
 
 
