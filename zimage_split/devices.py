@@ -6,6 +6,7 @@ import functools
 import platform
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +122,13 @@ def release_cached_memory(device: torch.device) -> None:
     error, so the next request starts from a clean pool); nothing on other devices."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def torch_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread a service loads its model on, warms it up on and runs it on.
+
+    PyTorch's CPU kernels run on OpenMP, which keeps one team of worker threads per calling thread: a
+    model loaded on one thread and run on another leaves two teams contending for the same cores (the
+    DiT ran 1.38x slower that way on 2 cores).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)

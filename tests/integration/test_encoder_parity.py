@@ -69,9 +69,7 @@ def test_repeated_prompts_hit_the_cache_and_keys_are_stable(encoder_fp32) -> Non
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_concurrent_requests_are_batched_and_bit_identical_to_alone(
-    loop_thread, tiny_model_dir, dtype
-) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_requests_are_bit_identical_to_alone(loop_thread, tiny_model_dir, dtype) -> None:  # type: ignore[no-untyped-def]
     server = start_encoder(loop_thread, tiny_model_dir, dtype=dtype, max_batch_wait_ms=200)
     address = f"127.0.0.1:{server.port}"
     prompts = [f"prompt number {i}" for i in range(6)] + ["a longer prompt, with more tokens", "short"]
@@ -89,7 +87,8 @@ def test_concurrent_requests_are_batched_and_bit_identical_to_alone(
     finally:
         loop_thread.run(server.stop(grace=0))
     assert len(results) == 8 and int(info["prompts_encoded"]) == 8
-    assert int(info["forward_passes"]) < 8, "equal-length prompts shared a forward pass"
+    # --batching exact: one pass per prompt, as sharing one changes the matmuls' summation order.
+    assert int(info["forward_passes"]) == 8
     for batched, single in zip(results, alone, strict=True):
         assert torch.equal(batched[0].tensor, single.tensor), "batching must not change a single bit"
 

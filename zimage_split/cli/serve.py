@@ -28,7 +28,7 @@ from zimage_split.dit_service.config import (
     Limits,
     RayOptions,
 )
-from zimage_split.encoder_service.config import EncoderConfig
+from zimage_split.encoder_service.config import ENCODE_BATCHING, EncoderConfig
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -81,6 +81,14 @@ def _add_encoder(services: argparse._SubParsersAction) -> None:
         type=float,
         default=EncoderConfig.max_batch_wait_ms,
         help=f"wait for a batch to fill ({EncoderConfig.max_batch_wait_ms:g})",
+    )
+    encoder.add_argument(
+        "--batching",
+        default=EncoderConfig.batching,
+        choices=ENCODE_BATCHING,
+        help="exact: one forward pass per prompt, every embedding bit-identical to its prompt encoded alone; "
+        "padded: prompts queued together share one right-padded pass, faster on a CPU, last bits depend on "
+        f"the batch ({EncoderConfig.batching})",
     )
     add_metrics(encoder)
     add_server_limits(encoder, max_prompt_bytes=EncoderConfig.max_prompt_bytes).add_argument(
@@ -275,6 +283,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         cache_bytes=args.cache_mb << 20,
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
+        batching=args.batching,
         max_prompt_bytes=args.max_prompt_bytes,
         max_prompts_per_request=args.max_prompts_per_request,
         transport=transport_limits(args),

@@ -18,7 +18,8 @@ class MicroBatcher(Generic[Item, Result]):
 
     After the first item arrives it waits at most `max_wait_seconds` for more, so a lone request pays
     little latency while a burst shares one forward pass. `on_batch(queue_seconds, run_seconds)`, when
-    given, hears of each batch run: how long each item waited, and how long the batch ran.
+    given, hears of each batch run: how long each item waited, and how long the batch ran. `executor`, when
+    given, is the single thread to run batches on (the one that loaded the model); else one of its own.
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class MicroBatcher(Generic[Item, Result]):
         max_batch_size: int,
         max_wait_seconds: float,
         on_batch: Callable[[list[float], float], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
@@ -36,7 +38,9 @@ class MicroBatcher(Generic[Item, Result]):
         self._max_wait_seconds = max_wait_seconds
         self._on_batch = on_batch
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result], float]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        # Given one, it must have a single thread (see torch_thread.py); its owner shuts it down.
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self._worker: asyncio.Task[None] | None = None
         self.batches_run = 0
 
@@ -53,7 +57,8 @@ class MicroBatcher(Generic[Item, Result]):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
 from zimage_split.common.vocabulary import ENCODER_PORT
@@ -13,6 +14,10 @@ MAX_PROMPTS_PER_CALL = 64
 # About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
 MAX_PROMPT_BYTES = 64 << 10
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+# How prompts queued together are encoded: "exact" runs one forward pass per prompt (an embedding is
+# bit-identical to its prompt encoded alone); "padded" right-pads them into one pass (faster on a CPU at
+# batch >= 4, but the last bits of an embedding then depend on the prompts it shared the pass with).
+ENCODE_BATCHING = ("exact", "padded")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class EncoderConfig:
     cache_bytes: int = 1 << 30
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
+    batching: str = "exact"
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
     transport: TransportLimits = TransportLimits()
@@ -41,6 +47,11 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check_metrics_port(self.port, self.metrics_port)
+        if self.batching not in ENCODE_BATCHING:
+            raise InvalidArgument(
+                f"--batching must be {' or '.join(ENCODE_BATCHING)} (got {self.batching!r}); exact keeps every "
+                "embedding bit-identical to its prompt encoded alone."
+            )
         # Limits no request could meet fail here rather than after the model loads; the model's own caption
         # limit is checked once its config is read (servicer.check_default_length).
         check_bounds(

@@ -11,6 +11,7 @@ import torch
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import LONG_PROMPT_MODES
+from zimage_split.encoder_service.config import ENCODE_BATCHING
 from zimage_split.model_source import ModelSource, load_component
 from zimage_split.random_weights import load_config, materialize, meta_model
 
@@ -90,9 +91,16 @@ class TextEncoder:
         device: torch.device,
         dtype: torch.dtype,
         hidden_layer: int = -2,
+        batching: str = "exact",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        if batching not in ENCODE_BATCHING:
+            raise InvalidArgument(
+                f"Unknown encode batching {batching!r}; use {' or '.join(ENCODE_BATCHING)}. exact keeps every "
+                "embedding bit-identical to the prompt encoded alone."
+            )
+        self.batching = batching
         self.model_id = source.model_id
         self.device = device
         self.dtype = dtype
@@ -219,39 +227,56 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
-        """Returns each prompt's hidden states on the CPU, `prompt.token_count` rows each; prompts of equal
-        token count share a forward pass (an interpolated or pooled prompt runs all its tokens).
+        """Returns each prompt's hidden states on the CPU, `prompt.token_count` rows each (an interpolated or
+        pooled prompt runs all its tokens, then is resampled).
 
-        Padding a shorter prompt changes the last bits of its hidden states (the kernels see other
-        shapes), so prompts of different lengths never share a pass: an embedding is bit-identical
-        whether it was encoded alone or in a batch, and a prompt gives the same image either way.
+        "exact" batching runs one forward pass per prompt, so an embedding is bit-identical whether its
+        prompt was encoded alone or in a batch. Sharing a pass cannot keep that promise: the matmul kernels
+        pick their blocking, and so their summation order, by the number of rows, so a prompt's hidden
+        states change in their last bits with its companions, even at equal lengths (measured on oneDNN
+        with AMX, bf16 and fp32). "padded" trades the promise for throughput: prompts are right-padded to
+        the longest in the batch and share one pass, as transformers batches them.
         """
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt.input_ids), []).append(index)
-        results: list[torch.Tensor | None] = [None] * len(prompts)
-        for indices in by_length.values():
-            group = [prompts[i] for i in indices]
-            for index, hidden in zip(indices, self._forward(group), strict=True):
-                results[index] = hidden
-        return results  # type: ignore[return-value]
+        if self.batching == "padded" and len(prompts) > 1:
+            return self._forward_padded(prompts)
+        return [self._forward_one(prompt) for prompt in prompts]
 
-    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
-        input_ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
+    def _forward_one(self, prompt: TokenizedPrompt) -> torch.Tensor:
+        input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=self.device)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        self.forward_passes += 1
+        return self._result(outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][0], prompt)
+
+    def _forward_padded(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+        longest = max(len(p.input_ids) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids, dtype=torch.long)
+            attention_mask[row, : len(prompt.input_ids)] = 1
         outputs = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=torch.ones_like(input_ids).to(self.device),
+            attention_mask=attention_mask.to(self.device),
             output_hidden_states=True,
             use_cache=False,
         )
         self.forward_passes += 1
         return [
-            shorten(
-                outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][row],
-                prompt.token_count,
-                prompt.long_prompt_mode,
+            # Padding is on the right and attention causal, so a prompt's own rows never see it.
+            self._result(
+                outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][
+                    row, : len(prompt.input_ids)
+                ],
+                prompt,
             )
-            .to("cpu")
-            .clone()
             for row, prompt in enumerate(prompts)
         ]
+
+    @staticmethod
+    def _result(hidden: torch.Tensor, prompt: TokenizedPrompt) -> torch.Tensor:
+        return shorten(hidden, prompt.token_count, prompt.long_prompt_mode).to("cpu").clone()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
-from zimage_split.devices import choose_dtype, pick_device
+from zimage_split.devices import choose_dtype, pick_device, torch_thread
 from zimage_split.encoder_service.config import EncoderConfig
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.servicer import (
@@ -34,6 +36,7 @@ SERVICE_NAME = "zimage.encoder.v1.EncoderService"
 class EncoderServer:
     running: RunningServer
     servicer: EncoderServicer
+    torch_thread: ThreadPoolExecutor
 
     @property
     def port(self) -> int:
@@ -43,6 +46,7 @@ class EncoderServer:
         """Drains for up to `grace` seconds (see RunningServer.stop); True if every call finished."""
         drained = await self.running.stop(grace)
         await self.servicer.batcher.stop()
+        self.torch_thread.shutdown(wait=True)
         return drained
 
 
@@ -83,7 +87,21 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     device = pick_device(config.device)
     dtype = choose_dtype(config.dtype, device)
     logger.info("Encoder dtype %s (%s)", dtype.name, dtype.reason)
-    encoder = TextEncoder(source, device=device, dtype=dtype.dtype, hidden_layer=config.hidden_layer)
+    thread = torch_thread("encoder")
+    try:
+        encoder = await asyncio.get_running_loop().run_in_executor(
+            thread,
+            lambda: TextEncoder(
+                source,
+                device=device,
+                dtype=dtype.dtype,
+                hidden_layer=config.hidden_layer,
+                batching=config.batching,
+            ),
+        )
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
     servicer = EncoderServicer(
         encoder,
         max_sequence_length=config.max_sequence_length,
@@ -94,6 +112,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         max_prompt_bytes=config.max_prompt_bytes,
         max_prompts_per_call=config.max_prompts_per_request,
         dtype_reason=dtype.reason,
+        executor=thread,
     )
     servicer.batcher.start()
     running = await start_server(
@@ -107,21 +126,23 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
     )
     # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
-    encoder.encode([encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)])
+    warm_up = encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)
+    await asyncio.get_running_loop().run_in_executor(thread, encoder.encode, [warm_up])
     encoder.forward_passes = 0
     await running.set_serving()
     logger.info(
-        "Encoder %s on %s (%s, layer %d, %d layers kept) listening on %s:%d (%s)",
+        "Encoder %s on %s (%s, %s batching, layer %d, %d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
         dtype.name,
+        encoder.batching,
         encoder.hidden_layer,
         encoder.layers_loaded,
         config.host,
         running.port,
         config.security.describe(),
     )
-    return EncoderServer(running, servicer)
+    return EncoderServer(running, servicer, thread)
 
 
 async def serve_encoder(config: EncoderConfig) -> None:

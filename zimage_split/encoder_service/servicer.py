@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from grpc import aio
@@ -69,10 +70,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         max_prompts_per_call: int = MAX_PROMPTS_PER_CALL,
         metrics: ServiceMetrics | None = None,
         dtype_reason: str = "",
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         """`max_sequence_length` is the default for requests that set none; no request may ask for more than
         `max_sequence_length_limit` (the DiT's caption limit). `dtype_reason` says why the encoder computes in
-        its dtype, for Info."""
+        its dtype, for Info. `executor` is the thread that loaded the encoder (devices.torch_thread), where
+        batches then run."""
         check_default_length(max_sequence_length, max_sequence_length_limit, encoder.model_id)
         self.encoder = encoder
         self.dtype_reason = dtype_reason
@@ -92,6 +95,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             max_batch_size=max_batch_size,
             max_wait_seconds=max_batch_wait_seconds,
             on_batch=self._observe_batch,
+            executor=executor,
         )
         self.metrics.watch_cache("embeddings", self.cache)
         self.metrics.watch_cache("tokenized", self.tokenized)
