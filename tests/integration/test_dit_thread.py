@@ -92,3 +92,39 @@ def test_out_of_memory_is_resource_exhausted_and_the_next_request_runs(server, m
     assert "smaller size" in details and "--vae-tiling on" in details
     images = [event.image for event in generate(address, key, seed=1) if event.WhichOneof("event") == "image"]
     assert len(images) == 1 and images[0].byte_length > 0
+
+
+def test_the_engine_is_built_warmed_up_and_run_on_one_thread(tiny_model_dir: Path) -> None:
+    """OpenMP keeps a thread team per calling thread; loading on one thread and running on another leaves
+    two teams competing for the cores."""
+    import asyncio
+
+    from zimage_split.dit_service.config import EngineOptions
+    from zimage_split.model_source import resolve_model
+
+    threads: dict[str, str] = {}
+
+    def build():  # type: ignore[no-untyped-def]
+        threads["build"] = threading.current_thread().name
+        options = EngineOptions(warm_up_side=64, warm_up_guidance=False)
+        engine = options.start_engine(resolve_model(str(tiny_model_dir)), torch.device("cpu"), torch.float32)
+        render = engine.render
+
+        def recording_render(*args, **kwargs):  # type: ignore[no-untyped-def]
+            threads["render"] = threading.current_thread().name
+            return render(*args, **kwargs)
+
+        engine.render = recording_render  # type: ignore[method-assign]
+        return engine
+
+    async def one_image() -> None:
+        worker = await worker_module.LocalWorker.start(build)
+        try:
+            job = GenerationJob(GenerationParams(width=64, height=64, steps=2, seed=1), embedding(1))
+            await worker.run(job)
+        finally:
+            worker.close()
+
+    asyncio.run(one_image())
+    assert threads["build"] == threads["render"] and threads["build"].startswith("dit")
+    assert threads["build"] != threading.current_thread().name

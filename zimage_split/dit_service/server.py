@@ -72,8 +72,10 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         options = options.resolved(device, dtype.dtype)
         source = resolve_model(config.model)
         # The warm-up (with --compile, the compilation) ends before the server even listens.
-        engine = options.start_engine(source, device, dtype.dtype, dtype.reason)
-        worker = LocalWorker(engine, max_queue=config.max_queue)
+        worker = await LocalWorker.start(
+            lambda: options.start_engine(source, device, dtype.dtype, dtype.reason),
+            max_queue=config.max_queue,
+        )
     else:
         try:
             from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used

@@ -11,10 +11,12 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from zimage_split import devices
 from zimage_split.common.errors import BUSY, Cancelled, ResourceExhausted
 from zimage_split.dit_service.engine import (
     DiTEngine,
@@ -65,17 +67,31 @@ class WorkerResult:
 class LocalWorker:
     """One model replica in this process; with Ray, each replica holds a DiTEngine of its own (ray_replica.py)."""
 
-    def __init__(self, engine: DiTEngine, *, max_queue: int = 32) -> None:
+    def __init__(
+        self, engine: DiTEngine, *, max_queue: int = 32, torch_thread: ThreadPoolExecutor | None = None
+    ) -> None:
+        """`torch_thread` is the single thread that built `engine` (see `start`); jobs then run on it too."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (got {max_queue}).")
         self.engine = engine
         self.info: EngineInfo = engine.info
         self.max_queue = max_queue
         self.name = f"{socket.gethostname()}/pid{os.getpid()}/{engine.device}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
+        self._executor = torch_thread or devices.torch_thread("dit")
         self._file_writers = ThreadPoolExecutor(max_workers=FILE_WRITERS, thread_name_prefix="dit-files")
         self._outstanding = 0
         self._recent_seconds = 1.0
+
+    @classmethod
+    async def start(cls, build: Callable[[], DiTEngine], *, max_queue: int = 32) -> LocalWorker:
+        """Builds the engine (load, warm-up, compile) on the thread that will then run every job."""
+        thread = devices.torch_thread("dit")
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(thread, build)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(engine, max_queue=max_queue, torch_thread=thread)
 
     @property
     def outstanding(self) -> int:
