@@ -21,7 +21,11 @@ CPU_HOST = NodeResources("10.0.0.3", gpus=0, cpus=8)
 
 def test_live_nodes_read_ray_nodes_and_skip_dead_ones() -> None:
     nodes = [
-        {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 16.0, "GPU": 4.0, "memory": 1e9}},
+        {
+            "Alive": True,
+            "NodeManagerAddress": "10.0.0.1",
+            "Resources": {"CPU": 16.0, "GPU": 4.0, "memory": 1e9},
+        },
         {"Alive": False, "NodeManagerAddress": "10.0.0.9", "Resources": {"CPU": 8.0, "GPU": 8.0}},
         {"Alive": True, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 8.0}},
     ]
@@ -55,7 +59,10 @@ def test_more_gpu_replicas_than_gpus_say_what_was_asked_and_what_is_there() -> N
     assert "can hold only 5" in message
     assert "10.0.0.1: 4 GPUs, 16 CPUs; 10.0.0.2: 2 GPUs, 1 CPU; 10.0.0.3: 0 GPUs, 8 CPUs" in message
     # The small host's second GPU waits for a CPU: fewer CPUs per replica would fit all six.
-    assert "pass --replicas 5 (or --replicas auto: one per GPU), lower --cpus-per-replica or add nodes" in message
+    assert (
+        "pass --replicas 5 (or --replicas auto: one per GPU), lower --cpus-per-replica or add nodes"
+        in message
+    )
 
 
 def test_gpus_not_cpus_run_out() -> None:

@@ -208,9 +208,8 @@ class RayWorkerPool:
                 )
             replicas = max(1, int(gpus)) if options.replicas is None else options.replicas
             check_capacity(replicas, shape, nodes)
-            if (
-                shape.gpus == 0
-            ):  # the replicas run on CPU: options that need a GPU fail here, before any replica
+            # CPU replicas: options that need a GPU fail here, before any replica starts.
+            if shape.gpus == 0:
                 from zimage_split.devices import parse_dtype
 
                 cpu = torch.device("cpu")
