@@ -110,7 +110,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def node_ip(replica: str) -> str:
-    """The Ray node IP in a replica name, HOSTNAME/NODE_IP/pidPID/DEVICE."""
+    """The Ray node IP in a replica name, HOSTNAME/NODE_IP/pidPID/DEVICE/gpuN."""
     return replica.split("/")[1]
 
 

@@ -240,6 +240,13 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         default=RayOptions.cpus_per_replica,
         help=f"Ray CPUs reserved per replica ({RayOptions.cpus_per_replica:g})",
     )
+    ray.add_argument(
+        "--replica-start-timeout",
+        type=float,
+        default=RayOptions.start_timeout_s,
+        help="seconds for every replica to get its resources, load and warm up before start-up fails "
+        f"({RayOptions.start_timeout_s:g})",
+    )
 
 
 def _add_http(services: argparse._SubParsersAction) -> None:
@@ -312,6 +319,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         max_batch_wait_ms=args.max_batch_wait_ms,
         torch_threads=args.torch_threads,
         cpus_per_replica=args.cpus_per_replica,
+        start_timeout_s=args.replica_start_timeout,
     )
     encoder = None if args.encoder in ("", "none") else args.encoder
     return GeneratorConfig(

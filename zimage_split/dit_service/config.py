@@ -115,10 +115,18 @@ class RayOptions:
     max_batch_wait_ms: float = 10.0
     torch_threads: int = 0  # torch threads per replica; 0 keeps Ray's default (one per reserved CPU)
     cpus_per_replica: float = 1.0
+    # Start-up fails if the replicas are not all serving by then (pending for resources, or loading).
+    start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas < 1:
             raise InvalidArgument(f"--replicas takes 'auto' or a positive number (got {self.replicas!r}).")
+        if self.cpus_per_replica < 0:
+            raise InvalidArgument(f"--cpus-per-replica cannot be negative (got {self.cpus_per_replica:g}).")
+        if not self.start_timeout_s > 0:
+            raise InvalidArgument(
+                f"--replica-start-timeout takes a positive number of seconds (got {self.start_timeout_s:g})."
+            )
         check_bounds(
             [("--max-batch-size", self.max_batch_size, 1, None, "a batch holds one request or more")]
         )
@@ -161,6 +169,12 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         check_metrics_port(self.port, self.metrics_port)
+        if self.ray is not None and self.device.startswith("cuda:"):
+            raise InvalidArgument(
+                f"--device {self.device} with --ray-address: Ray gives each replica GPUs of its own and hides "
+                "the others (CUDA_VISIBLE_DEVICES), so a replica's GPU is always cuda:0 to it. Pass --device "
+                "cuda (or auto) and choose how many GPUs with --replicas."
+            )
         if self.encoder is not None:
             parse_encoder_addresses(self.encoder)
         # Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads.

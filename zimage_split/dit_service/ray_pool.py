@@ -15,9 +15,17 @@ from typing import Any
 
 import torch
 
-from zimage_split.common.errors import BUSY, ERRORS_BY_CODE, ResourceExhausted, Unavailable, ZSplitError
+from zimage_split.common.errors import (
+    BUSY,
+    ERRORS_BY_CODE,
+    DeadlineExceeded,
+    ResourceExhausted,
+    Unavailable,
+    ZSplitError,
+)
 from zimage_split.dit_service.config import EngineOptions, RayOptions
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
+from zimage_split.dit_service.ray_capacity import ReplicaShape, check_capacity, live_nodes
 from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
 from zimage_split.dit_service.worker import WorkerResult
 from zimage_split.model_source import ModelSource
@@ -26,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "zsplit-generator"
 MAX_ATTEMPTS = 3
+# While the replicas start, how often the front logs how many are ready.
+PROGRESS_REPORT_SECONDS = 30.0
 
 
 def connect(address: str) -> bool:
@@ -64,6 +74,67 @@ def replica_failure(error: RuntimeError) -> ZSplitError:
     if name in ours:
         return ours[name](text)
     return Unavailable(f"The Ray replicas failed to start: {last}")
+
+
+def replica_shape(device: str, cluster_gpus: float, cpus_per_replica: float) -> ReplicaShape:
+    """What Ray reserves per replica: a GPU for --device cuda, and for auto when the cluster has GPUs."""
+    use_gpu = device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+    return ReplicaShape(gpus=1.0 if use_gpu else 0.0, cpus=cpus_per_replica)
+
+
+def _warn_if_busy(replicas: int, shape: ReplicaShape, available: dict[str, float]) -> None:
+    """The cluster can hold the replicas, but other jobs may hold what they need now: say so, as they wait."""
+    free_gpus, free_cpus = available.get("GPU", 0.0), available.get("CPU", 0.0)
+    if free_gpus + 1e-4 < replicas * shape.gpus or free_cpus + 1e-4 < replicas * shape.cpus:
+        logger.warning(
+            "Ray has %g GPUs and %g CPUs free now, and %d replicas need %s each: they wait until other jobs "
+            "free them (at most --replica-start-timeout)",
+            free_gpus,
+            free_cpus,
+            replicas,
+            shape.describe(),
+        )
+
+
+def _wait_until_running(replicas: int, shape: ReplicaShape, timeout_s: float) -> None:
+    """Waits until every replica has loaded and warmed up; raises the replicas' own error if one failed, and
+    DeadlineExceeded, saying what is missing, after `timeout_s`."""
+    import ray
+    from ray import serve
+
+    started = time.monotonic()
+    next_report = started + PROGRESS_REPORT_SECONDS
+    while True:
+        application = serve.status().applications.get(APP_NAME)
+        if application is not None and application.status == "RUNNING":
+            return
+        if application is not None and application.status == "DEPLOY_FAILED":
+            raise replica_failure(RuntimeError(application.message))
+        deployment = application.deployments.get("DiTReplica") if application is not None else None
+        running = int(deployment.replica_states.get("RUNNING", 0)) if deployment is not None else 0
+        serve_says = deployment.message.strip() if deployment is not None and deployment.message else ""
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            free, total = ray.available_resources(), ray.cluster_resources()
+            raise DeadlineExceeded(
+                f"{running} of {replicas} Ray replicas were ready after {timeout_s:g} s "
+                f"(--replica-start-timeout). Each needs {shape.describe()} on one node; the cluster has "
+                f"{free.get('GPU', 0.0):g} of {total.get('GPU', 0.0):g} GPUs and {free.get('CPU', 0.0):g} of "
+                f"{total.get('CPU', 0.0):g} CPUs free. Ray Serve says: {serve_says or 'nothing'}. Replicas "
+                "waiting for resources (another job holds them, or a node left): free them, add nodes or pass "
+                "fewer --replicas. Replicas still loading the model (a slow disk, --compile): raise "
+                "--replica-start-timeout."
+            )
+        if time.monotonic() >= next_report:
+            logger.warning(
+                "%d of %d Ray replicas ready after %.0f s; Ray Serve says: %s",
+                running,
+                replicas,
+                waited,
+                serve_says or "nothing",
+            )
+            next_report += PROGRESS_REPORT_SECONDS
+        time.sleep(0.5)
 
 
 class RayWorkerPool:
@@ -126,46 +197,53 @@ class RayWorkerPool:
         from ray import serve
 
         owns_ray = connect(options.address)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if options.replicas is None and gpus == 0:
-            raise Unavailable(
-                "--replicas auto makes one replica per GPU, but the Ray cluster has no GPUs. "
-                "Pass --replicas N for N CPU replicas."
-            )
-        use_gpu = gpus > 0 and device != "cpu"
-        if not use_gpu:  # the replicas run on CPU: options that need a GPU fail here, before any replica
-            from zimage_split.devices import parse_dtype
-
-            cpu = torch.device("cpu")
-            try:
-                engine.resolved(cpu, parse_dtype(dtype, cpu))
-            except Exception:
-                if owns_ray:
-                    ray.shutdown()
-                raise
-        application = build_deployment(
-            source,
-            device=device,
-            dtype=dtype,
-            replicas=options.replicas,
-            gpu_count=int(gpus),
-            gpus_per_replica=1.0 if use_gpu else 0.0,
-            cpus_per_replica=options.cpus_per_replica,
-            torch_threads=options.torch_threads,
-            max_batch_size=options.max_batch_size,
-            max_batch_wait_seconds=options.max_batch_wait_ms / 1000,
-            max_queue=max_queue,
-            engine=engine,
-        )
-        serve.start(http_options={"location": "NoServer"})
         try:
-            handle = serve.run(application, name=APP_NAME, route_prefix=None)
-        except RuntimeError as error:
-            failure = replica_failure(error)
+            nodes = live_nodes(ray.nodes())
+            gpus = sum(node.gpus for node in nodes)
+            shape = replica_shape(device, gpus, options.cpus_per_replica)
+            if options.replicas is None and gpus == 0:
+                raise Unavailable(
+                    "--replicas auto makes one replica per GPU, but the Ray cluster has no GPUs. "
+                    "Pass --replicas N for N CPU replicas."
+                )
+            replicas = max(1, int(gpus)) if options.replicas is None else options.replicas
+            check_capacity(replicas, shape, nodes)
+            # CPU replicas: options that need a GPU fail here, before any replica starts.
+            if shape.gpus == 0:
+                from zimage_split.devices import parse_dtype
+
+                cpu = torch.device("cpu")
+                engine.resolved(cpu, parse_dtype(dtype, cpu))
+            _warn_if_busy(replicas, shape, ray.available_resources())
+            application = build_deployment(
+                source,
+                device=device,
+                dtype=dtype,
+                replicas=options.replicas,
+                gpu_count=int(gpus),
+                gpus_per_replica=shape.gpus,
+                cpus_per_replica=shape.cpus,
+                torch_threads=options.torch_threads,
+                max_batch_size=options.max_batch_size,
+                max_batch_wait_seconds=options.max_batch_wait_ms / 1000,
+                max_queue=max_queue,
+                engine=engine,
+            )
+            serve.start(http_options={"location": "NoServer"})
+            # Not serve.run: it waits for the replicas with no deadline, and a replica whose resources are
+            # gone (a node left, another job took them) stays pending forever.
+            handle = serve._run(application, _blocking=False, name=APP_NAME, route_prefix=None)
+            try:
+                _wait_until_running(replicas, shape, options.start_timeout_s)
+            except BaseException:
+                handle.shutdown()
+                serve.delete(APP_NAME)  # no replica may start later without a front
+                raise
+        except BaseException:
             if owns_ray:
                 serve.shutdown()
                 ray.shutdown()
-            raise failure from None
+            raise
         logger.info("Ray Serve application %s is running", APP_NAME)
         return handle, owns_ray
 

@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,15 @@ import ray
 import torch
 from ray import serve
 
+from zimage_split.common.errors import InvalidArgument
 from zimage_split.dit_service.config import EngineOptions
-from zimage_split.dit_service.engine import EngineInfo, GeneratedImage, GenerationJob, GenerationParams
+from zimage_split.dit_service.engine import (
+    DiTEngine,
+    EngineInfo,
+    GeneratedImage,
+    GenerationJob,
+    GenerationParams,
+)
 from zimage_split.dit_service.outputs import OutputOptions
 from zimage_split.model_source import ModelSource
 
@@ -62,6 +70,29 @@ async def _resolve(value: Any) -> torch.Tensor | None:
     return await value  # an ObjectRef: fetched from the object store, shared by every replica
 
 
+def replica_device(requested: str, gpu_ids: Sequence[str]) -> torch.device:
+    """The torch device of a replica Ray reserved `gpu_ids` for.
+
+    Ray has set CUDA_VISIBLE_DEVICES to those GPUs, so in the replica its GPU is `cuda` (cuda:0) whatever its
+    physical id; a `cuda:N` from the front would name another process's view. Without a reserved GPU the
+    replica never takes one by itself: Ray leaves CUDA_VISIBLE_DEVICES alone then, and every GPU of the host
+    would be visible, reserved or not.
+    """
+    from zimage_split.devices import pick_device
+
+    if requested.startswith("cuda") and not gpu_ids:
+        raise InvalidArgument(
+            f"--device {requested}: Ray reserved no GPU for this replica; use --device auto or cpu, or run "
+            "the replicas on hosts whose GPUs Ray sees (`ray status`)."
+        )
+    if requested.startswith("cuda"):
+        return pick_device("cuda")
+    if requested == "auto" and not gpu_ids:
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    # auto with a GPU: cuda, or the CPU on a host whose Ray node only claims a GPU (`ray start --num-gpus`).
+    return pick_device(requested)
+
+
 class DiTReplica:
     """The Serve deployment class; `build_deployment` sets its resources and batching."""
 
@@ -75,28 +106,64 @@ class DiTReplica:
         max_batch_wait_seconds: float,
         engine: EngineOptions,
     ) -> None:
-        from zimage_split.devices import choose_dtype, pick_device
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        resolved = pick_device(device)
+        # Serve runs this constructor on one thread and the methods' blocking work on a pool of others. A
+        # model built on one thread and run on another computes with two OpenMP thread teams that compete
+        # for the cores (the DiT measured 1.38x slower on a CPU), so one thread of our own builds, warms up
+        # and runs the engine.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
+        self.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+        self.build_thread = 0
+        self.torch_threads = 0
+        self.generate_threads: set[int] = set()
         # Serve routes no request to a replica before its constructor returns: with --compile, the replica
         # has compiled its graphs before it serves.
-        # Each replica decides `auto` by its own host's device and CPU features.
-        chosen = choose_dtype(dtype, resolved)
-        self.engine = engine.start_engine(source, resolved, chosen.dtype, chosen.reason)
-        # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart.
+        self.engine = self._engine_thread.submit(
+            self._start_engine, source, device, dtype, torch_threads, engine
+        ).result()
+        self.device = str(self.engine.info.device)
+        # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart, and the GPU
+        # ids are the physical GPUs Ray reserved (the replica sees them as cuda:0...).
         node_ip = ray.util.get_node_ip_address()
-        self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{resolved}"
+        gpus = f"/gpu{','.join(self.gpu_ids)}" if self.gpu_ids else ""
+        self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{self.device}{gpus}"
         self.steps_run = 0
         self.batches_run = 0
         self._run_batch.set_max_batch_size(max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(max_batch_wait_seconds)
 
+    def _start_engine(
+        self, source: ModelSource, device: str, dtype: str, torch_threads: int, engine: EngineOptions
+    ) -> DiTEngine:
+        from zimage_split.devices import choose_dtype
+
+        self.build_thread = threading.get_ident()
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.torch_threads = torch.get_num_threads()
+        resolved = replica_device(device, self.gpu_ids)
+        # Each replica decides `auto` by its own host's device and CPU features.
+        chosen = choose_dtype(dtype, resolved)
+        return engine.start_engine(source, resolved, chosen.dtype, chosen.reason)
+
+    def _generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | None]:
+        self.generate_threads.add(threading.get_ident())
+        return self.engine.generate(jobs)
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica; a batch still running finishes on its own thread.
+        if hasattr(self, "_engine_thread"):
+            self._engine_thread.shutdown(wait=False, cancel_futures=True)
+
     def info(self) -> tuple[EngineInfo, dict[str, Any]]:
         return self.engine.info, {
             "replica": self.name,
             "pid": os.getpid(),
+            "device": self.device,
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "torch_threads": self.torch_threads,
+            "build_thread": self.build_thread,
+            "generate_threads": sorted(self.generate_threads),
             "steps_run": self.steps_run,
             "batches_run": self.batches_run,
         }
@@ -148,7 +215,7 @@ class DiTReplica:
             for i in indices
         ]
         started = time.perf_counter()
-        task = asyncio.ensure_future(asyncio.to_thread(self.engine.generate, engine_jobs))
+        task = loop.run_in_executor(self._engine_thread, self._generate, engine_jobs)
         task.add_done_callback(lambda _: events.put_nowait(None))
         while (event := await events.get()) is not None:
             index, step, total = event
