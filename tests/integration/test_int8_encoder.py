@@ -81,9 +81,12 @@ def test_the_service_reports_int8_and_keeps_its_keys_apart(
         with Client(generator=None, encoder=plain_address, timeout=60) as client:
             plain_info = client.encoder_info()
             (plain,) = client.encode(["a red fox"])
-        with Client(generator=None, encoder=f"{plain_address},{quantized_address}", timeout=60) as client:
-            with pytest.raises(InvalidArgument, match="quantization int8") as mixed:
-                client.check_encoders()
+        both = f"{plain_address},{quantized_address}"
+        with (
+            Client(generator=None, encoder=both, timeout=60) as client,
+            pytest.raises(InvalidArgument, match="quantization int8") as mixed,
+        ):
+            client.check_encoders()
     finally:
         loop_thread.run(server.stop(grace=0))
     assert (info["quantization"], info["dtype"]) == ("int8", "DTYPE_FLOAT32")
