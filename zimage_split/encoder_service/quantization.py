@@ -3,10 +3,13 @@ activations quantized per token on the fly (torchao), on the CPU, with everythin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.logs import NOISY_IMPORT_LOGGERS
 from zimage_split.common.vocabulary import QUANTIZATIONS
 
 if TYPE_CHECKING:
@@ -44,20 +47,30 @@ def check_device(quantize: str, device: torch.device) -> None:
         )
 
 
-def require_torchao() -> None:
-    """Imports torchao, or says how to install it. torchao's import logs a warning for each of its CUDA
-    kernel libraries that a CPU-only torch cannot load; none of them is used here."""
-    torchao_logger = logging.getLogger("torchao")
-    level = torchao_logger.level
-    torchao_logger.setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet_import_noise() -> Iterator[None]:
+    """Silences torchao's import-time warnings (common.logs says which) for callers that did not configure
+    logging through zsplit."""
+    loggers = [logging.getLogger(name) for name in NOISY_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        import torchao.quantization  # noqa: F401
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def require_torchao() -> None:
+    """Imports torchao, or says how to install it."""
+    try:
+        with _quiet_import_noise():
+            import torchao.quantization  # noqa: F401
     except ImportError as error:
         raise InvalidArgument(
             f"--quantize int8 needs torchao, which is not installed ({error}); {INSTALL_HINT}."
         ) from None
-    finally:
-        torchao_logger.setLevel(level)
 
 
 def quantize_model(model: torch.nn.Module, quantize: str) -> torch.nn.Module:
@@ -77,6 +90,7 @@ def quantize_model(model: torch.nn.Module, quantize: str) -> torch.nn.Module:
     require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    # set_inductor_config would change torch.compile's global settings; nothing here is compiled.
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    with _quiet_import_noise():  # torchao imports the int8 tensor's modules on first use
+        # set_inductor_config would change torch.compile's global settings; nothing here is compiled.
+        quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
     return model
