@@ -73,3 +73,16 @@ def test_only_a_quantized_encoder_changes_its_identity() -> None:
     assert encoder_identity(info | {"quantization": "int8"}) == before + "|int8"
     assert describe_identity(info).endswith("quantization none")
     assert describe_identity(info | {"quantization": "int8"}).endswith("quantization int8")
+
+
+def test_a_gpu_that_device_auto_picked_or_a_model_not_in_float32_is_refused() -> None:
+    import torch
+
+    from zimage_split.encoder_service.quantization import check_device, quantize_model
+
+    check_device("int8", torch.device("cpu"))
+    check_device("none", torch.device("cuda"))
+    with pytest.raises(InvalidArgument, match=r"--device auto picked cuda:0; add --device cpu"):
+        check_device("int8", torch.device("cuda:0"))
+    with pytest.raises(InvalidArgument, match="needs a float32 model on the CPU"):
+        quantize_model(torch.nn.Linear(4, 4).to(torch.bfloat16), "int8")
