@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import logging
 import os
 import statistics
 
@@ -33,6 +34,7 @@ from benchmarks.report import (
     standalone,
     write_json,
 )
+from zimage_split.common.logs import NOISY_IMPORT_LOGGERS
 
 RANDOM_WEIGHTS_CAVEAT = (
     "Random weights understate the error: real LLM weights and activations have outlier channels (values "
@@ -187,6 +189,8 @@ def measure(settings: Settings, **overrides: object) -> dict:
         raise ValueError(
             f"--quantize int8 runs on the CPU only; run this benchmark with --device cpu (got {settings.device})."
         )
+    for name in NOISY_IMPORT_LOGGERS:  # as `zsplit` does: torchao's import warnings say nothing here
+        logging.getLogger(name).setLevel(logging.ERROR)
     folder = model_folder(settings.model)
     machine = machine_info()
     texts = mixed_prompts(args.fidelity_prompts)
