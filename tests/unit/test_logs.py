@@ -75,3 +75,13 @@ def test_sane_request_ids_are_kept(given: str | bytes) -> None:
 def test_an_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="text"):
         configure_logging("INFO", "yaml")
+
+
+def test_torchaos_import_noise_is_kept_out_of_the_log_unless_debugging(json_lines) -> None:  # type: ignore[no-untyped-def]
+    logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
+    logging.getLogger("zimage_split.test").warning("kept")
+    assert [line["message"] for line in json_lines()] == ["kept"]
+    configure_logging("DEBUG", "json")
+    logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
+    assert [line["message"] for line in json_lines()] == ["Failed to load _C_mxfp8.so"]
+    configure_logging("INFO", "json")

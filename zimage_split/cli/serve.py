@@ -19,7 +19,13 @@ from zimage_split.cli.flags import (
 )
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.server import check_metrics_port
-from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS, DTYPES, GENERATOR_PORT, HTTP_PORT
+from zimage_split.common.vocabulary import (
+    DEFAULT_TIMEOUT_SECONDS,
+    DTYPES,
+    GENERATOR_PORT,
+    HTTP_PORT,
+    QUANTIZATIONS,
+)
 from zimage_split.dit_service.config import (
     ATTENTION_BACKENDS,
     VAE_TILING_MODES,
@@ -51,6 +57,13 @@ def _add_encoder(services: argparse._SubParsersAction) -> None:
         choices=("auto", *DTYPES),
         help="auto: bfloat16 on CUDA, MPS and CPUs with native bf16 matrix instructions (AMX-BF16, "
         "AVX512-BF16, Arm BF16), float32 on other CPUs (auto)",
+    )
+    encoder.add_argument(
+        "--quantize",
+        default=EncoderConfig.quantize,
+        choices=QUANTIZATIONS,
+        help="int8: int8 weights with dynamic int8 activations, CPU only, float32 elsewhere; needs "
+        f"pip install 'zimage-split[int8]' ({EncoderConfig.quantize})",
     )
     encoder.add_argument(
         "--hidden-layer",
@@ -285,6 +298,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
         hidden_layer=args.hidden_layer,
         max_sequence_length=args.max_sequence_length,
         cache_bytes=args.cache_mb << 20,

@@ -35,13 +35,24 @@ RESOLVE_INTERVAL_SECONDS = 1.0
 InfoCall = Callable[[str, "float | None"], Awaitable[dict[str, Any]]]
 
 
+def identity_fields(info: dict[str, Any]) -> dict[str, Any]:
+    """The Info fields that decide an encoder's output for a text. `quantization` is there only when the
+    encoder is quantized, so unquantized encoders keep the identity (and text keys) they always had."""
+    fields = {name: info.get(name, "") for name in IDENTITY_FIELDS}
+    if info.get("quantization", "none") not in ("", "none"):
+        fields["quantization"] = info["quantization"]
+    return fields
+
+
 def encoder_identity(info: dict[str, Any]) -> str:
     """The identity of an encoder from its Info: the fields that decide its output for a text."""
-    return "|".join(str(info.get(name, "")) for name in IDENTITY_FIELDS)
+    return "|".join(str(value) for value in identity_fields(info).values())
 
 
 def describe_identity(info: dict[str, Any]) -> str:
-    return ", ".join(f"{name} {info.get(name, '')}" for name in IDENTITY_FIELDS)
+    fields = identity_fields(info)
+    fields.setdefault("quantization", "none")
+    return ", ".join(f"{name} {value}" for name, value in fields.items())
 
 
 def parse_encoder_addresses(value: str) -> tuple[str, ...]:
@@ -193,9 +204,9 @@ class EncoderPool:
                 )
                 raise InvalidArgument(
                     f"The encoder at {member.address} serves {describe_identity(answer)}, but {other}. Every "
-                    "encoder address must serve the same model, dtype, hidden layer and max sequence length "
-                    f"(cached text embeddings are keyed by them): restart {member.address} with the same "
-                    "settings, or leave it out."
+                    "encoder address must serve the same model, dtype, quantization, hidden layer and max "
+                    f"sequence length (cached text embeddings are keyed by them): restart {member.address} "
+                    "with the same settings, or leave it out."
                 )
             member.verified = True
             self._mark_up(member)

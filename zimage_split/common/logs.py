@@ -21,6 +21,11 @@ _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("zsplit_request_id", default="")
 LOG_FORMATS = ("text", "json")
+# torchao (the [int8] extra) is imported by transformers and diffusers whenever it is installed, and warns at
+# import for each CUDA kernel library a CPU-only torch cannot load, for a missing Triton, and (through torch's
+# pytree) for each enum it registers; diffusers warns that torchao lacks tensor types it never uses here.
+# Nothing a user can act on; these records show at --log-level debug.
+NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao")
 
 
 def new_request_id() -> str:
@@ -115,6 +120,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if level.upper() == "DEBUG" else logging.ERROR)
     # Library warnings become log records too, so a JSON log stays all JSON.
     logging.captureWarnings(True)
 

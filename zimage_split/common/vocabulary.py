@@ -18,6 +18,9 @@ HTTP_PORT = 8000
 DEFAULT_TIMEOUT_SECONDS = 600.0
 # The tensor dtypes the services compute in and the wire carries (`--dtype`).
 DTYPES = ("bfloat16", "float16", "float32")
+# How the encoder's linear layers hold their weights (`--quantize`): "int8" is int8 weights with dynamic int8
+# activations, on the CPU only.
+QUANTIZATIONS = ("none", "int8")
 
 # How a prompt longer than max_sequence_length becomes exactly that many rows: "truncate" keeps the first
 # tokens (as diffusers), "interpolate" resamples linearly along the tokens, "pool" averages adaptively.

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from zimage_split.client.aio import AsyncClient
-from zimage_split.common.encoder_pool import IDENTITY_FIELDS, encoder_identity
+from zimage_split.common.encoder_pool import encoder_identity, identity_fields
 from zimage_split.common.errors import (
     EMBEDDING_UNKNOWN,
     DeadlineExceeded,
@@ -167,7 +167,7 @@ class EmbeddingStore:
             )
         identity = encoder_identity(info)
         if self.disk is not None and identity != self._encoder_identity:
-            fields = {field: info.get(field) for field in IDENTITY_FIELDS}
+            fields = identity_fields(info)
             try:
                 await asyncio.to_thread(self.disk.write_identity, identity, fields)
             except Unavailable as error:

@@ -9,6 +9,7 @@ from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ServerSecurity
 from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
 from zimage_split.common.vocabulary import ENCODER_PORT
+from zimage_split.encoder_service.quantization import check_quantize_setting
 
 MAX_PROMPTS_PER_CALL = 64
 # About 16k tokens of English: room for long prompts, far from what would tie up the tokenizer.
@@ -30,6 +31,8 @@ class EncoderConfig:
     device: str = "auto"
     # auto: bf16 on CUDA, MPS and CPUs with native bf16 matrix instructions, else fp32 (devices.choose_dtype).
     dtype: str = "auto"
+    # int8: int8 weights with dynamic int8 activations, CPU only, float32 elsewhere (quantization.py).
+    quantize: str = "none"
     hidden_layer: int = -2
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     cache_bytes: int = 1 << 30
@@ -52,6 +55,7 @@ class EncoderConfig:
                 f"--batching must be {' or '.join(ENCODE_BATCHING)} (got {self.batching!r}); exact keeps every "
                 "embedding bit-identical to its prompt encoded alone."
             )
+        check_quantize_setting(self.quantize, device=self.device, dtype=self.dtype)
         # Limits no request could meet fail here rather than after the model loads; the model's own caption
         # limit is checked once its config is read (servicer.check_default_length).
         check_bounds(

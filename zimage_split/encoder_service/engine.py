@@ -12,6 +12,7 @@ import torch
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import LONG_PROMPT_MODES
 from zimage_split.encoder_service.config import ENCODE_BATCHING
+from zimage_split.encoder_service.quantization import quantize_model
 from zimage_split.model_source import ModelSource, load_component
 from zimage_split.random_weights import load_config, materialize, meta_model
 
@@ -92,6 +93,7 @@ class TextEncoder:
         dtype: torch.dtype,
         hidden_layer: int = -2,
         batching: str = "exact",
+        quantize: str = "none",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -104,6 +106,7 @@ class TextEncoder:
         self.model_id = source.model_id
         self.device = device
         self.dtype = dtype
+        self.quantize = quantize
         self.tokenizer = load_component(
             source, "tokenizer", lambda loc, sub: AutoTokenizer.from_pretrained(loc, subfolder=sub)
         )
@@ -135,7 +138,7 @@ class TextEncoder:
             # The kept layers get the same weights as in a full build (reference_pipeline) on this device.
             materialize(model, seed=seed, component="text_encoder", device=device)
         self.layers_loaded = keep
-        self.model = model.to(device).eval()
+        self.model = quantize_model(model.to(device).eval(), quantize)
         self.hidden_size = int(model.config.hidden_size)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.forward_passes = 0
@@ -186,11 +189,13 @@ class TextEncoder:
         max_sequence_length: int,
         long_prompt_mode: str = "truncate",
     ) -> str:
-        """Only interpolated and pooled prompts hash their mode: truncated ones, and prompts that fit (which
-        every mode encodes alike), keep the keys they always had."""
+        """Only interpolated and pooled prompts hash their mode, and only quantized encoders their
+        quantization: the other keys stay what they always were."""
         parts = [self.model_id, formatted_text, str(hidden_layer), str(max_sequence_length), self.dtype_name]
         if long_prompt_mode != "truncate":
             parts.append(long_prompt_mode)
+        if self.quantize != "none":
+            parts.append(f"quantize={self.quantize}")
         digest = hashlib.sha256()
         for part in parts:
             encoded = part.encode("utf-8")

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.server import (
@@ -17,9 +19,10 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
-from zimage_split.devices import choose_dtype, pick_device, torch_thread
+from zimage_split.devices import DtypeChoice, choose_dtype, pick_device, torch_thread
 from zimage_split.encoder_service.config import EncoderConfig
 from zimage_split.encoder_service.engine import TextEncoder
+from zimage_split.encoder_service.quantization import check_device, require_torchao
 from zimage_split.encoder_service.servicer import (
     DEFAULT_MAX_SEQUENCE_LENGTH_LIMIT,
     EncoderServicer,
@@ -86,7 +89,14 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     check_default_length(config.max_sequence_length, limit, source.model_id)
     device = pick_device(config.device)
     dtype = choose_dtype(config.dtype, device)
-    logger.info("Encoder dtype %s (%s)", dtype.name, dtype.reason)
+    if config.quantize != "none":
+        check_device(config.quantize, device)
+        require_torchao()
+        if config.dtype == "auto":
+            dtype = DtypeChoice(
+                torch.float32, f"auto: --quantize {config.quantize} computes its activations in float32"
+            )
+    logger.info("Encoder dtype %s (%s), quantize %s", dtype.name, dtype.reason, config.quantize)
     thread = torch_thread("encoder")
     try:
         encoder = await asyncio.get_running_loop().run_in_executor(
@@ -97,6 +107,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
                 dtype=dtype.dtype,
                 hidden_layer=config.hidden_layer,
                 batching=config.batching,
+                quantize=config.quantize,
             ),
         )
     except BaseException:
@@ -131,10 +142,11 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     encoder.forward_passes = 0
     await running.set_serving()
     logger.info(
-        "Encoder %s on %s (%s, %s batching, layer %d, %d layers kept) listening on %s:%d (%s)",
+        "Encoder %s on %s (%s, quantize %s, %s batching, layer %d, %d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
         dtype.name,
+        config.quantize,
         encoder.batching,
         encoder.hidden_layer,
         encoder.layers_loaded,

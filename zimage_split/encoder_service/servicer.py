@@ -240,6 +240,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             hidden_size=self.encoder.hidden_size,
             dtype=wire.dtype_to_proto(self.encoder.dtype),  # type: ignore[arg-type]
             dtype_reason=self.dtype_reason,
+            quantization=self.encoder.quantize,
             hidden_layer=self.encoder.hidden_layer,
             max_sequence_length=self.max_sequence_length,
             device=str(self.encoder.device),

@@ -80,7 +80,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "hidden_size", "dtype", "hidden_layer", "max_sequence_length", "device", "layers_loaded", "cache_hits", "cache_misses", "prompts_encoded", "forward_passes", "parameter_count", "components", "max_sequence_length_limit", "dtype_reason")
+    __slots__ = ("model_id", "hidden_size", "dtype", "hidden_layer", "max_sequence_length", "device", "layers_loaded", "cache_hits", "cache_misses", "prompts_encoded", "forward_passes", "parameter_count", "components", "max_sequence_length_limit", "dtype_reason", "quantization")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class InfoResponse(_message.Message):
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_LIMIT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     hidden_size: int
     dtype: _tensor_pb2.DType
@@ -111,4 +112,5 @@ class InfoResponse(_message.Message):
     components: _containers.RepeatedScalarFieldContainer[str]
     max_sequence_length_limit: int
     dtype_reason: str
-    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hidden_layer: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., layers_loaded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., prompts_encoded: _Optional[int] = ..., forward_passes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_sequence_length_limit: _Optional[int] = ..., dtype_reason: _Optional[str] = ...) -> None: ...
+    quantization: str
+    def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., hidden_layer: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., layers_loaded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., prompts_encoded: _Optional[int] = ..., forward_passes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_sequence_length_limit: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
