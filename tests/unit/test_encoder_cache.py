@@ -53,7 +53,8 @@ async def encode(
     request = encoder_pb2.EncodeRequest(prompts=[text], options=encoder_pb2.EncodeOptions(**options))
     responses = [response async for response in servicer.Encode(request, Context())]  # type: ignore[arg-type]
     header = responses[0].header
-    data = b"".join(response.chunk for response in responses[1:])
+    # The chunks are messages wire.freeze wrote, which the server sends as they are.
+    data = b"".join(encoder_pb2.EncodeResponse.FromString(message).chunk for message in responses[1:])
     assert blake3(data).hexdigest() == header.tensor.blake3 and header.tensor.sha256 == ""
     return header, data
 

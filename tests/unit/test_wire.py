@@ -4,6 +4,8 @@ import pytest
 import torch
 from blake3 import blake3
 
+from zimage_split._proto.encoder.v1 import encoder_pb2
+from zimage_split._proto.generator.v1 import generator_pb2
 from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument
@@ -152,16 +154,67 @@ def test_unsupported_tensor_dtype_is_refused_by_the_sender() -> None:
         wire.describe(torch.zeros(2, 2, dtype=torch.int64))
 
 
-def test_frozen_tensor_is_a_copy_in_wire_chunks_with_the_same_header_and_bytes() -> None:
+def test_frozen_tensor_is_a_copy_in_chunk_messages_with_the_same_header_and_bytes() -> None:
     tensor = torch.randn(700, 1000).to(torch.bfloat16)
     meta, payload = wire.describe(tensor)
     frozen = wire.freeze(tensor)
-    assert frozen.meta == meta and frozen.chunks == tuple(wire.iter_chunks(payload))
-    assert len(frozen.chunks) == 2 and all(isinstance(chunk, bytes) for chunk in frozen.chunks)
-    data = b"".join(frozen.chunks)
+    assert frozen.meta == meta and len(frozen.chunk_messages) == 2
+    # Exactly what protobuf writes for EncodeResponse(chunk=...), so any peer reads them.
+    assert frozen.chunk_messages == tuple(
+        encoder_pb2.EncodeResponse(chunk=chunk).SerializeToString() for chunk in wire.iter_chunks(payload)
+    )
+    data = b"".join(encoder_pb2.EncodeResponse.FromString(message).chunk for message in frozen.chunk_messages)
     tensor.zero_()  # the copy does not follow the tensor, so its checksum stays true
     assert frozen.meta.blake3 == blake3(data).hexdigest()
     assembler = wire.TensorAssembler(frozen.meta)
-    for chunk in frozen.chunks:
+    for message in frozen.chunk_messages:
+        chunk = wire.decode_chunk_message(message)
+        assert chunk is not None
         assembler.add(chunk)
     assert assembler.finish().view(torch.uint8).numpy().tobytes() == data
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 300, 16383, 16384, 2097151, 2097152, wire.CHUNK_BYTES])
+def test_chunk_messages_are_what_protobuf_writes_and_read_back_without_a_copy(length: int) -> None:
+    piece = bytes(range(256)) * (length // 256) + bytes(length % 256)
+    message = wire.encode_chunk_message(memoryview(piece))
+    for message_type in (encoder_pb2.EncodeResponse, generator_pb2.UploadEmbeddingRequest):
+        assert message == message_type(chunk=piece).SerializeToString()
+        assert message_type.FromString(message).chunk == piece
+    chunk = wire.decode_chunk_message(message)
+    assert isinstance(chunk, memoryview) and chunk == piece and chunk.obj is message
+
+
+def test_other_messages_are_left_to_protobuf() -> None:
+    header = encoder_pb2.EncodeResponse(
+        header=encoder_pb2.EmbeddingHeader(prompt_index=3)
+    ).SerializeToString()
+    chunk = wire.encode_chunk_message(b"abcdef")
+    unknown_field_after = (
+        chunk + generator_pb2.UploadEmbeddingRequest(header=generator_pb2.UploadHeader()).SerializeToString()
+    )
+    for message in (
+        header,
+        b"",
+        chunk[:-1],
+        chunk + b"\0",
+        unknown_field_after,
+        b"\x12",
+        b"\x12" + b"\xff" * 11,
+    ):
+        assert wire.decode_chunk_message(message) is None, message[:20]
+    read = wire.read_chunk_or(encoder_pb2.EncodeResponse.FromString)
+    assert read(header) == encoder_pb2.EncodeResponse(header=encoder_pb2.EmbeddingHeader(prompt_index=3))
+    assert read(chunk) == b"abcdef" and isinstance(read(chunk), memoryview)
+    assert wire.write_message(chunk) is chunk
+    assert wire.write_message(encoder_pb2.EncodeResponse.FromString(header)) == header
+
+
+def test_chunk_message_methods_name_the_calls_of_the_protos() -> None:
+    encode = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].methods_by_name["Encode"]
+    upload = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].methods_by_name["UploadEmbedding"]
+    assert f"/{encode.containing_service.full_name}/{encode.name}" == wire.ENCODE_METHOD
+    assert f"/{upload.containing_service.full_name}/{upload.name}" == wire.UPLOAD_EMBEDDING_METHOD
+    for method in (encode.output_type, upload.input_type):
+        field = method.fields_by_name["chunk"]
+        assert field.number == wire.CHUNK_FIELD_NUMBER and field.containing_oneof is not None

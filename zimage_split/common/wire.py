@@ -11,11 +11,12 @@ import hashlib
 import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from blake3 import blake3
+from google.protobuf.message import Message
 
 from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
@@ -39,6 +40,7 @@ DTYPE_CODES = {
 # key of the old scheme simply misses.
 EMBEDDING_KEY_PREFIX = "b3-"
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+M = TypeVar("M", bound=Message)
 
 if TYPE_CHECKING:
     import torch
@@ -115,18 +117,23 @@ def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
 
 @dataclass(frozen=True)
 class FrozenTensor:
-    """A tensor's header fields and its bytes, already cut into the chunks that go on the wire: `bytes`
-    cannot change, so the checksum stays true however often it is sent, and a send copies nothing."""
+    """A tensor's header fields and its bytes, already written as the chunk messages that go on the wire
+    (encode_chunk_message): `bytes` cannot change, so the checksum stays true however often it is sent, and
+    a send copies nothing."""
 
     meta: TensorMeta
-    chunks: tuple[bytes, ...]
+    chunk_messages: tuple[bytes, ...]
 
 
 def freeze(tensor: torch.Tensor) -> FrozenTensor:
     """Copies, chunks and hashes `tensor` once, for a tensor sent many times (the encoder's cache)."""
     dtype_to_proto(tensor.dtype)
     payload = payload_view(tensor)
-    return FrozenTensor(_meta(tensor, payload), tuple(iter_chunks(payload)))
+    messages = (
+        encode_chunk_message(payload[start : start + CHUNK_BYTES])
+        for start in range(0, payload.nbytes, CHUNK_BYTES)
+    )
+    return FrozenTensor(_meta(tensor, payload), tuple(messages))
 
 
 def checksum(payload: bytes | memoryview) -> str:
@@ -161,6 +168,62 @@ def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> 
     view = memoryview(payload)  # slicing a view copies nothing; bytes() then copies each chunk once
     for start in range(0, view.nbytes, chunk_bytes):
         yield bytes(view[start : start + chunk_bytes])
+
+
+# UploadEmbeddingRequest and EncodeResponse carry a tensor's bytes as `bytes chunk = 2` in their oneof. Those
+# messages are written and read here rather than by protobuf, whose runtime copies every chunk into a message
+# and out of it again: two extra copies of the payload on each side. The bytes on the wire are the same, so
+# peers that use protobuf for them read and write them as ever.
+CHUNK_FIELD_NUMBER = 2
+_CHUNK_TAG = bytes([CHUNK_FIELD_NUMBER << 3 | 2])  # wire type 2: length-delimited
+# The calls that carry those messages: the SDK and the services use wire.write_message and
+# wire.read_chunk_or as their serializers (tests/unit/test_wire.py checks the names against the protos).
+ENCODE_METHOD = "/zimage.encoder.v1.EncoderService/Encode"
+UPLOAD_EMBEDDING_METHOD = "/zimage.generator.v1.GeneratorService/UploadEmbedding"
+CHUNK_MESSAGE_METHODS = (ENCODE_METHOD, UPLOAD_EMBEDDING_METHOD)
+
+
+def encode_chunk_message(piece: bytes | memoryview) -> bytes:
+    """The serialized message whose one field is `chunk = piece` (what SerializeToString gives), in one
+    copy of `piece`."""
+    length = memoryview(piece).nbytes
+    prefix = bytearray(_CHUNK_TAG)
+    while length >= 0x80:  # base-128 varint, low group first
+        prefix.append(length & 0x7F | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + piece
+
+
+def decode_chunk_message(serialized: bytes) -> memoryview | None:
+    """The chunk of a serialized message that holds a `chunk` field and nothing else, as a view into
+    `serialized` (no copy); None for any other message, which protobuf then parses."""
+    if not serialized.startswith(_CHUNK_TAG):
+        return None
+    length = shift = 0
+    for offset in range(1, min(len(serialized), 11)):  # a 64-bit varint takes at most 10 bytes
+        byte = serialized[offset]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            start = offset + 1
+            return memoryview(serialized)[start:] if len(serialized) - start == length else None
+    return None
+
+
+def write_message(message: bytes | Message) -> bytes:
+    """A request or response serializer that passes messages encode_chunk_message already wrote."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def read_chunk_or(parse: Callable[[bytes], M]) -> Callable[[bytes], M | memoryview]:
+    """A deserializer that gives a chunk message's bytes as a memoryview and parses any other message."""
+
+    def read(serialized: bytes) -> M | memoryview:
+        chunk = decode_chunk_message(serialized)
+        return parse(serialized) if chunk is None else chunk
+
+    return read
 
 
 def meta_to_proto(meta: TensorMeta) -> tensor_pb2.TensorHeader:
@@ -241,7 +304,7 @@ class TensorAssembler:
     def complete(self) -> bool:
         return self._received == self.meta.byte_length
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
         if end > self.meta.byte_length:
             raise InvalidArgument(

@@ -101,8 +101,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[wire.FrozenTensor]:
         self.prompts_encoded += len(prompts)
-        # Copied to immutable 1 MiB chunks and hashed once, here on the batcher's thread: a cache hit then
-        # sends them as they are, and nothing can change them under their checksum.
+        # Copied to immutable 1 MiB chunk messages and hashed once, here on the batcher's thread: a cache hit
+        # then sends them as they are, and nothing can change them under their checksum.
         return [wire.freeze(embedding) for embedding in self.encoder.encode(prompts)]
 
     def _observe_batch(self, queue_seconds: list[float], run_seconds: float) -> None:
@@ -190,7 +190,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def Encode(
         self, request: encoder_pb2.EncodeRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[encoder_pb2.EncodeResponse]:
+    ) -> AsyncIterator[encoder_pb2.EncodeResponse | bytes]:
+        """Streams each prompt's header, then its chunk messages (bytes, written by wire.freeze)."""
         prompts = self._tokenize_request(request)
         remaining = context.time_remaining()
         logger.debug(
@@ -225,8 +226,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 )
             )
             self.metrics.count_bytes("sent", "embedding", meta.byte_length)
-            for chunk in item.embedding.chunks:
-                yield encoder_pb2.EncodeResponse(chunk=chunk)
+            # Written once by wire.freeze; common.interceptors.ChunkMessages sends them as they are.
+            for message in item.embedding.chunk_messages:
+                yield message
 
     async def Info(
         self, request: encoder_pb2.InfoRequest, context: aio.ServicerContext
