@@ -4,13 +4,15 @@ The tensor is the real model's largest prompt embedding, 512 x 2560 bfloat16 (2,
 of the paths an embedding travels:
 
 - upload (client -> generator): `AsyncClient.upload(tensor)` to a real generator server. Included: tensor
-  to bytes (a zero-copy view), BLAKE3 on the sender, a header and 1 MiB chunk protobuf messages, the
-  server's interceptors, the generator joining and hashing the chunks and checking the header, back to a
+  to bytes (a zero-copy view), BLAKE3 on the sender, a header message and 1 MiB chunk messages (written by
+  wire.encode_chunk_message, read by wire.decode_chunk_message), the server's interceptors, the generator
+  joining and hashing the chunks and checking the header, back to a
   torch tensor, `validate_embedding` (shape, token count, every value finite) and the cache put.
 - encode (encoder -> client): `AsyncClient.encode(prompt)` for a prompt already in the encoder's cache.
   Included: the request, the chat template and tokenizer (cached per prompt text), the cache hit (which
-  holds the bytes, cut into chunks, and their BLAKE3 made once, so the sender does not hash again), a header
-  and chunk messages, the client joining and hashing the chunks and checking BLAKE3, back to a tensor.
+  holds the bytes, already written as chunk messages, and their BLAKE3 made once, so the sender neither
+  hashes nor copies again), a header and the chunk messages, the client joining and hashing the chunks and
+  checking BLAKE3, back to a tensor.
 
 An embedding is as wide as the text encoder's hidden size, and the generator refuses one that does not
 match its DiT's `cap_feat_dim`. So both services load the tiny random model widened to the real 2560 (the
@@ -77,7 +79,8 @@ PATHS = {
     "upload": {
         "direction": "client -> generator (client stream)",
         "ours": "AsyncClient.upload(tensor) to the generator's UploadEmbedding: wire.describe (zero-copy "
-        "bytes view, BLAKE3), header + 1 MiB chunk protobuf messages, the server's interceptors, "
+        "bytes view, BLAKE3), a header message + 1 MiB chunk messages (wire.encode_chunk_message), the "
+        "server's interceptors, "
         "wire.TensorAssembler (joins and hashes the chunks, BLAKE3 check), torch.frombuffer, validate_embedding "
         "(shape, tokens, every value finite), the generator's LRU put; the reply is the key",
         "raw": "1 MiB bytes slices streamed (no serializer) to a generic stream_unary handler that joins "
@@ -87,9 +90,9 @@ PATHS = {
     "encode": {
         "direction": "encoder -> client (server stream)",
         "ours": "AsyncClient.encode(prompt) for a prompt already in the encoder's cache: the request, chat "
-        "template and tokenizer (cached), the cache hit (chunks and BLAKE3 made once), header + 1 MiB "
-        "chunk protobuf messages, read_embedding_stream (joins and hashes the chunks, BLAKE3 check, "
-        "torch.frombuffer)",
+        "template and tokenizer (cached), the cache hit (chunk messages and BLAKE3 made once), a header "
+        "message + the 1 MiB chunk messages, read_embedding_stream (joins and hashes the chunks, BLAKE3 "
+        "check, torch.frombuffer)",
         "raw": "a generic unary_stream handler yields 1 MiB slices of a bytes object (no serializer); the "
         "client joins them into one bytes object",
         "raw_blake3": "raw, with the payload hashed per call and its hex BLAKE3 sent first, the chunks "
