@@ -4,13 +4,15 @@ The tensor is the real model's largest prompt embedding, 512 x 2560 bfloat16 (2,
 of the paths an embedding travels:
 
 - upload (client -> generator): `AsyncClient.upload(tensor)` to a real generator server. Included: tensor
-  to bytes (a zero-copy view), sha256 on the sender, a header and 1 MiB chunk protobuf messages, the
-  server's interceptors, the generator joining the chunks and checking the header and sha256, back to a
+  to bytes (a zero-copy view), BLAKE3 on the sender, a header message and 1 MiB chunk messages (written by
+  wire.encode_chunk_message, read by wire.decode_chunk_message), the server's interceptors, the generator
+  joining and hashing the chunks and checking the header, back to a
   torch tensor, `validate_embedding` (shape, token count, every value finite) and the cache put.
 - encode (encoder -> client): `AsyncClient.encode(prompt)` for a prompt already in the encoder's cache.
   Included: the request, the chat template and tokenizer (cached per prompt text), the cache hit (which
-  holds the bytes and sha256 made once, so the sender does not hash again), a header and chunk messages,
-  the client joining the chunks and checking sha256, back to a tensor.
+  holds the bytes, already written as chunk messages, and their BLAKE3 made once, so the sender neither
+  hashes nor copies again), a header and the chunk messages, the client joining and hashing the chunks and
+  checking BLAKE3, back to a tensor.
 
 An embedding is as wide as the text encoder's hidden size, and the generator refuses one that does not
 match its DiT's `cap_feat_dim`. So both services load the tiny random model widened to the real 2560 (the
@@ -22,12 +24,13 @@ server and channel options, the same 1 MiB chunks and the same direction. Upload
 one bytes object on the server, which answers its length; download streams slices of a bytes object and
 the client joins them. The target is ours / raw.
 
-raw_sha256, for reading the gap only: raw plus what our wire format's integrity check costs, the sender
-hashing the whole payload and sending the hex digest first, the receiver hashing the chunks as they arrive
-and comparing.
+raw_blake3, for reading the gap only: raw plus what our wire format's integrity check costs, the sender
+hashing the whole payload with BLAKE3 and sending the hex digest first, the receiver hashing the chunks as
+they arrive and comparing.
 
 Each round times `transfers` back-to-back transfers of each side of each path, the sides in turn and their
-order reversed every round. The JSON also times sha256, validate_embedding and the tokenizer on their own.
+order reversed every round. The JSON also times BLAKE3 (and sha256, the checksum before it),
+validate_embedding and the tokenizer on their own.
 
     python -m benchmarks.bench_transfer --rounds 30
 """
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from blake3 import blake3
 from grpc import aio
 
 from benchmarks.report import (
@@ -63,7 +67,7 @@ from benchmarks.report import (
 )
 
 TARGET_RATIO = 0.8  # ours / raw, median MB/s, on each path
-SIDES = ("ours", "raw", "raw_sha256")
+SIDES = ("ours", "raw", "raw_blake3")
 HIDDEN_SIZE = 2560  # Qwen3-4B's hidden size: Z-Image's cap_feat_dim
 DEFAULTS = {"rounds": 30, "warmup": 1, "transfers": 10, "tokens": 512}
 QUICK = {"warmup": 1, "transfers": 2, "tokens": 16}
@@ -75,21 +79,23 @@ PATHS = {
     "upload": {
         "direction": "client -> generator (client stream)",
         "ours": "AsyncClient.upload(tensor) to the generator's UploadEmbedding: wire.describe (zero-copy "
-        "bytes view, sha256), header + 1 MiB chunk protobuf messages, the server's interceptors, "
-        "wire.TensorAssembler (joins the chunks, sha256 check), torch.frombuffer, validate_embedding "
+        "bytes view, BLAKE3), a header message + 1 MiB chunk messages (wire.encode_chunk_message), the "
+        "server's interceptors, "
+        "wire.TensorAssembler (joins and hashes the chunks, BLAKE3 check), torch.frombuffer, validate_embedding "
         "(shape, tokens, every value finite), the generator's LRU put; the reply is the key",
         "raw": "1 MiB bytes slices streamed (no serializer) to a generic stream_unary handler that joins "
         "them into one bytes object and answers its length",
-        "raw_sha256": "raw, with the payload's hex sha256 sent first and the chunks hashed on arrival",
+        "raw_blake3": "raw, with the payload's hex BLAKE3 sent first and the chunks hashed on arrival",
     },
     "encode": {
         "direction": "encoder -> client (server stream)",
         "ours": "AsyncClient.encode(prompt) for a prompt already in the encoder's cache: the request, chat "
-        "template and tokenizer (cached), the cache hit (bytes and sha256 made once), header + 1 MiB "
-        "chunk protobuf messages, read_embedding_stream (joins the chunks, sha256 check, torch.frombuffer)",
+        "template and tokenizer (cached), the cache hit (chunk messages and BLAKE3 made once), a header "
+        "message + the 1 MiB chunk messages, read_embedding_stream (joins and hashes the chunks, BLAKE3 "
+        "check, torch.frombuffer)",
         "raw": "a generic unary_stream handler yields 1 MiB slices of a bytes object (no serializer); the "
         "client joins them into one bytes object",
-        "raw_sha256": "raw, with the payload hashed per call and its hex sha256 sent first, the chunks "
+        "raw_blake3": "raw, with the payload hashed per call and its hex BLAKE3 sent first, the chunks "
         "hashed on arrival",
     },
 }
@@ -146,8 +152,8 @@ async def start_raw_server(payload: bytes, chunk_bytes: int, server_options: lis
         for start in range(0, len(payload), chunk_bytes):
             yield payload[start : start + chunk_bytes]
 
-    async def upload_sha256(messages: AsyncIterator[bytes], context: aio.ServicerContext) -> bytes:
-        digest, hasher, chunks = None, hashlib.sha256(), []
+    async def upload_blake3(messages: AsyncIterator[bytes], context: aio.ServicerContext) -> bytes:
+        digest, hasher, chunks = None, blake3(), []
         async for message in messages:
             if digest is None:
                 digest = message.decode()
@@ -156,11 +162,11 @@ async def start_raw_server(payload: bytes, chunk_bytes: int, server_options: lis
                 chunks.append(message)
         data = b"".join(chunks)
         if hasher.hexdigest() != digest:
-            await context.abort(grpc.StatusCode.DATA_LOSS, "sha256 mismatch")
+            await context.abort(grpc.StatusCode.DATA_LOSS, "BLAKE3 mismatch")
         return len(data).to_bytes(8, "little")
 
-    async def download_sha256(request: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
-        yield hashlib.sha256(payload).hexdigest().encode()
+    async def download_blake3(request: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield blake3(payload).hexdigest().encode()
         for start in range(0, len(payload), chunk_bytes):
             yield payload[start : start + chunk_bytes]
 
@@ -168,8 +174,8 @@ async def start_raw_server(payload: bytes, chunk_bytes: int, server_options: lis
     handlers = {
         "Upload": grpc.stream_unary_rpc_method_handler(upload),
         "Download": grpc.unary_stream_rpc_method_handler(download),
-        "UploadSha256": grpc.stream_unary_rpc_method_handler(upload_sha256),
-        "DownloadSha256": grpc.unary_stream_rpc_method_handler(download_sha256),
+        "UploadBlake3": grpc.stream_unary_rpc_method_handler(upload_blake3),
+        "DownloadBlake3": grpc.unary_stream_rpc_method_handler(download_blake3),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -227,8 +233,8 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
         raw_channel = aio.insecure_channel(f"127.0.0.1:{raw_port}", options=CHANNEL_OPTIONS)
         raw_upload = raw_channel.stream_unary(f"/{RAW_SERVICE}/Upload")
         raw_download = raw_channel.unary_stream(f"/{RAW_SERVICE}/Download")
-        raw_upload_sha256 = raw_channel.stream_unary(f"/{RAW_SERVICE}/UploadSha256")
-        raw_download_sha256 = raw_channel.unary_stream(f"/{RAW_SERVICE}/DownloadSha256")
+        raw_upload_blake3 = raw_channel.stream_unary(f"/{RAW_SERVICE}/UploadBlake3")
+        raw_download_blake3 = raw_channel.unary_stream(f"/{RAW_SERVICE}/DownloadBlake3")
 
         async def ours_upload() -> None:
             if await client.upload(embedding) != expected_key:
@@ -254,19 +260,19 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
             if len(b"".join([chunk async for chunk in call])) != len(payload):
                 raise RuntimeError("the raw client received another byte count")
 
-        async def raw_upload_sha256_once() -> None:
+        async def raw_upload_blake3_once() -> None:
             async def messages() -> AsyncIterator[bytes]:
-                yield hashlib.sha256(payload).hexdigest().encode()
+                yield blake3(payload).hexdigest().encode()
                 for start in range(0, len(payload), wire.CHUNK_BYTES):
                     yield payload[start : start + wire.CHUNK_BYTES]
 
-            reply = await raw_upload_sha256(messages(), timeout=DEFAULT_TIMEOUT_SECONDS)
+            reply = await raw_upload_blake3(messages(), timeout=DEFAULT_TIMEOUT_SECONDS)
             if int.from_bytes(reply, "little") != len(payload):
                 raise RuntimeError("the raw server received another byte count")
 
-        async def raw_download_sha256_once() -> None:
-            call = raw_download_sha256(b"", timeout=DEFAULT_TIMEOUT_SECONDS)
-            digest, hasher, chunks = None, hashlib.sha256(), []
+        async def raw_download_blake3_once() -> None:
+            call = raw_download_blake3(b"", timeout=DEFAULT_TIMEOUT_SECONDS)
+            digest, hasher, chunks = None, blake3(), []
             async for message in call:
                 if digest is None:
                     digest = message.decode()
@@ -277,8 +283,8 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
                 raise RuntimeError("the raw client received other bytes")
 
         calls: dict[str, dict[str, Callable[[], Awaitable[None]]]] = {
-            "upload": {"ours": ours_upload, "raw": raw_upload_once, "raw_sha256": raw_upload_sha256_once},
-            "encode": {"ours": ours_encode, "raw": raw_download_once, "raw_sha256": raw_download_sha256_once},
+            "upload": {"ours": ours_upload, "raw": raw_upload_once, "raw_blake3": raw_upload_blake3_once},
+            "encode": {"ours": ours_encode, "raw": raw_download_once, "raw_blake3": raw_download_blake3_once},
         }
 
         async def timed(call: Callable[[], Awaitable[None]]) -> dict:
@@ -301,7 +307,7 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
             label = "warm-up" if index < 0 else f"round {index + 1}/{args.rounds}"
             figures = "  ".join(
                 f"{path}: ours {row[path]['ours']['mb_per_s']:4.0f} raw {row[path]['raw']['mb_per_s']:4.0f} "
-                f"raw+sha256 {row[path]['raw_sha256']['mb_per_s']:4.0f} MB/s ({row[path]['ratio']:.2f})"
+                f"raw+blake3 {row[path]['raw_blake3']['mb_per_s']:4.0f} MB/s ({row[path]['ratio']:.2f})"
                 for path in calls
             )
             print(f"{label:>12}: {figures}", flush=True)
@@ -312,6 +318,8 @@ async def run(args: argparse.Namespace, folder: Path) -> tuple[dict, list[dict],
         repeats = max(3, args.transfers)
         store, text_encoder = generator.servicer.store, encoder.servicer.encoder
         steps = {
+            "blake3_one_side_ms": median_ms(lambda: blake3(view).hexdigest(), repeats),
+            # The checksum before BLAKE3, for comparison.
             "sha256_one_side_ms": median_ms(lambda: hashlib.sha256(view).hexdigest(), repeats),
             "validate_embedding_ms": median_ms(lambda: store.check(embedding, "embedding"), repeats),
             "torch_threads": torch.get_num_threads(),
@@ -364,8 +372,8 @@ def path_summary(rounds: list[dict], path: str) -> dict:
         "ratio_per_round": ratios,
         "ratio_per_round_median": statistics.median(ratios),
         "target_met": ratio >= TARGET_RATIO,
-        # Not the target: how close ours comes to raw gRPC that pays for the same sha256 check.
-        "ratio_to_raw_sha256": figures["ours_mb_per_s"]["median"] / figures["raw_sha256_mb_per_s"]["median"],
+        # Not the target: how close ours comes to raw gRPC that pays for the same BLAKE3 check.
+        "ratio_to_raw_blake3": figures["ours_mb_per_s"]["median"] / figures["raw_blake3_mb_per_s"]["median"],
     }
 
 
@@ -386,8 +394,8 @@ def measure(settings: Settings, **overrides: object) -> dict:
         "benchmark": "transfer",
         "description": "embedding transfer throughput on loopback (MB/s, 1e6 bytes per MB): the SDK's upload "
         "to the generator and the encoder's Encode stream from its cache, each against raw gRPC bytes (no "
-        "codec) in the same direction, with the same 1 MiB chunks and channel options; raw_sha256 (raw plus "
-        "the same sha256 check) is there to read the gap, not for the target",
+        "codec) in the same direction, with the same 1 MiB chunks and channel options; raw_blake3 (raw plus "
+        "the same BLAKE3 check) is there to read the gap, not for the target",
         "machine": machine | {"load_average_at_end": list(os.getloadavg())},
         "model": "the tiny random model widened to hidden size and cap_feat_dim 2560, in a temporary folder "
         f"(the weights play no part in a transfer; --model {settings.model!r} is not used)",
@@ -433,7 +441,7 @@ def headline(result: dict) -> list[dict]:
                 target=f">= {TARGET_RATIO}",
                 target_met=figures["target_met"],
                 note=f"{figures['direction']}; median per-round ratio {figures['ratio_per_round_median']:.3f}; "
-                f"raw with the same sha256 check {figures['raw_sha256_mb_per_s']['median']:.0f} MB/s",
+                f"raw with the same BLAKE3 check {figures['raw_blake3_mb_per_s']['median']:.0f} MB/s",
             )
         )
     return rows
@@ -441,17 +449,18 @@ def headline(result: dict) -> list[dict]:
 
 def print_table(result: dict) -> None:
     print(
-        f"\n{'path':<8} {'ours MB/s':>10} {'raw MB/s':>10} {'ratio':>7}  {'target':<12} {'raw+sha256 MB/s':>16}"
+        f"\n{'path':<8} {'ours MB/s':>10} {'raw MB/s':>10} {'ratio':>7}  {'target':<12} {'raw+blake3 MB/s':>16}"
     )
     for path, figures in result["paths"].items():
         met = f">= {TARGET_RATIO} " + ("met" if figures["target_met"] else "not met")
         print(
             f"{path:<8} {figures['ours_mb_per_s']['median']:10.1f} {figures['raw_mb_per_s']['median']:10.1f} "
-            f"{figures['ratio_of_medians']:7.3f}  {met:<12} {figures['raw_sha256_mb_per_s']['median']:16.1f}"
+            f"{figures['ratio_of_medians']:7.3f}  {met:<12} {figures['raw_blake3_mb_per_s']['median']:16.1f}"
         )
     steps = result["steps_timed_alone"]
     print(
-        f"timed alone: sha256 {steps['sha256_one_side_ms']:.2f} ms (one side), validate_embedding "
+        f"timed alone: blake3 {steps['blake3_one_side_ms']:.2f} ms (one side; sha256 "
+        f"{steps['sha256_one_side_ms']:.2f}), validate_embedding "
         f"{steps['validate_embedding_ms']:.2f} ms ({steps['torch_threads']} torch threads), tokenize "
         f"{steps['tokenize_prompt_ms']:.2f} ms"
     )

@@ -135,10 +135,56 @@ def test_truncated_chunk_stream(stub, client) -> None:  # type: ignore[no-untype
 def test_corrupted_chunk_is_data_loss(stub, client) -> None:  # type: ignore[no-untyped-def]
     tensor = torch.randn(4, 16)
     message = header_for(tensor)
-    message.header.tensor.sha256 = hashlib.sha256(b"something else").hexdigest()
+    message.header.tensor.blake3 = hashlib.sha256(b"something else").hexdigest()
     _, payload = wire.describe(tensor)
     error = upload(stub, [message, generator_pb2.UploadEmbeddingRequest(chunk=bytes(payload))])
     assert error.code() == grpc.StatusCode.DATA_LOSS
+    assert_still_serving(stub, client)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["blake3", "sha256-only-header"])
+def test_a_flipped_byte_in_an_upload_is_data_loss(stub, client, legacy: bool) -> None:  # type: ignore[no-untyped-def]
+    tensor = torch.randn(300, 16)
+    message = header_for(tensor)
+    _, payload = wire.describe(tensor)
+    if legacy:  # what a client from before BLAKE3 sends
+        message.header.tensor.ClearField("blake3")
+        message.header.tensor.sha256 = hashlib.sha256(payload).hexdigest()
+    data = bytearray(payload)
+    data[9000] ^= 0x04  # in the third 4 KiB chunk
+    chunks = [generator_pb2.UploadEmbeddingRequest(chunk=c) for c in wire.iter_chunks(data, chunk_bytes=4096)]
+    error = upload(stub, [message, *chunks])
+    assert error.code() == grpc.StatusCode.DATA_LOSS
+    assert f"do not match their {'sha256' if legacy else 'BLAKE3'}: the data was corrupted" in error.details()
+    assert_still_serving(stub, client)
+
+
+def test_an_upload_from_an_older_client_with_sha256_only_gets_the_blake3_key(stub, client) -> None:  # type: ignore[no-untyped-def]
+    tensor = torch.randn(6, 16)
+    meta, payload = wire.describe(tensor)
+    message = header_for(tensor)
+    message.header.tensor.ClearField("blake3")
+    message.header.tensor.sha256 = hashlib.sha256(payload).hexdigest()
+    generator, _ = stub
+    reply = generator.UploadEmbedding(
+        iter([message, generator_pb2.UploadEmbeddingRequest(chunk=bytes(payload))]), timeout=30
+    )
+    assert reply.embedding_key == wire.embedding_key(meta) and reply.embedding_key.startswith("b3-")
+    key_before_blake3 = hashlib.sha256(f"float32|[6, 16]|{hashlib.sha256(payload).hexdigest()}".encode())
+    error = generate_error(
+        stub, prompt=generator_pb2.Conditioning(embedding_key=key_before_blake3.hexdigest()), steps=1
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "Upload the embedding again" in error.details()
+
+
+def test_an_upload_header_without_a_checksum_is_invalid(stub, client) -> None:  # type: ignore[no-untyped-def]
+    tensor = torch.randn(4, 16)
+    message = header_for(tensor)
+    message.header.tensor.ClearField("blake3")
+    _, payload = wire.describe(tensor)
+    error = upload(stub, [message, generator_pb2.UploadEmbeddingRequest(chunk=bytes(payload))])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no checksum; send the payload's hex BLAKE3 in TensorHeader.blake3" in error.details()
     assert_still_serving(stub, client)
 
 

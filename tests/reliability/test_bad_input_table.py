@@ -9,6 +9,7 @@ Images and LoRA files are not inputs yet (a later issue); their cases belong her
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -653,10 +654,13 @@ TABLE: list[Case] = [
     Case("upload-shape-empty", "UploadEmbedding", upload(upload_messages(valid_tensor(), shape=[])), "INVALID_ARGUMENT", "Tensor shape [] is invalid; send non-negative dimensions"),
     Case("upload-shape-negative", "UploadEmbedding", upload(upload_messages(valid_tensor(), shape=[-5, -16])), "INVALID_ARGUMENT", "Tensor shape [-5, -16] is invalid"),
     Case("upload-over-256-mib", "UploadEmbedding", upload([bare_header(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1 << 20, 1 << 20], byte_length=1 << 42)]), "INVALID_ARGUMENT", "268435456-byte limit"),
-    Case("upload-sha256-not-hex-64", "UploadEmbedding", upload(upload_messages(valid_tensor(), sha256="abc")), "INVALID_ARGUMENT", "needs the payload's hex sha256 (64 characters)"),
+    Case("upload-blake3-not-hex-64", "UploadEmbedding", upload(upload_messages(valid_tensor(), blake3="abc")), "INVALID_ARGUMENT", "Tensor header's blake3 must be 64 hex characters (got 3 characters)"),
+    Case("upload-sha256-not-hex-64", "UploadEmbedding", upload(upload_messages(valid_tensor(), blake3="", sha256="abc")), "INVALID_ARGUMENT", "Tensor header's sha256 must be 64 hex characters"),
+    Case("upload-no-checksum", "UploadEmbedding", upload(upload_messages(valid_tensor(), blake3="")), "INVALID_ARGUMENT", "Tensor header carries no checksum; send the payload's hex BLAKE3 in TensorHeader.blake3"),
     Case("upload-more-bytes-than-announced", "UploadEmbedding", upload(upload_messages(valid_tensor(), chunks=lambda data: [data, b"\0" * 4])), "INVALID_ARGUMENT", "sent more data than its header said"),
     Case("upload-stream-cut-short", "UploadEmbedding", upload(upload_messages(valid_tensor(300), chunks=lambda data: [data[:4096]])), "INVALID_ARGUMENT", "the transfer was cut short. Send it again"),
-    Case("upload-bytes-do-not-match-sha256", "UploadEmbedding", upload(upload_messages(valid_tensor(), chunks=lambda data: [flip(data, 7)])), "DATA_LOSS", "do not match their sha256: the data was corrupted. Send it again"),
+    Case("upload-bytes-do-not-match-blake3", "UploadEmbedding", upload(upload_messages(valid_tensor(), chunks=lambda data: [flip(data, 7)])), "DATA_LOSS", "do not match their BLAKE3: the data was corrupted. Send it again"),
+    Case("upload-bytes-do-not-match-an-older-clients-sha256", "UploadEmbedding", upload(upload_messages(valid_tensor(), blake3="", sha256=hashlib.sha256(wire.payload_view(valid_tensor())).hexdigest(), chunks=lambda data: [flip(data, 7)])), "DATA_LOSS", "do not match their sha256: the data was corrupted. Send it again"),
     Case("upload-hidden-size-of-another-encoder", "UploadEmbedding", upload(upload_messages(valid_tensor(hidden=32))), "INVALID_ARGUMENT", "hidden size 32, but this generator's DiT takes 16"),
     Case("upload-one-dimension", "UploadEmbedding", upload(upload_messages(torch.zeros(16))), "INVALID_ARGUMENT", "must have shape [tokens, 16] (got [16])"),
     Case("upload-three-dimensions", "UploadEmbedding", upload(upload_messages(torch.zeros(1, 4, 16))), "INVALID_ARGUMENT", "must have shape [tokens, 16] (got [1, 4, 16])"),
@@ -757,11 +761,12 @@ TABLE: list[Case] = [
     Case("embeddings-empty-file", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": b""}), "DATA_LOSS", "is not a readable safetensors file"),
     Case("embeddings-truncated", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": damaged(lambda data: data[: len(data) // 2])}), "DATA_LOSS", "it may be truncated or corrupted. Make it again with `zsplit encode`"),
     Case("embeddings-last-bytes-missing", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": damaged(lambda data: data[:-4])}), "DATA_LOSS", "is not a readable safetensors file"),
-    Case("embeddings-flipped-tensor-byte", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": damaged(lambda data: flip(data, len(data) - 1))}), "DATA_LOSS", "the tensor bytes do not match their sha256; the file is corrupted"),
+    Case("embeddings-flipped-tensor-byte", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": damaged(lambda data: flip(data, len(data) - 1))}), "DATA_LOSS", "the tensor bytes do not match their blake3; the file is corrupted"),
     Case("embeddings-flipped-header-byte", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": damaged(lambda data: flip(data, 8))}), "DATA_LOSS", "is not a readable safetensors file"),
     Case("embeddings-not-safetensors", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": b"\x89PNG\r\n\x1a\n" + bytes(200)}), "DATA_LOSS", "is not a readable safetensors file"),
     Case("embeddings-someone-elses-safetensors", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": save({"weight": torch.zeros(4, 4)})}), "INVALID_ARGUMENT", "is a safetensors file but not a zimage-split embeddings file"),
-    Case("embeddings-newer-file-version", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(format_version="2")}), "INVALID_ARGUMENT", "has embeddings-file version '2'; this zimage-split reads version 1"),
+    Case("embeddings-newer-file-version", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(format_version="3")}), "INVALID_ARGUMENT", "has embeddings-file version '3'; this zimage-split reads versions 1, 2"),
+    Case("embeddings-version-1-without-sha256", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(format_version="1")}), "DATA_LOSS", "a prompt has no 'sha256'"),
     Case("embeddings-damaged-prompt-list", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(prompts="[{")}), "DATA_LOSS", "header is damaged"),
     Case("embeddings-for-another-hidden-size", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(valid_tensor(hidden=32))}), "INVALID_ARGUMENT", "These embeddings have hidden size 32"),
     Case("embeddings-for-another-model", "embeddings file", zsplit(*BATCH, *TO_GENERATOR, files={"in.safetensors": embeddings_file(model_id="someone/other-model")}), "INVALID_ARGUMENT", "or pass --allow-other-model if both name the same weights"),

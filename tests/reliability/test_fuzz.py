@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from blake3 import blake3
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
@@ -147,8 +148,11 @@ shapes = st.one_of(
     st.lists(st.sampled_from([0, 1, 2**40, 2**63 - 1]), min_size=60, max_size=200),
 )
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-sha256s = st.one_of(
+EMPTY_BLAKE3 = blake3(b"").hexdigest()
+# For TensorHeader.blake3 and the legacy TensorHeader.sha256 alike.
+hex_digests = st.one_of(
     st.just(EMPTY_SHA256),
+    st.just(EMPTY_BLAKE3),
     st.binary(min_size=32, max_size=32).map(lambda raw: raw.hex()),
     st.binary(min_size=32, max_size=32).map(lambda raw: raw.hex().upper()),
     st.text(min_size=64, max_size=64),
@@ -173,7 +177,9 @@ def tensor_headers(draw: st.DrawFn) -> tensor_pb2.TensorHeader:
     )
     if not 0 <= byte_length < 2**64:  # uint64 on the wire
         byte_length = 0
-    header = tensor_pb2.TensorHeader(byte_length=byte_length, sha256=draw(sha256s))
+    header = tensor_pb2.TensorHeader(
+        byte_length=byte_length, blake3=draw(hex_digests), sha256=draw(st.just("") | hex_digests)
+    )
     header.dtype = code  # type: ignore[assignment]  # proto3 enums are open: unknown codes arrive as ints
     header.shape.extend(shape)
     return header
@@ -192,10 +198,10 @@ def valid_tensors(draw: st.DrawFn) -> torch.Tensor:
 # ---- 1. The tensor wire codec ---------------------------------------------------------------------------
 
 
-def header_for(shape: list[int], *, sha256: str = EMPTY_SHA256) -> tensor_pb2.TensorHeader:
+def header_for(shape: list[int], *, blake3: str = EMPTY_BLAKE3) -> tensor_pb2.TensorHeader:
     """A float32 header whose byte_length matches `shape`."""
     return tensor_pb2.TensorHeader(
-        dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape, byte_length=math.prod(shape) * 4, sha256=sha256
+        dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape, byte_length=math.prod(shape) * 4, blake3=blake3
     )
 
 
@@ -223,6 +229,7 @@ def chunk_streams(draw: st.DrawFn) -> tuple[tensor_pb2.TensorHeader, list[bytes]
     tensor = draw(valid_tensors())
     meta, payload = wire.describe(tensor)
     data = bytes(payload)
+    sent_sha256 = hashlib.sha256(data).hexdigest()  # what a sender from before BLAKE3 sent
     kind = draw(st.sampled_from(["exact", "short", "long", "flipped", "random", "huge header"]))
     if kind == "short" and data:
         data = data[: draw(st.integers(0, len(data) - 1))]
@@ -238,8 +245,12 @@ def chunk_streams(draw: st.DrawFn) -> tuple[tensor_pb2.TensorHeader, list[bytes]
         elements = wire.MAX_TENSOR_BYTES // tensor.element_size() // CAPTION_DIM
         header.shape[:] = [elements, CAPTION_DIM]
         header.byte_length = elements * CAPTION_DIM * tensor.element_size()
-    if draw(st.booleans()):
-        header.sha256 = draw(sha256s)
+    checksum = draw(st.sampled_from(["blake3", "other blake3", "sha256 only", "other sha256 only", "none"]))
+    if checksum == "other blake3":
+        header.blake3 = draw(hex_digests)
+    elif checksum != "blake3":
+        header.ClearField("blake3")
+        header.sha256 = {"sha256 only": sent_sha256, "none": ""}.get(checksum) or draw(hex_digests)
     # Cut anywhere, with empty chunks in between.
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     chunks = [data[start:end] for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True)]
@@ -719,6 +730,7 @@ json_values = st.recursive(
                     "dtype",
                     "token_count",
                     "sha256",
+                    "blake3",
                     "hidden_layer",
                     "truncated",
                 ]
@@ -738,7 +750,9 @@ GOOD_ENTRY = {
     "content_key": "k",
     "dtype": "float32",
     "token_count": 3,
+    # Version 1 files check sha256, version 2 files blake3; the other one is ignored.
     "sha256": hashlib.sha256(wire.payload_view(ZEROS)).hexdigest(),
+    "blake3": blake3(wire.payload_view(ZEROS)).hexdigest(),
     "formatted_text": "",
     "hidden_layer": -2,
     "max_sequence_length": 512,
@@ -747,12 +761,12 @@ GOOD_ENTRY = {
 
 
 def embeddings_file(
-    prompts: str, *, hidden_size: str = str(CAPTION_DIM), tensor: torch.Tensor = ZEROS
+    prompts: str, *, hidden_size: str = str(CAPTION_DIM), tensor: torch.Tensor = ZEROS, version: str = "2"
 ) -> bytes:
     """A well-formed safetensors file with a zimage-split header holding `prompts` (JSON text)."""
     metadata = {
         "format": FILE_FORMAT,
-        "format_version": "1",
+        "format_version": version,
         "model_id": MODEL_ID,
         "hidden_size": hidden_size,
         "prompts": prompts,
@@ -782,7 +796,8 @@ def odd_metadata_files(draw: st.DrawFn) -> bytes:
     tensor = draw(
         st.sampled_from([ZEROS, torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64), torch.zeros(())])
     )
-    return embeddings_file(prompts, hidden_size=hidden_size, tensor=tensor)
+    version = draw(st.sampled_from(["1", "2"]))
+    return embeddings_file(prompts, hidden_size=hidden_size, tensor=tensor, version=version)
 
 
 # Each of these raised an untyped error (TypeError, ValueError, IndexError, RecursionError) before the fix.
@@ -812,8 +827,9 @@ def test_the_valid_embeddings_files_load(tmp_path: Path) -> None:
     path = tmp_path / "valid.safetensors"
     path.write_bytes(VALID_FILE)
     assert [item.text for item in Embeddings.load(path)] == ["a red fox", "雪中的狐狸"]
-    path.write_bytes(embeddings_file(json.dumps([GOOD_ENTRY])))
-    assert Embeddings.load(path)[0].hidden_layer == -2
+    for version in ("1", "2"):
+        path.write_bytes(embeddings_file(json.dumps([GOOD_ENTRY]), version=version))
+        assert Embeddings.load(path)[0].hidden_layer == -2
 
 
 json_lines = st.one_of(

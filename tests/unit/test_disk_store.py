@@ -1,5 +1,6 @@
 """The generator's disk tier of embeddings: atomic content-addressed files, corruption read as a miss."""
 
+import hashlib
 import logging
 import os
 import time
@@ -11,11 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
-from zimage_split.common.wire import describe
+from zimage_split.common.wire import describe, payload_view
 from zimage_split.dit_service.disk_store import TEMP_PREFIX, DiskEmbeddingStore
 
 KEY = "text-" + "ab" * 32
-UPLOAD_KEY = "cd" * 32
+UPLOAD_KEY = "b3-" + "cd" * 32
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -33,7 +34,8 @@ def test_put_then_get_returns_the_same_tensor(tmp_path: Path, dtype: torch.dtype
     assert torch.equal(stored.tensor, tensor)
     with safe_open(str(tmp_path / "new" / "store" / f"{KEY}.safetensors"), framework="pt") as file:
         metadata = file.metadata()
-    assert metadata["key"] == KEY and metadata["sha256"] == describe(tensor)[0].sha256
+    assert metadata["key"] == KEY and metadata["blake3"] == describe(tensor)[0].blake3
+    assert "sha256" not in metadata
     assert metadata["shape"] == "[7, 16]"
     assert temp_files(store.directory) == []
 
@@ -148,8 +150,7 @@ def test_how_a_prompt_was_shortened_survives_reopening_and_old_files_still_load(
     assert torch.equal(stored.tensor, tensor)
 
     # A file from before long-prompt modes: no such metadata, so not known.
-    meta, _ = describe(tensor)
-    old = {"key": UPLOAD_KEY, "dtype": "float32", "shape": "[5, 16]", "sha256": meta.sha256}
+    old = {"key": UPLOAD_KEY, "dtype": "float32", "shape": "[5, 16]", "blake3": describe(tensor)[0].blake3}
     (tmp_path / f"{UPLOAD_KEY}.safetensors").write_bytes(save({"embedding": tensor}, metadata=old))
     stored = DiskEmbeddingStore(tmp_path).get(UPLOAD_KEY)
     assert stored is not None and (stored.source_token_count, stored.shortened_by) == (0, "")
@@ -159,3 +160,41 @@ def test_how_a_prompt_was_shortened_survives_reopening_and_old_files_still_load(
     bad = {**old, "key": KEY, "source_token_count": "many"}
     (tmp_path / f"{KEY}.safetensors").write_bytes(save({"embedding": tensor}, metadata=bad))
     assert DiskEmbeddingStore(tmp_path).get(KEY) is None
+
+
+def sha256_era_file(tensor: torch.Tensor, key: str) -> bytes:
+    """A file as a version before BLAKE3 wrote it: its checksum is sha256."""
+    digest = hashlib.sha256(payload_view(tensor)).hexdigest()
+    return save(
+        {"embedding": tensor}, metadata={"key": key, "dtype": "float32", "shape": "[5, 16]", "sha256": digest}
+    )
+
+
+def test_a_text_entry_from_before_blake3_is_read_and_checked_with_sha256(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tensor = torch.randn(5, 16)
+    (tmp_path / f"{KEY}.safetensors").write_bytes(sha256_era_file(tensor, KEY))
+    stored = DiskEmbeddingStore(tmp_path).get(KEY)
+    assert stored is not None and torch.equal(stored.tensor, tensor)
+
+    data = bytearray(sha256_era_file(tensor, KEY))
+    data[-1] ^= 0x01
+    (tmp_path / f"{KEY}.safetensors").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        assert DiskEmbeddingStore(tmp_path).get(KEY) is None
+    assert "is corrupt (its sha256 is" in caplog.text
+    assert not (tmp_path / f"{KEY}.safetensors").exists()
+
+
+def test_upload_entries_keyed_by_sha256_are_skipped_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old_key = "cd" * 32  # upload keys before BLAKE3: bare sha256 hex
+    (tmp_path / f"{old_key}.safetensors").write_bytes(sha256_era_file(torch.randn(5, 16), old_key))
+    with caplog.at_level(logging.INFO):
+        store = DiskEmbeddingStore(tmp_path)
+    assert "1 file(s) in" in caplog.text and "before BLAKE3 keys" in caplog.text
+    assert store.path_for(old_key) is None
+    assert store.get(old_key) is None  # a miss: the client uploads again and gets a "b3-" key
+    assert (tmp_path / f"{old_key}.safetensors").exists()  # left for the operator, never read

@@ -1,14 +1,17 @@
 """The embeddings file: one safetensors file, checked on load; refused for another model before any DiT work."""
 
+import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding, check_for_generator
+from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
 
 
@@ -73,8 +76,9 @@ def test_save_then_load_gives_the_same_tensors_and_metadata(tmp_path: Path, dtyp
         "truncated",
         "source_token_count",
         "shortened_by",
-        "sha256",
+        "blake3",
     } <= set(prompts[0])
+    assert "sha256" not in prompts[0] and header["__metadata__"]["format_version"] == "2"
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
 
 
@@ -83,7 +87,54 @@ def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
-    with pytest.raises(DataLoss, match="sha256"):
+    with pytest.raises(DataLoss, match="do not match their blake3; the file is corrupted"):
+        Embeddings.load(path)
+
+
+def version_1_file(path: Path, embeddings: Embeddings) -> Path:
+    """The file an older zimage-split wrote: format_version "1", each prompt's checksum in "sha256"."""
+    embeddings.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    prompts = json.loads(metadata["prompts"])
+    for entry in prompts:
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256(wire.payload_view(tensors[entry["tensor"]])).hexdigest()
+    metadata |= {"format_version": "1", "prompts": json.dumps(prompts)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_a_version_1_file_with_sha256_still_loads_and_is_checked_with_sha256(tmp_path: Path) -> None:
+    original = make_embeddings()
+    path = version_1_file(tmp_path / "old.safetensors", original)
+    loaded = Embeddings.load(path)
+    for before, after in zip(original, loaded, strict=True):
+        assert torch.equal(before.tensor, after.tensor)
+
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataLoss, match="do not match their sha256; the file is corrupted"):
+        Embeddings.load(path)
+
+
+def test_a_file_without_its_versions_checksum_is_damaged(tmp_path: Path) -> None:
+    path = make_embeddings().save(tmp_path / "embeds.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    # A version 2 file that holds the version 1 field only.
+    prompts = [
+        {**{k: v for k, v in entry.items() if k != "blake3"}, "sha256": "0" * 64}
+        for entry in json.loads(metadata["prompts"])
+    ]
+    save_file(tensors, str(path), metadata=metadata | {"prompts": json.dumps(prompts)})
+    with pytest.raises(DataLoss, match="a prompt has no 'blake3'"):
+        Embeddings.load(path)
+    save_file(tensors, str(path), metadata=metadata | {"format_version": "3"})
+    with pytest.raises(InvalidArgument, match="reads versions 1, 2. Re-encode it"):
         Embeddings.load(path)
 
 

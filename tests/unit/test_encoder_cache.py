@@ -1,10 +1,11 @@
-"""The encoder servicer's caches: a hit sends the bytes and sha256 made at encode time, and skips the tokenizer."""
+"""The encoder servicer's caches: a hit sends the bytes and checksum made at encode time, and skips the tokenizer."""
 
 import asyncio
 import hashlib
 
 import pytest
 import torch
+from blake3 import blake3
 
 from zimage_split._proto.encoder.v1 import encoder_pb2
 from zimage_split.common import wire
@@ -52,8 +53,9 @@ async def encode(
     request = encoder_pb2.EncodeRequest(prompts=[text], options=encoder_pb2.EncodeOptions(**options))
     responses = [response async for response in servicer.Encode(request, Context())]  # type: ignore[arg-type]
     header = responses[0].header
-    data = b"".join(response.chunk for response in responses[1:])
-    assert hashlib.sha256(data).hexdigest() == header.tensor.sha256
+    # The chunks are messages wire.freeze wrote, which the server sends as they are.
+    data = b"".join(encoder_pb2.EncodeResponse.FromString(message).chunk for message in responses[1:])
+    assert blake3(data).hexdigest() == header.tensor.blake3 and header.tensor.sha256 == ""
     return header, data
 
 

@@ -103,3 +103,34 @@ def test_finite_check_agrees_with_isfinite(dtype: torch.dtype) -> None:
     assert not all_finite(torch.full((2, 16), math.nan, dtype=dtype))
     for shape in [(0,), (0, 16), (5, 0)]:  # torch.aminmax refuses empty tensors; isfinite().all() is True
         assert all_finite(torch.empty(shape, dtype=dtype)) == bool(torch.isfinite(torch.empty(shape)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_finite_check_agrees_with_isfinite_on_every_16_bit_pattern(dtype: torch.dtype) -> None:
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = torch.isfinite(patterns)
+    assert 0 < int(finite.sum()) < patterns.numel()
+    assert all_finite(patterns[finite])  # every finite pattern together
+    mixed = patterns[finite][:8].clone()
+    for bits in (
+        patterns[~finite].view(torch.int16).tolist()
+    ):  # every NaN and infinity alone, among finite ones
+        mixed.view(torch.int16)[3] = bits
+        assert not all_finite(mixed), bits
+
+
+def test_finite_check_of_float32_sign_exponent_and_mantissa_edges() -> None:
+    edges = [
+        0x7F800000,
+        0xFF800000,
+        0x7F800001,
+        0xFFC00000,
+        0x7FFFFFFF,
+        0x7F7FFFFF,
+        0xFF7FFFFF,
+        0x00000001,
+        0x80000000,
+    ]
+    for bits in edges:
+        value = torch.tensor([bits], dtype=torch.int64).to(torch.uint32).view(torch.float32)
+        assert all_finite(value) is bool(torch.isfinite(value).all()), hex(bits)

@@ -204,6 +204,22 @@ class AsyncClient:
     def _encoder_at(self, address: str) -> encoder_pb2_grpc.EncoderServiceStub:
         return encoder_pb2_grpc.EncoderServiceStub(self._channel(address, "encoder"))
 
+    def _encode_call(self, address: str) -> aio.UnaryStreamMultiCallable:
+        """Encode, with its chunk messages read by wire.read_chunk_or (no protobuf copies)."""
+        return self._channel(address, "encoder").unary_stream(
+            wire.ENCODE_METHOD,
+            request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+            response_deserializer=wire.read_chunk_or(encoder_pb2.EncodeResponse.FromString),
+        )
+
+    def _upload_embedding_call(self) -> aio.StreamUnaryMultiCallable:
+        """UploadEmbedding, taking chunk messages written by wire.encode_chunk_message."""
+        return self._channel(self.generator_address, "generator").stream_unary(
+            wire.UPLOAD_EMBEDDING_METHOD,
+            request_serializer=wire.write_message,
+            response_deserializer=generator_pb2.UploadEmbeddingResponse.FromString,
+        )
+
     async def _encoder_info_at(self, address: str, timeout: float | None) -> dict[str, Any]:
         with typed_errors(f"encoder {address}"):
             reply = await self._encoder_at(address).Info(
@@ -237,9 +253,7 @@ class AsyncClient:
 
         async def encode_at(address: str, left: float | None) -> tuple[list[PromptEmbedding], str]:
             with typed_errors(f"encoder {address}"):
-                stream = self._encoder_at(address).Encode(
-                    request, timeout=left, metadata=self._call_metadata()
-                )
+                stream = self._encode_call(address)(request, timeout=left, metadata=self._call_metadata())
                 return await read_embedding_stream(stream, texts)
 
         items, model_id = await self._encoders().call(encode_at, timeout or self.timeout)
@@ -272,14 +286,14 @@ class AsyncClient:
         if not again and wire.embedding_key(meta) in self._uploaded:
             return wire.embedding_key(meta)
 
-        async def messages() -> AsyncIterator[generator_pb2.UploadEmbeddingRequest]:
+        async def messages() -> AsyncIterator[generator_pb2.UploadEmbeddingRequest | bytes]:
             header = generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta), content_key=content_key)
             yield generator_pb2.UploadEmbeddingRequest(header=header)
-            for chunk in wire.iter_chunks(payload):
-                yield generator_pb2.UploadEmbeddingRequest(chunk=chunk)
+            for start in range(0, payload.nbytes, wire.CHUNK_BYTES):
+                yield wire.encode_chunk_message(payload[start : start + wire.CHUNK_BYTES])
 
         with typed_errors(self._generator_target):
-            reply = await self._generator().UploadEmbedding(
+            reply = await self._upload_embedding_call()(
                 messages(), timeout=timeout or self.timeout, metadata=self._call_metadata()
             )
         self._uploaded.add(reply.embedding_key)
@@ -718,10 +732,10 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
 
 
 async def read_embedding_stream(
-    stream: AsyncIterator[encoder_pb2.EncodeResponse], texts: Sequence[str]
+    stream: AsyncIterator[encoder_pb2.EncodeResponse | memoryview], texts: Sequence[str]
 ) -> tuple[list[PromptEmbedding], str]:
     """Reassembles an Encode stream (header, chunks, header, chunks, ...) and checks every tensor; returns
-    the embeddings and the model id the headers name."""
+    the embeddings and the model id the headers name. A chunk may come as a memoryview (wire.read_chunk_or)."""
     items: list[PromptEmbedding] = []
     model_id = ""
     current: tuple[encoder_pb2.EmbeddingHeader, wire.TensorAssembler] | None = None
@@ -746,7 +760,7 @@ async def read_embedding_stream(
 
     try:
         async for response in stream:
-            if response.WhichOneof("item") == "header":
+            if not isinstance(response, memoryview) and response.WhichOneof("item") == "header":
                 if current is not None:
                     finish(*current)
                 header = response.header
@@ -759,7 +773,7 @@ async def read_embedding_stream(
             elif current is None:
                 raise DataLoss("Encoder sent embedding bytes before any header.")
             else:
-                current[1].add(response.chunk)
+                current[1].add(response if isinstance(response, memoryview) else response.chunk)
         if current is not None:
             finish(*current)
     except InvalidArgument as error:  # a malformed stream is the encoder's fault, not the caller's

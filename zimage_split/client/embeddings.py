@@ -1,8 +1,9 @@
 """Prompt embeddings as the SDK hands them out, and their file: one safetensors file, one tensor per prompt.
 
 The file's header metadata describes every prompt (text, formatted text, content key, model, layer, max
-length, dtype, token counts, how a long prompt was shortened) and holds each tensor's sha256, so a file made on one machine
-(say, a Mac running the encoder) can be checked before any DiT work on another. No pickle anywhere.
+length, dtype, token counts, how a long prompt was shortened) and holds each tensor's BLAKE3 (sha256 in
+version 1 files, which still load), so a file made on one machine (say, a Mac running the encoder) can be
+checked before any DiT work on another. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
     import torch
 
 FILE_FORMAT = "zimage-split/embeddings"
-FILE_FORMAT_VERSION = 1
+# 2: each prompt's checksum is "blake3". 1 (still read): "sha256".
+FILE_FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class Embeddings(Sequence[PromptEmbedding]):
                     "truncated": item.truncated,
                     "source_token_count": item.source_token_count,
                     "shortened_by": item.shortened_by,
-                    "sha256": meta.sha256,
+                    "blake3": meta.blake3,
                 }
             )
         metadata = {
@@ -126,7 +129,8 @@ class Embeddings(Sequence[PromptEmbedding]):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Embeddings:
-        """Reads a file written by `save` (or `zsplit encode`) and checks every tensor's shape, dtype and sha256."""
+        """Reads a file written by `save` (or `zsplit encode`) and checks every tensor's shape, dtype and
+        checksum (BLAKE3; sha256 in a file from before version 2)."""
         from safetensors import SafetensorError, safe_open
 
         source = Path(path)
@@ -153,17 +157,19 @@ def _check_format(metadata: dict[str, str], source: Path) -> None:
             f"{source} is a safetensors file but not a zimage-split embeddings file (no "
             f"format={FILE_FORMAT!r} in its header). Make one with `zsplit encode`."
         )
-    if metadata.get("format_version") != str(FILE_FORMAT_VERSION):
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise InvalidArgument(
             f"{source} has embeddings-file version {metadata.get('format_version')!r}; this zimage-split "
-            f"reads version {FILE_FORMAT_VERSION}. Re-encode it with this version's `zsplit encode`."
+            f"reads versions {', '.join(READABLE_VERSIONS)}. Re-encode it with this version's `zsplit encode`."
         )
 
 
-_REQUIRED_FIELDS = ("tensor", "text", "content_key", "dtype", "token_count", "sha256")
+_REQUIRED_FIELDS = ("tensor", "text", "content_key", "dtype", "token_count")
+# The checksum field of each file version.
+_CHECKSUM_FIELDS = {"1": "sha256", "2": "blake3"}
 _FIELD_TYPES: dict[str, type] = {
     **dict.fromkeys(
-        ("tensor", "text", "content_key", "dtype", "sha256", "formatted_text", "shortened_by"), str
+        ("tensor", "text", "content_key", "dtype", "sha256", "blake3", "formatted_text", "shortened_by"), str
     ),
     **dict.fromkeys(("token_count", "hidden_layer", "max_sequence_length", "source_token_count"), int),
     "truncated": bool,
@@ -178,7 +184,7 @@ def _prompt_entries(metadata: dict[str, str], source: Path) -> list[dict[str, An
         for entry in prompts:
             if not isinstance(entry, dict):
                 raise ValueError(f"a prompt is a JSON {type(entry).__name__}, not an object")
-            for field in _REQUIRED_FIELDS:
+            for field in (*_REQUIRED_FIELDS, _CHECKSUM_FIELDS[metadata["format_version"]]):
                 if field not in entry:
                     raise ValueError(f"a prompt has no {field!r}")
             for field, kind in _FIELD_TYPES.items():
@@ -213,9 +219,12 @@ def _checked_item(
             f"{where}: tensor is {list(tensor.shape)} {tensor.dtype}, but the header says "
             f"{list(expected_shape)} {entry['dtype']}. Make the file again with `zsplit encode`."
         )
-    if hashlib.sha256(wire.payload_view(tensor)).hexdigest() != entry["sha256"]:
+    algorithm = _CHECKSUM_FIELDS[metadata["format_version"]]
+    payload = wire.payload_view(tensor)
+    found = wire.checksum(payload) if algorithm == "blake3" else hashlib.sha256(payload).hexdigest()
+    if found != entry[algorithm]:
         raise DataLoss(
-            f"{where}: the tensor bytes do not match their sha256; the file is corrupted. Make it again."
+            f"{where}: the tensor bytes do not match their {algorithm}; the file is corrupted. Make it again."
         )
     truncated = bool(entry.get("truncated", False))
     return PromptEmbedding(

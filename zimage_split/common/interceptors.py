@@ -1,6 +1,6 @@
 """Server interceptors: the one that turns exceptions into precise gRPC status codes, the serving gate
-that refuses new calls while the server drains, and the observer that gives calls request ids, spans and
-metrics."""
+that refuses new calls while the server drains, the observer that gives calls request ids, spans and
+metrics, and the one that lets tensor chunk messages bypass protobuf."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from zimage_split.common import tracing
+from zimage_split.common import tracing, wire
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.logs import REQUEST_ID_KEY, request_scope, usable_request_id
 from zimage_split.common.metrics import ServiceMetrics
@@ -40,11 +40,13 @@ def wrap_handler(
     unary: Callable[[UnaryBehavior], UnaryBehavior],
     streaming: Callable[[StreamingBehavior], StreamingBehavior],
     request_deserializer: Any = _KEEP,
+    response_serializer: Any = _KEEP,
 ) -> grpc.RpcMethodHandler:
     """The same kind of handler as `handler`, its behavior wrapped by `unary` or `streaming` (and its
-    request deserializer replaced, when one is given; None means the behavior gets the raw bytes)."""
+    request deserializer or response serializer replaced, when one is given; a None deserializer means the
+    behavior gets the raw bytes)."""
     deserializer = handler.request_deserializer if request_deserializer is _KEEP else request_deserializer
-    serializer = handler.response_serializer
+    serializer = handler.response_serializer if response_serializer is _KEEP else response_serializer
     if handler.response_streaming:
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -298,3 +300,28 @@ class CallObserver(aio.ServerInterceptor):
             return observed
 
         return wrap_handler(handler, unary, streaming)
+
+
+class ChunkMessages(aio.ServerInterceptor):
+    """For the calls that stream tensor chunks (wire.CHUNK_MESSAGE_METHODS): a chunk request reaches the
+    servicer as a memoryview (wire.read_chunk_or), and a servicer may yield a chunk response already written
+    by wire.encode_chunk_message, which goes out as it is. Protobuf would copy each chunk twice on each side;
+    every other message is parsed and written by protobuf as usual."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method not in wire.CHUNK_MESSAGE_METHODS:
+            return handler
+        return wrap_handler(
+            handler,
+            lambda behavior: behavior,
+            lambda behavior: behavior,
+            request_deserializer=wire.read_chunk_or(handler.request_deserializer)
+            if handler.request_streaming
+            else _KEEP,
+            response_serializer=wire.write_message if handler.response_streaming else _KEEP,
+        )

@@ -14,7 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
-from zimage_split.common.interceptors import CallObserver, ErrorMappingInterceptor, ServingGate
+from zimage_split.common.interceptors import (
+    CallObserver,
+    ChunkMessages,
+    ErrorMappingInterceptor,
+    ServingGate,
+)
 from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 from zimage_split.common.wire import CHUNK_BYTES
@@ -137,8 +142,13 @@ async def start_server(
     limits = limits or TransportLimits()
     gate = ServingGate()
     # Outermost first: the observer (request ids, spans, metrics: it sees every final status), tokens, then
-    # error mapping, then the gate (whose refusals the mapping turns into UNAVAILABLE).
-    interceptors: list[aio.ServerInterceptor] = [CallObserver(metrics), ErrorMappingInterceptor(), gate]
+    # error mapping, then the gate (whose refusals the mapping turns into UNAVAILABLE), then the chunk codec.
+    interceptors: list[aio.ServerInterceptor] = [
+        CallObserver(metrics),
+        ErrorMappingInterceptor(),
+        gate,
+        ChunkMessages(),
+    ]
     if security.tokens:
         interceptors.insert(1, TokenAuthInterceptor(security.tokens))
     server = aio.server(interceptors=interceptors, options=limits.grpc_options())

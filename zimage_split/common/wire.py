@@ -1,14 +1,22 @@
-"""Tensors on the wire: a checked header plus raw little-endian bytes in chunks of at most 1 MiB."""
+"""Tensors on the wire: a checked header plus raw little-endian bytes in chunks of at most 1 MiB.
+
+Every tensor carries the hex BLAKE3 of its bytes (TensorHeader.blake3); headers from older senders carry
+sha256 instead, and are still checked with it.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import math
+import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeVar
+
+from blake3 import blake3
+from google.protobuf.message import Message
 
 from zimage_split._proto.tensor.v1 import tensor_pb2
 from zimage_split.common.errors import DataLoss, InvalidArgument
@@ -27,6 +35,12 @@ DTYPE_CODES = {
     "float16": tensor_pb2.DTYPE_FLOAT16,
     "float32": tensor_pb2.DTYPE_FLOAT32,
 }
+
+# Upload keys start with this; keys from before BLAKE3 were bare sha256 hex, so the two never collide and a
+# key of the old scheme simply misses.
+EMBEDDING_KEY_PREFIX = "b3-"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+M = TypeVar("M", bound=Message)
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +71,11 @@ class TensorMeta:
     dtype: torch.dtype
     shape: tuple[int, ...]
     byte_length: int
-    sha256: str
+    # Hex BLAKE3 of the bytes. Empty only in a header received from an older sender, which gave sha256;
+    # TensorAssembler.finish fills it in.
+    blake3: str
+    # Hex sha256 of the bytes, from an older sender's header; never set by this version.
+    sha256: str = ""
 
     @property
     def dtype_name(self) -> str:
@@ -99,18 +117,28 @@ def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
 
 @dataclass(frozen=True)
 class FrozenTensor:
-    """A tensor's header fields and a copy of its bytes: `bytes` cannot change, so the sha256 stays true
-    however often it is sent."""
+    """A tensor's header fields and its bytes, already written as the chunk messages that go on the wire
+    (encode_chunk_message): `bytes` cannot change, so the checksum stays true however often it is sent, and
+    a send copies nothing."""
 
     meta: TensorMeta
-    data: bytes
+    chunk_messages: tuple[bytes, ...]
 
 
 def freeze(tensor: torch.Tensor) -> FrozenTensor:
-    """Copies and hashes `tensor` once, for a tensor sent many times (the encoder's cache)."""
+    """Copies, chunks and hashes `tensor` once, for a tensor sent many times (the encoder's cache)."""
     dtype_to_proto(tensor.dtype)
-    data = bytes(payload_view(tensor))
-    return FrozenTensor(_meta(tensor, data), data)
+    payload = payload_view(tensor)
+    messages = (
+        encode_chunk_message(payload[start : start + CHUNK_BYTES])
+        for start in range(0, payload.nbytes, CHUNK_BYTES)
+    )
+    return FrozenTensor(_meta(tensor, payload), tuple(messages))
+
+
+def checksum(payload: bytes | memoryview) -> str:
+    """The wire's checksum of `payload`: hex BLAKE3."""
+    return blake3(payload).hexdigest()
 
 
 def _meta(tensor: torch.Tensor, payload: bytes | memoryview) -> TensorMeta:
@@ -118,17 +146,22 @@ def _meta(tensor: torch.Tensor, payload: bytes | memoryview) -> TensorMeta:
         dtype=tensor.dtype,
         shape=tuple(tensor.shape),
         byte_length=memoryview(payload).nbytes,
-        sha256=hashlib.sha256(payload).hexdigest(),
+        blake3=checksum(payload),
     )
 
 
 def embedding_key(meta: TensorMeta) -> str:
-    """Content key of a tensor (the generator's key for an upload): sha256 over dtype, shape and bytes' sha256.
+    """Content key of a tensor (the generator's key for an upload): "b3-" and the BLAKE3 of its dtype, shape
+    and the BLAKE3 of its bytes.
 
     Built from the checksum the wire already computes, so neither side hashes the bytes twice, and a
-    client can tell which key an upload will get before sending it.
+    client can tell which key an upload will get before sending it. BLAKE3 is collision-resistant, as a key
+    for bytes a client chooses must be.
     """
-    return hashlib.sha256(f"{meta.dtype_name}|{list(meta.shape)}|{meta.sha256}".encode()).hexdigest()
+    if not meta.blake3:
+        raise ValueError("embedding_key needs the tensor's BLAKE3; TensorAssembler.finish() fills it in.")
+    described = f"{meta.dtype_name}|{list(meta.shape)}|{meta.blake3}".encode()
+    return EMBEDDING_KEY_PREFIX + blake3(described).hexdigest()
 
 
 def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -137,17 +170,75 @@ def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> 
         yield bytes(view[start : start + chunk_bytes])
 
 
+# UploadEmbeddingRequest and EncodeResponse carry a tensor's bytes as `bytes chunk = 2` in their oneof. Those
+# messages are written and read here rather than by protobuf, whose runtime copies every chunk into a message
+# and out of it again: two extra copies of the payload on each side. The bytes on the wire are the same, so
+# peers that use protobuf for them read and write them as ever.
+CHUNK_FIELD_NUMBER = 2
+_CHUNK_TAG = bytes([CHUNK_FIELD_NUMBER << 3 | 2])  # wire type 2: length-delimited
+# The calls that carry those messages: the SDK and the services use wire.write_message and
+# wire.read_chunk_or as their serializers (tests/unit/test_wire.py checks the names against the protos).
+ENCODE_METHOD = "/zimage.encoder.v1.EncoderService/Encode"
+UPLOAD_EMBEDDING_METHOD = "/zimage.generator.v1.GeneratorService/UploadEmbedding"
+CHUNK_MESSAGE_METHODS = (ENCODE_METHOD, UPLOAD_EMBEDDING_METHOD)
+
+
+def encode_chunk_message(piece: bytes | memoryview) -> bytes:
+    """The serialized message whose one field is `chunk = piece` (what SerializeToString gives), in one
+    copy of `piece`."""
+    length = memoryview(piece).nbytes
+    prefix = bytearray(_CHUNK_TAG)
+    while length >= 0x80:  # base-128 varint, low group first
+        prefix.append(length & 0x7F | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + piece
+
+
+def decode_chunk_message(serialized: bytes) -> memoryview | None:
+    """The chunk of a serialized message that holds a `chunk` field and nothing else, as a view into
+    `serialized` (no copy); None for any other message, which protobuf then parses."""
+    if not serialized.startswith(_CHUNK_TAG):
+        return None
+    length = shift = 0
+    for offset in range(1, min(len(serialized), 11)):  # a 64-bit varint takes at most 10 bytes
+        byte = serialized[offset]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            start = offset + 1
+            return memoryview(serialized)[start:] if len(serialized) - start == length else None
+    return None
+
+
+def write_message(message: bytes | Message) -> bytes:
+    """A request or response serializer that passes messages encode_chunk_message already wrote."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def read_chunk_or(parse: Callable[[bytes], M]) -> Callable[[bytes], M | memoryview]:
+    """A deserializer that gives a chunk message's bytes as a memoryview and parses any other message."""
+
+    def read(serialized: bytes) -> M | memoryview:
+        chunk = decode_chunk_message(serialized)
+        return parse(serialized) if chunk is None else chunk
+
+    return read
+
+
 def meta_to_proto(meta: TensorMeta) -> tensor_pb2.TensorHeader:
     return tensor_pb2.TensorHeader(
         dtype=dtype_to_proto(meta.dtype),  # type: ignore[arg-type]
         shape=list(meta.shape),
         byte_length=meta.byte_length,
+        blake3=meta.blake3,
         sha256=meta.sha256,
     )
 
 
 def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR_BYTES) -> TensorMeta:
-    """Checks a received header: known dtype, sane shape, and a byte count that matches both."""
+    """Checks a received header: known dtype, sane shape, a byte count that matches both, and a checksum
+    (BLAKE3, or sha256 from an older sender)."""
     dtype = dtype_from_proto(header.dtype)
     if len(header.shape) > MAX_TENSOR_DIMS:
         raise InvalidArgument(
@@ -171,13 +262,30 @@ def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR
             f"Header says {header.byte_length} bytes but shape {list(shape)} in {dtype_name(dtype)} "
             f"needs {expected}; the sender's header is inconsistent."
         )
-    if len(header.sha256) != 64:
-        raise InvalidArgument("Tensor header needs the payload's hex sha256 (64 characters).")
-    return TensorMeta(dtype=dtype, shape=shape, byte_length=expected, sha256=header.sha256.lower())
+    for field in ("blake3", "sha256"):
+        value = getattr(header, field)
+        if value and not _HEX_DIGEST.fullmatch(value):
+            raise InvalidArgument(
+                f"Tensor header's {field} must be 64 hex characters (got {len(value)} characters); send the "
+                f"payload's hex {field}."
+            )
+    if not header.blake3 and not header.sha256:
+        raise InvalidArgument(
+            "Tensor header carries no checksum; send the payload's hex BLAKE3 in TensorHeader.blake3 "
+            "(a sender this old sets neither; upgrade it)."
+        )
+    return TensorMeta(
+        dtype=dtype,
+        shape=shape,
+        byte_length=expected,
+        blake3=header.blake3.lower(),
+        # Checked only when blake3 is absent (an older sender); kept out of the meta otherwise.
+        sha256="" if header.blake3 else header.sha256.lower(),
+    )
 
 
 class TensorAssembler:
-    """Collects one tensor's chunks and checks it when complete.
+    """Collects one tensor's chunks, hashing each as it arrives, and checks it when complete.
 
     The buffer grows as chunks arrive rather than being preallocated from the header: a sender that
     announces 256 MiB and then stalls must not make the receiver hold 256 MiB.
@@ -187,13 +295,16 @@ class TensorAssembler:
         self.meta = meta
         self._buffer = bytearray()
         self._received = 0
-        self._hash = hashlib.sha256()
+        # BLAKE3 always, so the tensor has a key whatever its sender checked it with; sha256 as well only for
+        # an older sender's header.
+        self._blake3 = blake3()
+        self._sha256 = None if meta.blake3 else hashlib.sha256()
 
     @property
     def complete(self) -> bool:
         return self._received == self.meta.byte_length
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
         if end > self.meta.byte_length:
             raise InvalidArgument(
@@ -201,17 +312,29 @@ class TensorAssembler:
                 "the sender sent more data than its header said."
             )
         self._buffer += chunk
-        self._hash.update(chunk)
+        self._blake3.update(chunk)
+        if self._sha256 is not None:
+            self._sha256.update(chunk)
         self._received = end
 
     def finish(self) -> torch.Tensor:
+        """The checked tensor; DataLoss if its bytes do not match the header's checksum. Afterwards `meta`
+        holds the bytes' BLAKE3 even when the sender gave only sha256."""
         if not self.complete:
             raise InvalidArgument(
                 f"Tensor stream ended after {self._received} of {self.meta.byte_length} bytes; "
                 "the transfer was cut short. Send it again."
             )
-        if self._hash.hexdigest() != self.meta.sha256:
+        digest = self._blake3.hexdigest()
+        if self._sha256 is None:
+            if digest != self.meta.blake3:
+                raise DataLoss(
+                    "Tensor bytes do not match their BLAKE3: the data was corrupted. Send it again."
+                )
+        elif self._sha256.hexdigest() != self.meta.sha256:
             raise DataLoss("Tensor bytes do not match their sha256: the data was corrupted. Send it again.")
+        else:
+            self.meta = replace(self.meta, blake3=digest)
         import torch
 
         if self.meta.byte_length == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from zimage_split.common.errors import InvalidArgument, Unavailable
-from zimage_split.common.wire import describe, dtype_name
+from zimage_split.common.wire import EMBEDDING_KEY_PREFIX, checksum, describe, dtype_name, payload_view
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,11 @@ TEMP_PREFIX = ".partial-"
 # A write takes milliseconds; a temp file older than this was left by a killed process. Younger ones may
 # be another generator's write in progress, when several share one folder.
 STALE_TEMP_SECONDS = 60.0
-# Text keys ("text-" + sha256) and upload keys (sha256). Anything else is never a file name, so a key
-# sent by a client cannot point outside the folder.
-_KEY_PATTERN = re.compile(r"(text-)?[0-9a-f]{64}")
+# Text keys ("text-" + sha256 of the prompt and encoder) and upload keys ("b3-" + BLAKE3). Anything else is
+# never a file name, so a key sent by a client cannot point outside the folder. Upload keys from before
+# BLAKE3 (bare sha256 hex) are not keys any more: their files are never looked up, and such a key misses.
+_KEY_PATTERN = re.compile(rf"(text-|{re.escape(EMBEDDING_KEY_PREFIX)})[0-9a-f]{{64}}")
+_SHA256_UPLOAD_FILE = re.compile(r"[0-9a-f]{64}\.safetensors")
 _COUNT_PATTERN = re.compile(r"[0-9]{1,9}")
 _MODE_PATTERN = re.compile(r"[a-z_]{0,32}")
 
@@ -73,10 +76,14 @@ class DiskEmbeddingStore:
         return self.directory / f"{key}.safetensors" if _KEY_PATTERN.fullmatch(key) else None
 
     def cleanup(self, older_than_seconds: float = STALE_TEMP_SECONDS) -> int:
-        """Removes temp files left by an interrupted write; returns how many it removed."""
-        removed = 0
+        """Removes temp files left by an interrupted write; returns how many it removed. Logs how many
+        uploads an older version stored under sha256 keys, which are never read."""
+        removed = unused = 0
         cutoff = time.time() - older_than_seconds
         for entry in os.scandir(self.directory):
+            if _SHA256_UPLOAD_FILE.fullmatch(entry.name):
+                unused += 1
+                continue
             try:
                 if entry.name.startswith(TEMP_PREFIX) and entry.stat().st_mtime <= cutoff:
                     os.unlink(entry.path)
@@ -85,6 +92,14 @@ class DiskEmbeddingStore:
                 continue
         if removed:
             logger.info("Removed %d unfinished embedding file(s) from %s.", removed, self.directory)
+        if unused:
+            logger.info(
+                "%d file(s) in %s are uploaded embeddings stored by a version before BLAKE3 keys (named by "
+                "sha256, 64 hex digits); they are never read, and clients upload again. Delete them to free "
+                "the space.",
+                unused,
+                self.directory,
+            )
         return removed
 
     def get(self, key: str) -> StoredEmbedding | None:
@@ -119,7 +134,7 @@ class DiskEmbeddingStore:
             "key": key,
             "dtype": meta.dtype_name,
             "shape": json.dumps(list(meta.shape)),
-            "sha256": meta.sha256,
+            "blake3": meta.blake3,
             "source_token_count": str(source_token_count),
             "shortened_by": shortened_by,
         }
@@ -173,8 +188,14 @@ def _read(path: Path, key: str) -> StoredEmbedding:
         raise CorruptFile(f"it holds key {metadata.get('key')!r}")
     if dtype_name(tensor.dtype) is None:
         raise CorruptFile(f"it holds a {tensor.dtype} tensor")
-    meta, _ = describe(tensor)
-    found = {"dtype": meta.dtype_name, "shape": json.dumps(list(meta.shape)), "sha256": meta.sha256}
+    # Files written before BLAKE3 hold a sha256 and are still read, checked with it.
+    algorithm = "blake3" if "blake3" in metadata else "sha256"
+    payload = payload_view(tensor)
+    found = {
+        "dtype": dtype_name(tensor.dtype),
+        "shape": json.dumps(list(tensor.shape)),
+        algorithm: checksum(payload) if algorithm == "blake3" else hashlib.sha256(payload).hexdigest(),
+    }
     for field, value in found.items():
         if metadata.get(field) != value:
             raise CorruptFile(f"its {field} is {value}, its metadata says {metadata.get(field)}")

@@ -557,19 +557,20 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def UploadEmbedding(
         self,
-        request_iterator: AsyncIterator[generator_pb2.UploadEmbeddingRequest],
+        request_iterator: AsyncIterator[generator_pb2.UploadEmbeddingRequest | memoryview],
         context: aio.ServicerContext,
     ) -> generator_pb2.UploadEmbeddingResponse:
+        """A header, then chunks; common.interceptors.ChunkMessages hands chunk messages over as memoryviews."""
         assembler: wire.TensorAssembler | None = None
         async for message in request_iterator:
-            if message.WhichOneof("item") == "header":
+            if not isinstance(message, memoryview) and message.WhichOneof("item") == "header":
                 if assembler is not None:
                     raise InvalidArgument("UploadEmbedding takes one header; upload one embedding per call.")
                 assembler = wire.TensorAssembler(wire.meta_from_proto(message.header.tensor))
             elif assembler is None:
                 raise InvalidArgument("UploadEmbedding must start with a header message, then the chunks.")
             else:
-                assembler.add(message.chunk)
+                assembler.add(message if isinstance(message, memoryview) else message.chunk)
         if assembler is None:
             raise InvalidArgument("UploadEmbedding received no header; send a header, then the chunks.")
         tensor = assembler.finish()

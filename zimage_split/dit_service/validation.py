@@ -89,13 +89,29 @@ def validate_embedding(tensor: torch.Tensor, *, caption_dim: int, max_tokens: in
     return tensor
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite, like `torch.isfinite(tensor).all()` but about 20x faster on bf16.
+# Per float dtype: the integer type of the same width, the mask that drops the sign bit, and the smallest
+# magnitude pattern whose exponent bits are all ones (infinity; every NaN is above it).
+_NON_FINITE_PATTERNS = {
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+}
 
-    NaN propagates through min and max, and +inf or -inf would be the max or the min, so both ends are
-    finite exactly when every value is: one pass, no temporary tensor (isfinite builds a bool one).
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, like `torch.isfinite(tensor).all()` but one pass and no bool tensor.
+
+    A float is NaN or infinite exactly when its exponent bits are all ones, so with the sign bit masked off
+    its bit pattern is at least infinity's. On the CPU this runs in numpy on one thread: torch's reductions
+    run on its intra-op thread pool, which on a busy host waits milliseconds for a core (a 2.6 MB embedding
+    took 5 to 12 ms instead of 0.1 while gRPC's threads were busy), and is called on the event loop here.
     """
     if tensor.numel() == 0:  # aminmax refuses empty tensors; they hold no bad values
         return True
+    pattern = _NON_FINITE_PATTERNS.get(tensor.dtype)
+    if pattern is not None and tensor.device.type == "cpu":
+        int_dtype, magnitude_mask, infinity = pattern
+        bits = tensor.detach().contiguous().view(int_dtype).numpy()
+        return int((bits & magnitude_mask).max()) < infinity
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -84,7 +84,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.max_prompts_per_call = max_prompts_per_call
         self.max_sequence_length = max_sequence_length
         self.cache: ByteBoundedLRU[wire.FrozenTensor] = ByteBoundedLRU(
-            cache_bytes, lambda frozen: len(frozen.data)
+            cache_bytes, lambda frozen: frozen.meta.byte_length
         )
         self.tokenized: ByteBoundedLRU[TokenizedPrompt] = ByteBoundedLRU(
             min(cache_bytes, TOKENIZED_CACHE_BYTES), tokenized_bytes
@@ -105,8 +105,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[wire.FrozenTensor]:
         self.prompts_encoded += len(prompts)
-        # Copied to immutable bytes and hashed once, here on the batcher's thread: a cache hit then sends
-        # them as they are, and nothing can change them under their sha256.
+        # Copied to immutable 1 MiB chunk messages and hashed once, here on the batcher's thread: a cache hit
+        # then sends them as they are, and nothing can change them under their checksum.
         return [wire.freeze(embedding) for embedding in self.encoder.encode(prompts)]
 
     def _observe_batch(self, queue_seconds: list[float], run_seconds: float) -> None:
@@ -194,7 +194,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def Encode(
         self, request: encoder_pb2.EncodeRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[encoder_pb2.EncodeResponse]:
+    ) -> AsyncIterator[encoder_pb2.EncodeResponse | bytes]:
+        """Streams each prompt's header, then its chunk messages (bytes, written by wire.freeze)."""
         prompts = self._tokenize_request(request)
         remaining = context.time_remaining()
         logger.debug(
@@ -210,7 +211,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             logger.debug("Encode cancelled by the caller after %.2f s.", time.perf_counter() - started)
             raise
         for index, item in enumerate(encoded):
-            meta, payload = item.embedding.meta, item.embedding.data
+            meta = item.embedding.meta
             yield encoder_pb2.EncodeResponse(
                 header=encoder_pb2.EmbeddingHeader(
                     prompt_index=index,
@@ -228,9 +229,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     shortened_by=ENCODER_LONG_PROMPT_MODE.number(item.prompt.shortened_by),
                 )
             )
-            self.metrics.count_bytes("sent", "embedding", len(payload))
-            for chunk in wire.iter_chunks(payload):
-                yield encoder_pb2.EncodeResponse(chunk=chunk)
+            self.metrics.count_bytes("sent", "embedding", meta.byte_length)
+            # Written once by wire.freeze; common.interceptors.ChunkMessages sends them as they are.
+            for message in item.embedding.chunk_messages:
+                yield message
 
     async def Info(
         self, request: encoder_pb2.InfoRequest, context: aio.ServicerContext

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dzimage/tensor/v1/tensor.proto\x12\x10zimage.tensor.v1\"j\n\x0cTensorHeader\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dzimage/tensor/v1/tensor.proto\x12\x10zimage.tensor.v1\"z\n\x0cTensorHeader\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06\x62lake3\x18\x05 \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zimage_split._proto.tensor.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=159
-  _globals['_DTYPE']._serialized_end=247
+  _globals['_DTYPE']._serialized_start=175
+  _globals['_DTYPE']._serialized_end=263
   _globals['_TENSORHEADER']._serialized_start=51
-  _globals['_TENSORHEADER']._serialized_end=157
+  _globals['_TENSORHEADER']._serialized_end=173
 # @@protoc_insertion_point(module_scope)
