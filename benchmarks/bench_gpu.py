@@ -214,7 +214,11 @@ async def measure_latency(source, model: str, device: torch.device, args: argpar
     backend = generator.servicer.info.attention_backend
     pipe = reference_pipeline(source, device=device, dtype=torch.bfloat16)
     if args.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)  # as the generator does
+        # As the generator does (DiTEngine._compile), limit included: this thread may not see the one it set.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
 
     def theirs(prompt: str, seed: int) -> tuple[float, float, np.ndarray]:
         """Seconds to the PIL image, then seconds to write the PNG file our generator sends."""
