@@ -13,7 +13,8 @@ For each dtype, in a fresh process (so its memory figures are its own):
 - **service**: the same batches through a real encoder gRPC server in this process (one Encode call per
   batch, new prompts every round so the cache never answers), against the engine's exact figure.
 - **levers** (`--levers`): the engine at batch 4, exact, with 1 thread instead of all, with eager
-  attention instead of SDPA, and with `torch.compile` of the decoder layers.
+  attention instead of SDPA, and with `torch.compile` of the decoder layers; and, in a process of its own,
+  plain `nn.Linear` instead of oneDNN-packed weights (`--no-pack-weights`).
 
 The `full` preset has the real Qwen3-4B sizes with random weights; its tokenizer is byte-level, so a
 prompt's tokens are its UTF-8 bytes plus the chat template. Figures from a shared machine carry the share
@@ -191,12 +192,13 @@ def measure_engine(folder: str, dtype_name: str, thread, args: argparse.Namespac
     source = resolve_model(folder)
     before = rss_bytes()
     started = time.perf_counter()
-    encoder = thread.submit(lambda: TextEncoder(source, device=torch.device("cpu"), dtype=dtype)).result()
+    pack = getattr(args, "pack_weights", True)
+    encoder = thread.submit(
+        lambda: TextEncoder(source, device=torch.device("cpu"), dtype=dtype, pack_weights=pack)
+    ).result()
     load_seconds = time.perf_counter() - started
     gc.collect()
-    weights = sum(
-        t.numel() * t.element_size() for t in [*encoder.model.parameters(), *encoder.model.buffers()]
-    )
+    weights = encoder.weight_bytes + sum(t.numel() * t.element_size() for t in encoder.model.buffers())
     memory = {
         "weights_bytes": weights,
         "rss_before_load_bytes": before,
@@ -225,7 +227,7 @@ def measure_engine(folder: str, dtype_name: str, thread, args: argparse.Namespac
     )
     config = encoder.model.config
     layer = encoder.model.layers[0]
-    shapes = sorted({tuple(m.weight.shape) for m in layer.modules() if isinstance(m, torch.nn.Linear)})
+    shapes = sorted({(m.out_features, m.in_features) for m in layer.modules() if hasattr(m, "out_features")})
     peak = thread.submit(matmul_peak, dtype, shapes).result()
     print(
         f"{dtype_name}: matmul peak {peak['tflops']:.3f} TFLOP/s ({torch.get_num_threads()} threads)",
@@ -262,6 +264,7 @@ def measure_engine(folder: str, dtype_name: str, thread, args: argparse.Namespac
     )
     return {
         "dtype": dtype_name,
+        "packed_linears": encoder.packed_linears,
         "threads": torch.get_num_threads(),
         "peak": peak,
         "memory": memory,
@@ -285,7 +288,9 @@ def lever_cases(encoder, tokenized, config, peak: dict, args: argparse.Namespace
         )
         return row
 
-    rows = [case(f"baseline ({torch.get_num_threads()} threads, sdpa)")]
+    rows = [
+        case(f"baseline ({torch.get_num_threads()} threads, sdpa, {encoder.packed_linears} packed linears)")
+    ]
     threads = torch.get_num_threads()
     if threads > 1:
         torch.set_num_threads(1)
@@ -295,6 +300,9 @@ def lever_cases(encoder, tokenized, config, peak: dict, args: argparse.Namespace
     encoder.model.set_attn_implementation("eager")
     rows.append(case("eager attention"))
     encoder.model.set_attn_implementation(implementation)
+    if encoder.packed_linears:
+        # Inductor cannot lower oneDNN's opaque packed weights; the unpacked case measures compile.
+        return rows
     layers = encoder.model.layers
     originals = [layer.forward for layer in layers]
     started = time.perf_counter()
@@ -365,17 +373,24 @@ async def service_cases(  # type: ignore[no-untyped-def]
 def measure(settings: Settings, **overrides: object) -> dict:
     args = options(settings, DEFAULTS, QUICK, overrides)
     folder = model_folder("tiny" if settings.quick else settings.model)
-    cases = []
-    for dtype_name in str(args.dtypes).split(","):
-        # A fresh process per dtype: its peak RSS is that dtype's load alone.
+
+    def case(dtype_name: str, case_args: dict) -> dict:
+        # A fresh process per case: its peak RSS is that load alone.
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "case.json"
             command = [
                 sys.executable, "-m", "benchmarks.bench_encoder_host", "--case", dtype_name, "--folder", folder,
-                "--case-out", str(out), "--case-args", json.dumps(vars(args)),
+                "--case-out", str(out), "--case-args", json.dumps(case_args),
             ]  # fmt: skip
             subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
-            cases.append(json.loads(out.read_text()))
+            return dict(json.loads(out.read_text()))
+
+    dtypes = str(args.dtypes).split(",")
+    cases = [case(dtype_name, vars(args)) for dtype_name in dtypes]
+    # The packing lever needs an encoder built without it: its own process, batches and rounds as above.
+    unpacked = (
+        [case(dtypes[0], vars(args) | {"pack_weights": False, "service": False})] if args.levers else []
+    )
     result = {
         "benchmark": "encoder_host",
         "description": "text-encoder tokens/s on this CPU against its own matmul peak, in-process and through the "
@@ -390,6 +405,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
         },
         "prompts": prompt_pool(16),
         "cases": cases,
+        "unpacked": unpacked,
         "note": "tokens are the byte-level tokenizer's (one per UTF-8 byte plus the chat template); FLOPs count "
         "only real tokens, so padded batching's padding is work the % of peak does not credit",
     }
@@ -451,18 +467,21 @@ def print_table(result: dict) -> None:
     print(
         f"\n{machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['torch_threads']} threads, commit {machine['git_commit']}"
     )
-    print(f"{'dtype':<9}{'where':<8}{'batching':<9}{'batch':>6}{'tokens/s':>10}{'% peak':>8}{'range':>12}")
-    for case in result["cases"]:
+    print(f"{'dtype':<9}{'where':<9}{'batching':<9}{'batch':>6}{'tokens/s':>10}{'% peak':>8}{'range':>12}")
+    for case in result["cases"] + result["unpacked"]:
         for row in case["engine"] + case.get("service", []):
             where = "engine" if row in case["engine"] else "service"
+            if not case["packed_linears"]:
+                where += "*"
             low, high = row["peak_share_range"]
             print(
-                f"{case['dtype']:<9}{where:<8}{row['batching']:<9}{row['batch']:>6}{row['tokens_per_s']:>10.1f}"
+                f"{case['dtype']:<9}{where:<9}{row['batching']:<9}{row['batch']:>6}{row['tokens_per_s']:>10.1f}"
                 f"{row['peak_share']:>8.0%}{f'{low:.0%}-{high:.0%}':>12}"
             )
         memory = case["memory"]
         print(
-            f"{case['dtype']}: peak {case['peak']['tflops']:.3f} TFLOP/s; weights {memory['weights_bytes'] / 2**30:.2f} GiB, "
+            f"{case['dtype']}{'' if case['packed_linears'] else ' (* plain nn.Linear)'}: peak "
+            f"{case['peak']['tflops']:.3f} TFLOP/s; weights {memory['weights_bytes'] / 2**30:.2f} GiB, "
             f"peak RSS {memory['peak_rss_after_first_pass_over_weights']:.3f}x (load and first pass), steady "
             f"{memory['steady_rss_after_first_pass_over_weights']:.3f}x"
         )

@@ -125,3 +125,22 @@ def test_repeatable_flags_take_a_list_from_the_file_or_commas_from_the_environme
     assert parse_settings(["generate", "x"]).lora == ["ink:0.3", "style"]
     # Flags win over both, as for every setting.
     assert parse_settings(["generate", "x", "--lora", "a", "--lora", "b:2"]).lora == ["a", "b:2"]
+
+
+def test_an_on_off_flag_is_a_boolean_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--pack-weights/--no-pack-weights`: the setting is the value, from the file, the environment or a flag."""
+    monkeypatch.delenv("ZSPLIT_PACK_WEIGHTS", raising=False)
+
+    def encoder(*argv: str):  # type: ignore[no-untyped-def]
+        return parse_settings(["serve", "encoder", *argv]).resolved
+
+    assert encoder().pack_weights is True
+    path = tmp_path / "zsplit.toml"
+    path.write_text("[encoder]\npack_weights = false\n")
+    assert encoder("--config", str(path)).pack_weights is False
+    assert encoder("--config", str(path), "--pack-weights").pack_weights is True
+    monkeypatch.setenv("ZSPLIT_PACK_WEIGHTS", "false")
+    assert encoder().pack_weights is False and encoder("--pack-weights").pack_weights is True
+    monkeypatch.setenv("ZSPLIT_PACK_WEIGHTS", "maybe")
+    with pytest.raises(InvalidArgument, match="not a boolean"):
+        encoder()

@@ -118,7 +118,10 @@ def _file_layers(
 
 def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
     """A value from the environment (a string) or the TOML file, as the flag would have produced it."""
-    if isinstance(action, argparse._StoreTrueAction):
+    # The setting is the flag's dest: `pack-weights = false` sets what --no-pack-weights would.
+    if isinstance(
+        action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction
+    ):
         if isinstance(raw, bool):
             return raw
         if str(raw).strip().lower() in TRUE:

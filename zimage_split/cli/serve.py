@@ -103,6 +103,13 @@ def _add_encoder(services: argparse._SubParsersAction) -> None:
         "padded: prompts queued together share one right-padded pass, faster on a CPU, last bits depend on "
         f"the batch ({EncoderConfig.batching})",
     )
+    encoder.add_argument(
+        "--pack-weights",
+        action=argparse.BooleanOptionalAction,
+        default=EncoderConfig.pack_weights,
+        help="on a CPU, hold the linear layers' weights in oneDNN's packed layout once instead of reordering "
+        "them on every call (faster; --no-pack-weights for plain nn.Linear)",
+    )
     add_metrics(encoder)
     add_server_limits(encoder, max_prompt_bytes=EncoderConfig.max_prompt_bytes).add_argument(
         "--max-prompts-per-request",
@@ -305,6 +312,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
         batching=args.batching,
+        pack_weights=args.pack_weights,
         max_prompt_bytes=args.max_prompt_bytes,
         max_prompts_per_request=args.max_prompts_per_request,
         transport=transport_limits(args),

@@ -39,6 +39,8 @@ class EncoderConfig:
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
     batching: str = "exact"
+    # CPU, bf16 or fp32: hold the linear layers' weights packed for oneDNN (packed_linear.py).
+    pack_weights: bool = True
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
     transport: TransportLimits = TransportLimits()

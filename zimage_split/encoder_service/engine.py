@@ -12,6 +12,7 @@ import torch
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import LONG_PROMPT_MODES
 from zimage_split.encoder_service.config import ENCODE_BATCHING
+from zimage_split.encoder_service.packed_linear import can_pack, pack_linear_layers
 from zimage_split.encoder_service.quantization import quantize_model
 from zimage_split.model_source import ModelSource, load_component
 from zimage_split.random_weights import load_config, materialize, meta_model
@@ -94,6 +95,7 @@ class TextEncoder:
         hidden_layer: int = -2,
         batching: str = "exact",
         quantize: str = "none",
+        pack_weights: bool = True,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -139,6 +141,14 @@ class TextEncoder:
             materialize(model, seed=seed, component="text_encoder", device=device)
         self.layers_loaded = keep
         self.model = quantize_model(model.to(device).eval(), quantize)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        self._parameter_count = sum(p.numel() for p in self.model.parameters())
+        # int8 layers are torchao's own; plain ones get oneDNN-packed weights where this CPU allows.
+        self.packed_linears = (
+            pack_linear_layers(self.model)
+            if pack_weights and quantize == "none" and can_pack(device, dtype)
+            else 0
+        )
         self.hidden_size = int(model.config.hidden_size)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.forward_passes = 0
@@ -158,7 +168,7 @@ class TextEncoder:
 
     @property
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return self._parameter_count
 
     @property
     def dtype_name(self) -> str:

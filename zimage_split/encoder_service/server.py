@@ -108,6 +108,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
                 hidden_layer=config.hidden_layer,
                 batching=config.batching,
                 quantize=config.quantize,
+                pack_weights=config.pack_weights,
             ),
         )
     except BaseException:
@@ -142,12 +143,14 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     encoder.forward_passes = 0
     await running.set_serving()
     logger.info(
-        "Encoder %s on %s (%s, quantize %s, %s batching, layer %d, %d layers kept) listening on %s:%d (%s)",
+        "Encoder %s on %s (%s, quantize %s, %s batching, %d linear layers packed for oneDNN, layer %d, "
+        "%d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
         dtype.name,
         config.quantize,
         encoder.batching,
+        encoder.packed_linears,
         encoder.hidden_layer,
         encoder.layers_loaded,
         config.host,
