@@ -77,3 +77,24 @@ def test_only_the_packed_weights_pages_are_released() -> None:
     assert storage.data_ptr() % page == 0
     assert torch.count_nonzero(storage[: 2 * floats]) == 0
     assert torch.equal(storage[2 * floats :], before[2 * floats :])
+
+
+def test_each_original_weight_is_freed_before_the_next_is_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """So packing never holds two copies of more than one weight."""
+    import weakref
+
+    from zimage_split.encoder_service import packed_linear
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(4)))
+    originals = [weakref.ref(layer.weight) for layer in model]
+    alive_at_each_pack: list[int] = []
+    real_init = packed_linear.PackedLinear.__init__
+
+    def observing_init(self, linear):  # type: ignore[no-untyped-def]
+        alive_at_each_pack.append(sum(ref() is not None for ref in originals))
+        real_init(self, linear)
+
+    monkeypatch.setattr(packed_linear.PackedLinear, "__init__", observing_init)
+    assert pack_linear_layers(model) == 4
+    assert alive_at_each_pack == [4, 3, 2, 1]
+    assert all(ref() is None for ref in originals)
