@@ -10,8 +10,9 @@ For each dtype, in a fresh process (so its memory figures are its own):
   lengths, with `--batching exact` (one pass per prompt, bit-identical to alone) and `padded` (one
   right-padded pass). % of peak = the FLOPs the encoder does (2 x multiply-adds of every matmul, causal
   attention included, padding not counted) / seconds / peak.
-- **service**: the same batches through a real encoder gRPC server in this process (one Encode call per
-  batch, new prompts every round so the cache never answers), against the engine's exact figure.
+- **service**: the same batches through `zsplit serve encoder` in a process of its own (one Encode call per
+  batch from this process, new prompts every round so the cache never answers), against the engine's exact
+  figure.
 - **levers** (`--levers`): the engine at batch 4, exact, with 1 thread instead of all, with eager
   attention instead of SDPA, and with `torch.compile` of the decoder layers; and, in a process of its own,
   plain `nn.Linear` instead of oneDNN-packed weights (`--no-pack-weights`).
@@ -319,46 +320,49 @@ def lever_cases(encoder, tokenized, config, peak: dict, args: argparse.Namespace
 async def service_cases(  # type: ignore[no-untyped-def]
     folder: str, dtype_name: str, batches: list[int], case: dict, args
 ) -> list[dict]:
-    """Each batch as one Encode call to a real encoder server; new text every round, so no cache hits."""
-    from zimage_split.client import AsyncClient
-    from zimage_split.encoder_service.config import EncoderConfig
-    from zimage_split.encoder_service.server import start_encoder_server
+    """Each batch as one Encode call to `zsplit serve encoder` in a process of its own (the client stays
+    here, as in a deployment); new text every round, so the cache never answers."""
+    from transformers import AutoConfig
 
-    server = await start_encoder_server(
-        EncoderConfig(
-            model=folder, port=0, device="cpu", dtype=dtype_name, max_batch_size=64, cache_bytes=1 << 20
-        )
+    from benchmarks.bench_encoder_pool import EncoderProcess
+    from zimage_split.client import AsyncClient
+
+    config = AutoConfig.from_pretrained(folder, subfolder="text_encoder")
+    layers = int(config.num_hidden_layers) - 1  # hidden_layer -2: the layers after it are not run
+    flags = ["--max-batch-size", "64"] + (
+        [] if getattr(args, "pack_weights", True) else ["--no-pack-weights"]
     )
-    encoder = server.servicer.encoder
-    config, peak = encoder.model.config, case["peak"]
+    server = EncoderProcess(folder, None, *flags, dtype=dtype_name)
     rows = []
     try:
-        async with AsyncClient(generator=None, encoder=f"127.0.0.1:{server.port}") as client:
+        server.wait_serving()
+        async with AsyncClient(generator=None, encoder=server.address, timeout=3600) as client:
             for batch in batches:
                 # Tags of equal length keep every round's token counts the same.
                 tags = [f"r{index:03d}" for index in range(args.warmup + args.rounds)]
-                lengths = [
-                    len(encoder.tokenize(t, hidden_layer=-2, max_sequence_length=512).input_ids)
-                    for t in prompt_pool(batch, tags[0])
-                ]
-                tokens = sum(lengths)
-                flops = sum(prompt_flops(config, encoder.layers_loaded, n) for n in lengths)
-                walls, others = [], []
+                walls, others, lengths = [], [], []
                 for index, tag in enumerate(tags):
                     start = clock()
-                    await client.encode(prompt_pool(batch, tag))
+                    embeddings = await client.encode(prompt_pool(batch, tag))
+                    lengths = [item.token_count for item in embeddings]
                     if index >= args.warmup:
                         elapsed = since(start)
                         walls.append(elapsed["wall_s"])
                         others.append(elapsed["others_cpu_share"] or 0.0)
+                tokens = sum(lengths)
+                flops = sum(prompt_flops(config, layers, n) for n in lengths)
                 timing = {
                     "median_s": statistics.median(walls),
                     "min_s": min(walls),
                     "max_s": max(walls),
                     "rounds": len(walls),
+                    # Here the encoder is another process: this counts it too.
                     "others_cpu_share_median": statistics.median(others),
                 }
-                row = figures(timing, tokens, flops, peak["tflops"]) | {"batch": batch, "batching": "exact"}
+                row = figures(timing, tokens, flops, case["peak"]["tflops"]) | {
+                    "batch": batch,
+                    "batching": "exact",
+                }
                 print(
                     f"{dtype_name} service  exact batch {batch:>2}: {row['tokens_per_s']:7.1f} tokens/s, "
                     f"{row['peak_share']:.0%} of peak",
@@ -366,7 +370,7 @@ async def service_cases(  # type: ignore[no-untyped-def]
                 )
                 rows.append(row)
     finally:
-        await server.stop(grace=0)
+        server.stop()
     return rows
 
 

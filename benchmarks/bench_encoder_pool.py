@@ -44,19 +44,19 @@ def free_port() -> int:
 
 
 class EncoderProcess:
-    def __init__(self, folder: str, core: int | None) -> None:
+    """`zsplit serve encoder` in a process of its own, with a cache too small to answer; `core` pins it to one
+    core with one torch thread."""
+
+    def __init__(self, folder: str, core: int | None, *flags: str, dtype: str = "bfloat16") -> None:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="zsplit-encoder-", suffix=".log", delete=False)  # noqa: SIM115
         command = [sys.executable, "-m", "zimage_split.cli", "serve", "encoder", "--model", folder]
-        command += ["--port", str(self.port), "--device", "cpu", "--insecure", "--dtype", "bfloat16"]
-        command += ["--cache-mb", "1"]
+        command += ["--port", str(self.port), "--device", "cpu", "--insecure", "--dtype", dtype]
+        command += ["--cache-mb", "1", *flags]
+        environment = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if core is not None and shutil.which("taskset"):
             command = ["taskset", "-c", str(core), *command]
-        environment = os.environ | {
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+            environment["OMP_NUM_THREADS"] = "1"
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment)
 
     @property
