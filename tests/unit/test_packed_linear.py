@@ -4,6 +4,8 @@ are handed back."""
 from __future__ import annotations
 
 import mmap
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,43 @@ def test_each_original_weight_is_freed_before_the_next_is_packed(monkeypatch: py
     assert pack_linear_layers(model) == 4
     assert alive_at_each_pack == [4, 3, 2, 1]
     assert all(ref() is None for ref in originals)
+
+
+def _resident_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of `path`, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_memory_mapped_weight_leaves_memory_once_packed(tmp_path: Path) -> None:
+    """As transformers' safetensors loading leaves weights: in a file mapping that outlives the tensor."""
+    import numpy as np
+
+    path = tmp_path / "weight.bin"
+    rows, columns = 256, 1024  # 1 MiB of float32
+    np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32).tofile(path)
+    mapped = np.memmap(
+        path, dtype=np.float32, mode="c", shape=(rows, columns)
+    )  # private, as safetensors maps
+    linear = torch.nn.Linear(columns, rows, bias=False)
+    linear.weight = torch.nn.Parameter(torch.from_numpy(np.asarray(mapped)), requires_grad=False)
+    parent = torch.nn.ModuleList([linear])
+    x = torch.randn(2, columns)
+    with torch.inference_mode():
+        want = parent[0](x)
+    del linear
+    assert _resident_kib(str(path)) >= 900  # the forward pass read every page
+    with torch.inference_mode():
+        assert pack_linear_layers(parent) == 1
+        got = parent[0](x)
+    assert _resident_kib(str(path)) < 100, "the mapped pages should have been handed back"
+    assert torch.allclose(got, want, atol=1e-4)
+    del mapped
