@@ -306,6 +306,8 @@ def lever_cases(encoder, tokenized, config, peak: dict, args: argparse.Namespace
         return rows
     layers = encoder.model.layers
     originals = [layer.forward for layer in layers]
+    # One code object for every layer: past dynamo's default of 8 entries the rest would run uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers))
     started = time.perf_counter()
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)

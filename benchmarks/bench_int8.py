@@ -74,10 +74,10 @@ def mixed_prompts(count: int) -> list[str]:
 
 def build_encoder(folder: str, dtype: torch.dtype, quantize: str):  # type: ignore[no-untyped-def]
     from zimage_split.encoder_service.engine import TextEncoder
-    from zimage_split.model_source import ModelSource
+    from zimage_split.model_source import resolve_model
 
     return TextEncoder(
-        ModelSource(location=folder, model_id=folder),
+        resolve_model(folder),  # `full` is configs only: its weights are drawn, not read
         device=torch.device("cpu"),
         dtype=dtype,
         hidden_layer=-2,
@@ -87,7 +87,7 @@ def build_encoder(folder: str, dtype: torch.dtype, quantize: str):  # type: igno
 
 def time_batches(encoders: dict, rounds: int, warmup: int) -> dict:
     """Tokens/s of each encoder at each batch size: prompts of mixed lengths, one `encode` call per round
-    (prompts of equal token count share a forward pass, as in the service). Rounds interleave the encoders,
+    (one forward pass per prompt, as the service's default --batching exact). Rounds interleave the encoders,
     first one first, then the next, so a busy neighbour slows them alike."""
     result: dict[str, dict] = {name: {} for name in encoders}
     for batch in BATCHES:
