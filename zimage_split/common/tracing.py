@@ -4,11 +4,13 @@ e.g. under `opentelemetry-instrument` with OTEL_* settings."""
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator, Mapping, MutableSequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
 except ImportError:  # tracing is optional
     trace = None  # type: ignore[assignment]
@@ -32,12 +34,35 @@ def server_span(
 
 @contextmanager
 def _span(name: str, carrier: Mapping[str, str], attributes: dict[str, Any]) -> Iterator[Any]:
+    """start_as_current_span, except that leaving it from another context is quiet.
+
+    A streaming call's handler is an async generator: when its client goes away, grpc or the event loop may
+    close it from another task, whose context never held the span. OpenTelemetry's own detach then logs
+    "Failed to detach context" with a traceback; there is nothing to undo in that context.
+    """
     parent = propagate.extract(carrier)
-    tracer = trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(
+    span = trace.get_tracer(TRACER_NAME).start_span(
         name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
-    ) as span:
+    )
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    try:
         yield span
+    except Exception as error:
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        raise
+    finally:
+        span.end()
+        _detach(token)
+
+
+def _detach(token: Any) -> None:
+    if not isinstance(token, contextvars.Token):  # a runtime context other than contextvars': its own rules
+        otel_context.detach(token)
+        return
+    # ValueError: made in another context (see _span), which is gone with its task.
+    with suppress(ValueError):
+        token.var.reset(token)
 
 
 def inject(metadata: MutableSequence[tuple[str, str]]) -> None:
