@@ -139,19 +139,23 @@ def prompt_flops(config: object, layers: int, tokens: int) -> float:
 def timed_rounds(run, rounds: int, warmup: int) -> dict:  # type: ignore[no-untyped-def]
     for _ in range(warmup):
         run(-1)
-    walls, others = [], []
+    elapsed = []
     for index in range(rounds):
         start = clock()
         run(index)
-        elapsed = since(start)
-        walls.append(elapsed["wall_s"])
-        others.append(elapsed["others_cpu_share"] or 0.0)
+        elapsed.append(since(start))
+    return timing_of(elapsed)
+
+
+def timing_of(elapsed: list[dict]) -> dict:
+    """Median, fastest and slowest of rounds timed with `since`, and how busy the rest of the host was."""
+    walls = [round_["wall_s"] for round_ in elapsed]
     return {
         "median_s": statistics.median(walls),
         "min_s": min(walls),
         "max_s": max(walls),
-        "rounds": rounds,
-        "others_cpu_share_median": statistics.median(others),
+        "rounds": len(walls),
+        "others_cpu_share_median": statistics.median(round_["others_cpu_share"] or 0.0 for round_ in elapsed),
     }
 
 
@@ -342,25 +346,17 @@ async def service_cases(  # type: ignore[no-untyped-def]
             for batch in batches:
                 # Tags of equal length keep every round's token counts the same.
                 tags = [f"r{index:03d}" for index in range(args.warmup + args.rounds)]
-                walls, others, lengths = [], [], []
+                elapsed, lengths = [], []
                 for index, tag in enumerate(tags):
                     start = clock()
                     embeddings = await client.encode(prompt_pool(batch, tag))
                     lengths = [item.token_count for item in embeddings]
                     if index >= args.warmup:
-                        elapsed = since(start)
-                        walls.append(elapsed["wall_s"])
-                        others.append(elapsed["others_cpu_share"] or 0.0)
+                        elapsed.append(since(start))
                 tokens = sum(lengths)
                 flops = sum(prompt_flops(config, layers, n) for n in lengths)
-                timing = {
-                    "median_s": statistics.median(walls),
-                    "min_s": min(walls),
-                    "max_s": max(walls),
-                    "rounds": len(walls),
-                    # Here the encoder is another process: this counts it too.
-                    "others_cpu_share_median": statistics.median(others),
-                }
+                # Here the encoder is another process: its CPU counts among the others'.
+                timing = timing_of(elapsed)
                 row = figures(timing, tokens, flops, case["peak"]["tflops"]) | {
                     "batch": batch,
                     "batching": "exact",

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import DTYPES as DTYPE_NAMES
+
+T = TypeVar("T")
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -132,3 +136,14 @@ def torch_thread(name: str) -> ThreadPoolExecutor:
     DiT ran 1.38x slower that way on 2 cores).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
+async def build_on_torch_thread(name: str, build: Callable[[], T]) -> tuple[ThreadPoolExecutor, T]:
+    """A new `torch_thread` and what `build` (the model's load and warm-up) returned, run on it; the thread
+    is shut down if `build` fails."""
+    thread = torch_thread(name)
+    try:
+        return thread, await asyncio.get_running_loop().run_in_executor(thread, build)
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise

@@ -289,8 +289,8 @@ class AsyncClient:
         async def messages() -> AsyncIterator[generator_pb2.UploadEmbeddingRequest | bytes]:
             header = generator_pb2.UploadHeader(tensor=wire.meta_to_proto(meta), content_key=content_key)
             yield generator_pb2.UploadEmbeddingRequest(header=header)
-            for start in range(0, payload.nbytes, wire.CHUNK_BYTES):
-                yield wire.encode_chunk_message(payload[start : start + wire.CHUNK_BYTES])
+            for message in wire.chunk_messages(payload):
+                yield message
 
         with typed_errors(self._generator_target):
             reply = await self._upload_embedding_call()(

@@ -8,7 +8,6 @@ checked before any DiT work on another. No pickle anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -220,9 +219,7 @@ def _checked_item(
             f"{list(expected_shape)} {entry['dtype']}. Make the file again with `zsplit encode`."
         )
     algorithm = _CHECKSUM_FIELDS[metadata["format_version"]]
-    payload = wire.payload_view(tensor)
-    found = wire.checksum(payload) if algorithm == "blake3" else hashlib.sha256(payload).hexdigest()
-    if found != entry[algorithm]:
+    if wire.checksum(wire.payload_view(tensor), algorithm) != entry[algorithm]:
         raise DataLoss(
             f"{where}: the tensor bytes do not match their {algorithm}; the file is corrupted. Make it again."
         )

@@ -129,15 +129,13 @@ def freeze(tensor: torch.Tensor) -> FrozenTensor:
     """Copies, chunks and hashes `tensor` once, for a tensor sent many times (the encoder's cache)."""
     dtype_to_proto(tensor.dtype)
     payload = payload_view(tensor)
-    messages = (
-        encode_chunk_message(payload[start : start + CHUNK_BYTES])
-        for start in range(0, payload.nbytes, CHUNK_BYTES)
-    )
-    return FrozenTensor(_meta(tensor, payload), tuple(messages))
+    return FrozenTensor(_meta(tensor, payload), tuple(chunk_messages(payload)))
 
 
-def checksum(payload: bytes | memoryview) -> str:
-    """The wire's checksum of `payload`: hex BLAKE3."""
+def checksum(payload: bytes | memoryview, algorithm: str = "blake3") -> str:
+    """The hex checksum of `payload`: BLAKE3, the wire's; "sha256" for what versions before it wrote."""
+    if algorithm == "sha256":
+        return hashlib.sha256(payload).hexdigest()
     return blake3(payload).hexdigest()
 
 
@@ -193,6 +191,12 @@ def encode_chunk_message(piece: bytes | memoryview) -> bytes:
         length >>= 7
     prefix.append(length)
     return bytes(prefix) + piece
+
+
+def chunk_messages(payload: memoryview) -> Iterator[bytes]:
+    """`payload` as the chunk messages that follow its header, CHUNK_BYTES each (the last may be shorter)."""
+    for start in range(0, payload.nbytes, CHUNK_BYTES):
+        yield encode_chunk_message(payload[start : start + CHUNK_BYTES])
 
 
 def decode_chunk_message(serialized: bytes) -> memoryview | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -190,11 +189,10 @@ def _read(path: Path, key: str) -> StoredEmbedding:
         raise CorruptFile(f"it holds a {tensor.dtype} tensor")
     # Files written before BLAKE3 hold a sha256 and are still read, checked with it.
     algorithm = "blake3" if "blake3" in metadata else "sha256"
-    payload = payload_view(tensor)
     found = {
         "dtype": dtype_name(tensor.dtype),
         "shape": json.dumps(list(tensor.shape)),
-        algorithm: checksum(payload) if algorithm == "blake3" else hashlib.sha256(payload).hexdigest(),
+        algorithm: checksum(payload_view(tensor), algorithm),
     }
     for field, value in found.items():
         if metadata.get(field) != value:

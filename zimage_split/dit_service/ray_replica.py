@@ -14,7 +14,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +105,11 @@ class DiTReplica:
         max_batch_wait_seconds: float,
         engine: EngineOptions,
     ) -> None:
-        # Serve runs this constructor on one thread and the methods' blocking work on a pool of others. A
-        # model built on one thread and run on another computes with two OpenMP thread teams that compete
-        # for the cores (the DiT measured 1.38x slower on a CPU), so one thread of our own builds, warms up
-        # and runs the engine.
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
+        from zimage_split.devices import torch_thread
+
+        # Serve runs this constructor on one thread and the methods' blocking work on a pool of others: one
+        # thread of our own builds, warms up and runs the engine (devices.torch_thread says why).
+        self._engine_thread = torch_thread("dit-engine")
         self.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
         self.build_thread = 0
         self.torch_threads = 0

@@ -85,12 +85,7 @@ class LocalWorker:
     @classmethod
     async def start(cls, build: Callable[[], DiTEngine], *, max_queue: int = 32) -> LocalWorker:
         """Builds the engine (load, warm-up, compile) on the thread that will then run every job."""
-        thread = devices.torch_thread("dit")
-        try:
-            engine = await asyncio.get_running_loop().run_in_executor(thread, build)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
+        thread, engine = await devices.build_on_torch_thread("dit", build)
         return cls(engine, max_queue=max_queue, torch_thread=thread)
 
     @property

@@ -38,7 +38,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._max_wait_seconds = max_wait_seconds
         self._on_batch = on_batch
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result], float]] = asyncio.Queue()
-        # Given one, it must have a single thread (see torch_thread.py); its owner shuts it down.
+        # Given one, it must have a single thread (devices.torch_thread); its owner shuts it down.
         self._owns_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self._worker: asyncio.Task[None] | None = None

@@ -21,6 +21,14 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 ENCODE_BATCHING = ("exact", "padded")
 
 
+def check_batching(batching: str) -> None:
+    if batching not in ENCODE_BATCHING:
+        raise InvalidArgument(
+            f"--batching must be {' or '.join(ENCODE_BATCHING)} (got {batching!r}); exact keeps every "
+            "embedding bit-identical to its prompt encoded alone."
+        )
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Everything `zsplit serve encoder` can set, resolved once."""
@@ -52,11 +60,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check_metrics_port(self.port, self.metrics_port)
-        if self.batching not in ENCODE_BATCHING:
-            raise InvalidArgument(
-                f"--batching must be {' or '.join(ENCODE_BATCHING)} (got {self.batching!r}); exact keeps every "
-                "embedding bit-identical to its prompt encoded alone."
-            )
+        check_batching(self.batching)
         check_quantize_setting(self.quantize, device=self.device, dtype=self.dtype)
         # Limits no request could meet fail here rather than after the model loads; the model's own caption
         # limit is checked once its config is read (servicer.check_default_length).

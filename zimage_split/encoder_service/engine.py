@@ -11,7 +11,7 @@ import torch
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import LONG_PROMPT_MODES
-from zimage_split.encoder_service.config import ENCODE_BATCHING
+from zimage_split.encoder_service.config import check_batching
 from zimage_split.encoder_service.packed_linear import can_pack, pack_linear_layers
 from zimage_split.encoder_service.quantization import quantize_model
 from zimage_split.model_source import ModelSource, load_component
@@ -99,11 +99,7 @@ class TextEncoder:
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        if batching not in ENCODE_BATCHING:
-            raise InvalidArgument(
-                f"Unknown encode batching {batching!r}; use {' or '.join(ENCODE_BATCHING)}. exact keeps every "
-                "embedding bit-identical to the prompt encoded alone."
-            )
+        check_batching(batching)
         self.batching = batching
         self.model_id = source.model_id
         self.device = device
@@ -252,22 +248,12 @@ class TextEncoder:
         with AMX, bf16 and fp32). "padded" trades the promise for throughput: prompts are right-padded to
         the longest in the batch and share one pass, as transformers batches them.
         """
-        if self.batching == "padded" and len(prompts) > 1:
-            return self._forward_padded(prompts)
-        return [self._forward_one(prompt) for prompt in prompts]
+        if self.batching == "padded" and prompts:
+            return self._forward(prompts)
+        return [self._forward([prompt])[0] for prompt in prompts]
 
-    def _forward_one(self, prompt: TokenizedPrompt) -> torch.Tensor:
-        input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=self.device)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        self.forward_passes += 1
-        return self._result(outputs.hidden_states[self.total_layers + 1 + prompt.hidden_layer][0], prompt)
-
-    def _forward_padded(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+    def _forward(self, prompts: Sequence[TokenizedPrompt]) -> list[torch.Tensor]:
+        """One forward pass over `prompts`, right-padded to the longest (a lone prompt has no padding)."""
         longest = max(len(p.input_ids) for p in prompts)
         input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)

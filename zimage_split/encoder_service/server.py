@@ -19,7 +19,7 @@ from zimage_split.common.server import (
     serve_until_signal,
     start_server,
 )
-from zimage_split.devices import DtypeChoice, choose_dtype, pick_device, torch_thread
+from zimage_split.devices import DtypeChoice, build_on_torch_thread, choose_dtype, pick_device
 from zimage_split.encoder_service.config import EncoderConfig
 from zimage_split.encoder_service.engine import TextEncoder
 from zimage_split.encoder_service.quantization import check_device, require_torchao
@@ -97,23 +97,18 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
                 torch.float32, f"auto: --quantize {config.quantize} computes its activations in float32"
             )
     logger.info("Encoder dtype %s (%s), quantize %s", dtype.name, dtype.reason, config.quantize)
-    thread = torch_thread("encoder")
-    try:
-        encoder = await asyncio.get_running_loop().run_in_executor(
-            thread,
-            lambda: TextEncoder(
-                source,
-                device=device,
-                dtype=dtype.dtype,
-                hidden_layer=config.hidden_layer,
-                batching=config.batching,
-                quantize=config.quantize,
-                pack_weights=config.pack_weights,
-            ),
-        )
-    except BaseException:
-        thread.shutdown(wait=False)
-        raise
+    thread, encoder = await build_on_torch_thread(
+        "encoder",
+        lambda: TextEncoder(
+            source,
+            device=device,
+            dtype=dtype.dtype,
+            hidden_layer=config.hidden_layer,
+            batching=config.batching,
+            quantize=config.quantize,
+            pack_weights=config.pack_weights,
+        ),
+    )
     servicer = EncoderServicer(
         encoder,
         max_sequence_length=config.max_sequence_length,
