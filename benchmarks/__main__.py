@@ -26,7 +26,18 @@ from benchmarks.report import RESULTS, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 # Cheapest first, so a quick look at the first results does not wait for Ray.
-BENCHMARKS = ("encode", "encoder_host", "int8", "encoder_pool", "transfer", "generate", "batch", "ray", "gpu")
+BENCHMARKS = (
+    "encode",
+    "encoder_host",
+    "int8",
+    "encoder_pool",
+    "transfer",
+    "generate",
+    "threads",
+    "batch",
+    "ray",
+    "gpu",
+)
 # Where --update-readme puts the headline figures, between the markers below (the flag kept its name when the
 # figures moved out of README.md).
 FIGURES = ROOT / "docs" / "benchmarks.md"

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -150,13 +151,49 @@ def since(start: tuple[float, float, float]) -> dict:
 
 
 def summary(seconds: list[float]) -> dict:
+    """Centre and spread of one timing (or ratio) over the rounds: `iqr_s` is the middle half's width and
+    `median_ci95_s` a 95% bootstrap interval of the median (both collapse to the value for one round)."""
+    first, third = quartiles(seconds)
     return {
         "median_s": statistics.median(seconds),
         "mean_s": statistics.fmean(seconds),
         "min_s": min(seconds),
         "max_s": max(seconds),
         "stdev_s": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+        "q1_s": first,
+        "q3_s": third,
+        "iqr_s": third - first,
+        "median_ci95_s": median_interval(seconds),
+        "rounds": len(seconds),
     }
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles (both equal to the value when there is only one)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    first, _, third = statistics.quantiles(values, n=4)
+    return [first, third]
+
+
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """A 95% percentile-bootstrap interval of the median: resample the rounds with replacement, take the
+    2.5th and 97.5th percentiles of the resampled medians. Seeded, so a results file can be recomputed."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    draw = random.Random(seed)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
+def spread_text(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
+    """'median (IQR q1-q3, 95% CI lo-hi, n rounds)' of a `summary`, for printed tables."""
+    low, high = stats["median_ci95_s"]
+    return (
+        f"{stats['median_s'] * scale:.{digits}f} (IQR {stats['q1_s'] * scale:.{digits}f}-"
+        f"{stats['q3_s'] * scale:.{digits}f}, 95% CI {low * scale:.{digits}f}-{high * scale:.{digits}f}, "
+        f"{stats['rounds']} rounds)"
+    )
 
 
 def write_json(result: dict, out: str | None, name: str) -> Path:

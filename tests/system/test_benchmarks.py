@@ -84,6 +84,7 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
     results = summary["benchmarks"]
     assert {row["dtype"] for row in results["encode"]["dtypes"]} == {"float32", "bfloat16"}
     assert results["generate"]["max_pixel_diff"] <= 1  # same images as diffusers (padding: 1/255)
+    assert results["generate"]["max_pixel_diff_ready"] <= 1  # and from the same embeddings
     assert results["batch"]["prompts_encoded_per_round"] == [results["batch"]["settings"]["prompts"]]
     # Two requests in a quick round may both go to one replica under load (Ray's router chooses); that both
     # replicas serve a burst is tested in tests/integration/test_ray.py. Here: the harness records it.
@@ -95,7 +96,15 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
     assert gpu["engine"]["batch_4"]["images_per_s"] > 0 and gpu["latency"]["ours_p50_s"] > 0
     assert gpu["encode_cpu"]["tokens_per_s"] > 0
     metrics = " ".join(row["metric"] for row in summary["headline"])
-    for expected in ("encode", "prompt to image", "transfer", "encode-once", "2 Ray replicas", "tokens/s"):
+    for expected in (
+        "encode",
+        "prompt to image",
+        "embedding to image, like for like",
+        "transfer",
+        "encode-once",
+        "2 Ray replicas",
+        "tokens/s",
+    ):
         assert expected in metrics, expected
 
 
