@@ -61,7 +61,7 @@ TEXT = (
     "between the trees while an old lighthouse stands on a rocky coast under dramatic clouds and waves break"
 )
 DEFAULTS = {
-    "rounds": 3,
+    "rounds": 10,
     "warmup": 1,
     "dtypes": "bfloat16,float32",
     "batches": "1,4,16",

@@ -32,7 +32,7 @@ from benchmarks.report import (
     write_json,
 )
 
-DEFAULTS = {"rounds": 5, "warmup": 1, "prompts": 32, "prompt_chars": 300}
+DEFAULTS = {"rounds": 10, "warmup": 1, "prompts": 32, "prompt_chars": 300}
 QUICK = {"warmup": 0, "prompts": 8, "prompt_chars": 40}
 TARGET_RATIO = 1.6  # two encoders / one, each on its own core
 

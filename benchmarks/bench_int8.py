@@ -172,7 +172,7 @@ def render(folder: str, embeddings: dict[str, list[torch.Tensor]], side: int, st
 
 
 DEFAULTS = {
-    "rounds": 5,
+    "rounds": 10,
     "warmup": 1,
     "fidelity_prompts": 16,
     "images": 2,

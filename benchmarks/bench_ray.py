@@ -50,6 +50,8 @@ CONFIGS = {
 }
 PAIRS = {  # comparison: (baseline, candidate)
     "replicas": ("1 replica x 1 thread", "2 replicas x 1 thread"),
+    # The fair question on one host: does splitting its cores into replicas beat one replica using them all?
+    "replicas_vs_all_cores": ("batch 1 (2 threads)", "2 replicas x 1 thread"),
     "batching": ("batch 1 (2 threads)", "batch 4 (2 threads)"),
 }
 
@@ -143,28 +145,30 @@ def max_pixel_diff(first: list[np.ndarray], second: list[np.ndarray]) -> int:
 
 
 async def run(args: argparse.Namespace, folder: str) -> list[dict]:
+    """Every round runs each configuration the pairs need once, in reverse order every other round."""
     rounds = []
+    names = [name for name in CONFIGS if any(name in PAIRS[pair] for pair in pairs_to_run(args))]
     for index in range(args.rounds):
         seeds = [1000 * (index + 1) + i for i in range(args.requests)]
         result: dict = {"round": index + 1, "seeds": seeds, "order": [], "bursts": {}, "pairs": {}}
+        pixels = {}
+        for name in names if index % 2 == 0 else names[::-1]:
+            result["order"].append(name)
+            result["bursts"][name], pixels[name] = await run_config(name, folder, args, seeds)
+            burst_result = result["bursts"][name]
+            print(
+                f"round {index + 1}/{args.rounds} {name:<22} {burst_result['images_per_s']:6.3f} images/s "
+                f"({burst_result['wall_s']:6.2f} s for {args.requests})  batches "
+                f"{sorted(Counter(burst_result['batch_sizes']).items())}  replicas "
+                f"{sorted(burst_result['replicas'].values())}  (other processes: "
+                f"{burst_result['others_cpu_share'] or 0:.0%} of the CPUs)",
+                flush=True,
+            )
         for pair in pairs_to_run(args):
-            names, pixels = PAIRS[pair], {}
-            for name in names if index % 2 == 0 else names[::-1]:
-                result["order"].append(name)
-                result["bursts"][name], pixels[name] = await run_config(name, folder, args, seeds)
-                burst_result = result["bursts"][name]
-                print(
-                    f"round {index + 1}/{args.rounds} {name:<22} {burst_result['images_per_s']:6.3f} images/s "
-                    f"({burst_result['wall_s']:6.2f} s for {args.requests})  batches "
-                    f"{sorted(Counter(burst_result['batch_sizes']).items())}  replicas "
-                    f"{sorted(burst_result['replicas'].values())}  (other processes: "
-                    f"{burst_result['others_cpu_share'] or 0:.0%} of the CPUs)",
-                    flush=True,
-                )
-            base, candidate = (result["bursts"][name]["images_per_s"] for name in names)
+            base, candidate = PAIRS[pair]
             result["pairs"][pair] = {
-                "ratio": candidate / base,
-                "max_pixel_diff": max_pixel_diff(*(pixels[name] for name in names)),
+                "ratio": result["bursts"][candidate]["images_per_s"] / result["bursts"][base]["images_per_s"],
+                "max_pixel_diff": max_pixel_diff(pixels[base], pixels[candidate]),
             }
         rounds.append(result)
     return rounds
@@ -201,6 +205,7 @@ def pair_summary(rounds: list[dict], configs: dict, pair: str) -> dict:
         / configs[base]["images_per_s"]["median"],
         "ratio_per_round": per_round,
         "ratio_per_round_median": statistics.median(per_round),
+        "ratio_per_round_spread": summary(per_round),
         "max_pixel_diff": max(r["pairs"][pair]["max_pixel_diff"] for r in rounds),
     }
 
@@ -226,6 +231,12 @@ def print_table(result: dict) -> None:
         f"{replicas['ratio_per_round_median']:.2f}x; target >= {TARGET_REPLICA_SPEEDUP}: {verdict}); both "
         f"replicas served every round: {replicas['both_replicas_served_every_round']}"
     )
+    if result["replicas_vs_all_cores"] is not None:
+        all_cores = result["replicas_vs_all_cores"]
+        print(
+            f"2 replicas x 1 thread / 1 replica x 2 threads: {all_cores['ratio_median']:.2f}x (median per round "
+            f"{all_cores['ratio_per_round_median']:.2f}x)"
+        )
     if batching is not None:
         print(
             f"batch 4 / batch 1: {batching['ratio_median']:.2f}x (median per round "
@@ -235,7 +246,7 @@ def print_table(result: dict) -> None:
     print(f"other processes used a median {result['others_cpu_share_median']:.0%} of the CPUs meanwhile")
 
 
-DEFAULTS = {"rounds": 3, "warmup": 1, "requests": 8, "size": 256}
+DEFAULTS = {"rounds": 10, "warmup": 1, "requests": 8, "size": 256}
 QUICK = {"warmup": 0, "requests": 2, "size": 64}
 
 
@@ -253,6 +264,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
     pairs = pairs_to_run(args)
     configs = {name: config_summary(rounds, name) for pair in pairs for name in PAIRS[pair]}
     replicas = pair_summary(rounds, configs, "replicas")
+    all_cores = pair_summary(rounds, configs, "replicas_vs_all_cores") if "batching" in pairs else None
     batching = pair_summary(rounds, configs, "batching") if "batching" in pairs else None
     replicas["both_replicas_served_every_round"] = all(
         count == 2 for count in configs["2 replicas x 1 thread"]["replicas_per_round"]
@@ -290,6 +302,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
         "rounds": rounds,
         "configurations": configs,
         "replicas": replicas,
+        "replicas_vs_all_cores": all_cores,
         "batching": batching,
         "others_cpu_share_median": statistics.median(
             b["others_cpu_share"] or 0.0 for r in rounds for b in r["bursts"].values()
@@ -303,6 +316,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
 
 def headline(result: dict) -> list[dict]:
     configs, replicas, batching = result["configurations"], result["replicas"], result["batching"]
+    all_cores = result["replicas_vs_all_cores"]
     size = f"{result['settings']['width']}x{result['settings']['height']}"
     rows = [
         headline_row(
@@ -316,9 +330,27 @@ def headline(result: dict) -> list[dict]:
             ratio_meaning="2 replicas / 1 (higher is better)",
             target=f">= {TARGET_REPLICA_SPEEDUP}",
             target_met=result["target_met"],
-            note=f"both replicas served every burst: {replicas['both_replicas_served_every_round']}",
+            note=f"both replicas served every burst: {replicas['both_replicas_served_every_round']}; per-round "
+            f"ratio IQR {replicas['ratio_per_round_spread']['q1_s']:.3f}-"
+            f"{replicas['ratio_per_round_spread']['q3_s']:.3f}, {replicas['ratio_per_round_spread']['rounds']} rounds",
         )
     ]
+    if all_cores is not None:
+        spread = all_cores["ratio_per_round_spread"]
+        rows.append(
+            headline_row(
+                "ray",
+                f"2 Ray replicas (1 thread each) against 1 replica with both threads, {size}",
+                unit="images/s",
+                ours=configs[all_cores["candidate"]]["images_per_s"]["median"],
+                baseline=configs[all_cores["baseline"]]["images_per_s"]["median"],
+                baseline_name="1 replica, 2 threads",
+                ratio=all_cores["ratio_median"],
+                ratio_meaning="2 replicas / 1 replica using every core (higher is better)",
+                note=f"per-round ratio median {spread['median_s']:.3f}, IQR {spread['q1_s']:.3f}-"
+                f"{spread['q3_s']:.3f}, {spread['rounds']} rounds",
+            )
+        )
     if batching is not None:
         rows.append(
             headline_row(
