@@ -330,12 +330,14 @@ async def serve_http(
         app, host=host, port=port, ssl_certfile=cert_file, ssl_keyfile=key_file, log_config=None
     )
     endpoint = serve_metrics(metrics, *metrics_address) if metrics and metrics_address else None
-    # uvicorn drains on SIGTERM, then raises the signal again; with the default handler that kills the
-    # process. A handler of ours lets it exit 0 after the drain, as the gRPC services do.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn drains on SIGINT or SIGTERM, then raises the signal again; with the default handlers that
+    # kills the process (SIGTERM) or ends it in KeyboardInterrupt, exit status 130 (SIGINT). Handlers of ours
+    # let it exit 0 after the drain, as the gRPC services do.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         await uvicorn.Server(config).serve()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if endpoint is not None:
             endpoint.stop()

@@ -98,6 +98,38 @@ def test_inpainting_equals_diffusers(client, pipelines) -> None:  # type: ignore
     assert np.abs(ours - original)[keep].mean() < np.abs(ours - original)[~keep].mean()
 
 
+@pytest.mark.parametrize("strength", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_inpainting_at_each_strength_equals_diffusers(client, pipelines, strength, guidance) -> None:  # type: ignore[no-untyped-def]
+    _, inpaint = pipelines
+    positive, negative = embeddings(inpaint, "a red door", "blurry")
+    seed = int(strength * 10) + int(guidance)
+    start, mask = start_image(96, 64, seed=seed), mask_image(96, 64)
+    expected = inpaint(
+        image=start,
+        mask_image=mask,
+        strength=strength,
+        prompt_embeds=[positive],
+        negative_prompt_embeds=[negative] if guidance > 0 else None,
+        num_inference_steps=8,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    image = client.generate(
+        embeddings=positive,
+        negative_embeddings=negative if guidance > 0 else None,
+        init_image=png(start),
+        mask=png(mask),
+        strength=strength,
+        seed=seed,
+        guidance_scale=guidance,
+    )
+    assert image.size == (96, 64)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+    assert image.info["steps_run"] == 8 - int(8 - 8 * strength)
+    assert image.info["strength"] == pytest.approx(strength)
+
+
 def test_num_images_give_the_reference_for_each_seed(client, pipelines) -> None:  # type: ignore[no-untyped-def]
     img2img, _ = pipelines
     positive, _ = embeddings(img2img, "a lighthouse", "")

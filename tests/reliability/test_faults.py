@@ -1,4 +1,5 @@
-"""Faults, each injected for real: SIGTERM, an encoder killed during a call, deadlines, client cancels.
+"""Faults, each injected for real: SIGTERM and SIGINT (once and twice; to services, the HTTP gateway and a
+client command), an encoder killed during a call, deadlines, client cancels.
 
 Every test records what it measured in `figures` (docs/RELIABILITY.md).
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.conftest import LoopThread, start_generator
 from tests.reliability.conftest import Figures
-from tests.reliability.processes import ServiceProcess, free_port, health_status
+from tests.reliability.processes import ZSPLIT, ServiceProcess, free_port, health_status
 from zimage_split.client import AsyncClient, Client, DeadlineExceeded, Unavailable
 from zimage_split.common.errors import Cancelled
 
@@ -67,8 +70,8 @@ def step_starts(engine: Any) -> tuple[list[float], Any]:
     return starts, handle
 
 
-def long_call_under_way(address: str, steps: int) -> tuple[threading.Thread, dict[str, Any]]:
-    """Starts a `steps`-step 512x512 generation on a thread; returns once its first step is done."""
+def long_call_under_way(address: str, steps: int, side: int = 512) -> tuple[threading.Thread, dict[str, Any]]:
+    """Starts a `steps`-step side x side generation on a thread; returns once its first step is done."""
     started = threading.Event()
 
     def call() -> Any:
@@ -76,8 +79,8 @@ def long_call_under_way(address: str, steps: int) -> tuple[threading.Thread, dic
             return client.generate(
                 embeddings=embedding(),
                 steps=steps,
-                width=512,
-                height=512,
+                width=side,
+                height=side,
                 seed=3,
                 on_progress=lambda step, total: started.set(),
             )
@@ -168,6 +171,136 @@ def test_sigterm_drains_the_encoder_too(tiny_model_dir: Path, figures: Figures) 
         "SIGTERM to the encoder with an Encode call in flight: the call, exit code, seconds to exit",
         f"answered, {exit_code}, {exit_seconds:.1f} s",
     )
+
+
+def test_a_second_sigterm_during_the_drain_cuts_it_short(tiny_model_dir: Path, figures: Figures) -> None:
+    with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "60") as server:
+        server.wait_serving()
+        thread, outcome = long_call_under_way(server.address, steps=100, side=1024)
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: health_status(server.port) == NOT_SERVING, 5, "health to report NOT_SERVING")
+        assert "ended" not in outcome, "the call ended before the second signal; make it longer"
+        second = time.monotonic()
+        server.signal(signal.SIGTERM)
+        exit_code = server.process.wait(60)
+        exit_seconds = time.monotonic() - second
+        thread.join(60)
+        log = server.log_text()
+    # Without the second signal the 60 s grace would have let the call run to its end.
+    assert exit_code == 0, log
+    assert exit_seconds < 20, log
+    assert isinstance(outcome.get("error"), Unavailable | Cancelled), outcome
+    assert "A second signal ended the drain" in log and "grace period" not in log, log
+    figures.record(
+        SECTION,
+        "second SIGTERM during a 60 s drain: exit code, seconds from it to exit",
+        f"{exit_code}, {exit_seconds:.1f} s (the call got {outcome['error'].code})",
+    )
+
+
+def test_sigint_drains_as_sigterm_does_and_exits_0(tiny_model_dir: Path, figures: Figures) -> None:
+    """Ctrl-C on a service is a graceful stop, not an interruption: the call in flight gets its image and
+    the process exits 0, like SIGTERM (docs/cli.md, Exit status)."""
+    with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", "--shutdown-grace", "60") as server:
+        server.wait_serving()
+        thread, outcome = long_call_under_way(server.address, steps=30)
+        server.signal(signal.SIGINT)
+        wait_for(lambda: health_status(server.port) == NOT_SERVING, 5, "health to report NOT_SERVING")
+        thread.join(120)
+        exit_code = server.process.wait(60)
+        log = server.log_text()
+    assert "result" in outcome, outcome.get("error")
+    assert outcome["result"].size == (512, 512)
+    assert exit_code == 0, log
+    assert "Shutdown signal" in log and "Drained in" in log, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    figures.record(SECTION, "SIGINT with a call in flight: the call, exit code", f"answered, {exit_code}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_http_gateway_exits_0_on_either_signal(sig: int) -> None:
+    port = free_port()
+    gateway = subprocess.Popen(
+        # Nothing listens on the generator's port: the gateway connects on the first request only.
+        [
+            *ZSPLIT,
+            "serve",
+            "http",
+            "--generator",
+            f"127.0.0.1:{free_port()}",
+            "--insecure",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: listening(port) or gateway.poll() is not None, 60, "the gateway to listen")
+        assert gateway.poll() is None, gateway.communicate()[0].decode(errors="replace")
+        gateway.send_signal(sig)
+        output = gateway.communicate(timeout=30)[0].decode(errors="replace")
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+    assert gateway.returncode == 0, output
+    assert "Finished server process" in output and "Traceback" not in output, output
+
+
+def test_ctrl_c_stops_zsplit_generate_with_130(generator: Any, tmp_path: Path, figures: Figures) -> None:
+    """A client command, unlike a service, is interrupted by Ctrl-C: exit status 130, no traceback, and the
+    generator it called goes on serving."""
+    address = f"127.0.0.1:{generator.port}"
+    command = subprocess.Popen(
+        [*ZSPLIT, "generate", "a lighthouse", "--generator", address, "--steps", "100"]
+        + ["--width", "1024", "--height", "1024", "-o", str(tmp_path / "never.png")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert command.stderr is not None
+    stderr = read_in_background(command.stderr)
+    try:
+        # tqdm's bar appears at the first progress event: the call is in the denoising loop.
+        wait_for(lambda: b"denoising" in stderr or command.poll() is not None, 60, "the first step")
+        assert command.poll() is None, stderr.decode(errors="replace")
+        interrupted = time.monotonic()
+        command.send_signal(signal.SIGINT)
+        exit_code = command.wait(30)
+        exit_seconds = time.monotonic() - interrupted
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    output = stderr.decode(errors="replace")
+    assert exit_code == 130, output
+    assert "Traceback" not in output, output
+    assert not (tmp_path / "never.png").exists()
+    with Client(generator=address, timeout=60) as client:
+        assert client.generate(embeddings=embedding(), steps=1, width=64, height=64).size == (64, 64)
+    figures.record(
+        SECTION, "Ctrl-C on zsplit generate: exit code, seconds to exit", f"{exit_code}, {exit_seconds:.1f} s"
+    )
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def read_in_background(stream: IO[bytes]) -> bytearray:
+    """A buffer that a daemon thread fills with everything `stream` gives until it closes."""
+    buffer = bytearray()
+
+    def read() -> None:
+        while chunk := stream.read1(4096):  # type: ignore[attr-defined]
+            buffer.extend(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
+    return buffer
 
 
 def kill_encoder_during_a_call(

@@ -161,6 +161,10 @@ class ServingGate(aio.ServerInterceptor):
         """Ends a `wait_idle` early (a second shutdown signal)."""
         self._given_up.set()
 
+    @property
+    def given_up(self) -> bool:
+        return self._given_up.is_set()
+
     async def wait_idle(self, timeout: float | None) -> bool:
         """True once no call is in flight; False if `timeout` seconds pass, or `give_up()`, first."""
         waits = {asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._given_up.wait())}

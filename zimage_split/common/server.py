@@ -91,6 +91,12 @@ class RunningServer:
         drained = await self.gate.wait_idle(grace or 0)
         if drained:
             logger.info("Drained in %.1f s; stopping.", time.monotonic() - started)
+        elif self.gate.given_up:
+            logger.warning(
+                "A second signal ended the drain after %.1f s; cancelling %d call(s) still running.",
+                time.monotonic() - started,
+                self.gate.in_flight,
+            )
         else:
             logger.warning(
                 "%d call(s) still running after the %.1f s grace period; cancelling them.",
