@@ -346,13 +346,15 @@ async def service_cases(  # type: ignore[no-untyped-def]
             for batch in batches:
                 # Tags of equal length keep every round's token counts the same.
                 tags = [f"r{index:03d}" for index in range(args.warmup + args.rounds)]
-                elapsed, lengths = [], []
+                elapsed, lengths, every_call = [], [], []
                 for index, tag in enumerate(tags):
                     start = clock()
                     embeddings = await client.encode(prompt_pool(batch, tag))
                     lengths = [item.token_count for item in embeddings]
+                    took = since(start)
+                    every_call.append(sum(lengths) / took["wall_s"])
                     if index >= args.warmup:
-                        elapsed.append(since(start))
+                        elapsed.append(took)
                 tokens = sum(lengths)
                 flops = sum(prompt_flops(config, layers, n) for n in lengths)
                 # Here the encoder is another process: its CPU counts among the others'.
@@ -360,6 +362,9 @@ async def service_cases(  # type: ignore[no-untyped-def]
                 row = figures(timing, tokens, flops, case["peak"]["tflops"]) | {
                     "batch": batch,
                     "batching": "exact",
+                    # Warm-up calls included, in order: the first batch size's first calls are the
+                    # service's first calls after SERVING (does it reach full speed at once?).
+                    "every_call_tokens_per_s": every_call,
                 }
                 print(
                     f"{dtype_name} service  exact batch {batch:>2}: {row['tokens_per_s']:7.1f} tokens/s, "
