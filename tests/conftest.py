@@ -53,7 +53,7 @@ def start_encoder(loop_thread: LoopThread, model: Path, **overrides: Any):  # ty
     from zimage_split.encoder_service.server import start_encoder_server
 
     # A fixed dtype: `auto` depends on the CPU's features, and a test must not.
-    config = EncoderConfig(model=str(model), port=0, device="cpu", **({"dtype": "bfloat16"} | overrides))
+    config = EncoderConfig(model=str(model), device="cpu", **({"dtype": "bfloat16", "port": 0} | overrides))
     return loop_thread.run(start_encoder_server(config))
 
 
@@ -67,9 +67,9 @@ def start_generator(loop_thread: LoopThread, model: Path, encoder_port: int | No
 
     encoder = f"127.0.0.1:{encoder_port}" if encoder_port else None
     engine = {name: overrides.pop(name) for name in ENGINE_FIELDS if name in overrides}
-    overrides = {"dtype": "float32"} | overrides  # `auto` depends on the CPU's features, and a test must not
+    overrides = {"dtype": "float32", "port": 0} | overrides  # `auto` depends on the CPU's features
     config = GeneratorConfig(
-        model=str(model), encoder=encoder, port=0, device="cpu", engine=EngineOptions(**engine), **overrides
+        model=str(model), encoder=encoder, device="cpu", engine=EngineOptions(**engine), **overrides
     )
     return loop_thread.run(start_generator_server(config))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -119,15 +118,18 @@ async def encode_prompts(
     return Embeddings(items, model_id=model_id)
 
 
-def png_bytes(image: Any, metadata: dict[Any, Any]) -> bytes:
-    """The image as PNG, with our metadata in a text chunk."""
-    from PIL.PngImagePlugin import PngInfo
+def png_bytes(image: Any, prompt: str) -> bytes:
+    """The image as PNG with the text chunks a single image carries (`prompt`, `seed`, ..., `parameters`):
+    the generator's own, which lack the prompt's text (it got an embedding), with the text put back; and
+    what the SDK reported (`image.info`, timings included) as JSON in a `zimage-split` chunk."""
+    from zimage_split.dit_service.outputs import OutputOptions, encode_image, read_metadata, with_prompt
 
-    text = PngInfo()
-    text.add_text("zimage-split", json.dumps(metadata, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=text)
-    return buffer.getvalue()
+    generated = image.info.get("file_bytes")
+    settings = with_prompt(read_metadata(generated) if generated else {}, prompt)
+    report = {key: value for key, value in image.info.items() if key != "file_bytes"}
+    report |= {key: value for key, value in settings if key in ("prompt", "parameters")}
+    chunks = (*settings, ("zimage-split", json.dumps(report, sort_keys=True)))
+    return encode_image(image, OutputOptions(format="png", metadata=chunks))
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,8 @@ class Manifest:
     def record(self, result: JobResult, prompt: PromptEmbedding) -> dict[str, Any]:
         """Writes the image atomically, then appends and syncs its manifest line."""
         job = result.job
-        info = {key: value for key, value in result.image.info.items() if key != "file_bytes"}
-        data = png_bytes(result.image, info)
+        info = result.image.info
+        data = png_bytes(result.image, prompt.text)
         image = self.out_dir / job.file_name
         write_atomically(image, data)
         entry = {

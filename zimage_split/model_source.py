@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,10 @@ if TYPE_CHECKING:
     from diffusers import ZImagePipeline
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+# How long resolve_model waits for the hub to answer before calling it unreachable.
+HUB_PROBE_SECONDS = 5.0
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -76,7 +82,48 @@ def resolve_model(model: str) -> ModelSource:
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise NotFound(f"No model folder at {model!r}. {how_to_get(model)}")
-    return ModelSource(location=model, model_id=model)
+    return hub_model(model)
+
+
+def hub_model(repo_id: str) -> ModelSource:
+    """A hub id, loaded through huggingface_hub. When the hub cannot be reached it loads from the local
+    cache if the cache holds the model, and otherwise fails at once, saying how to get the model: left to
+    huggingface_hub, each file would be retried for about 20 s first."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:  # the cache only, which fails fast by itself
+        return ModelSource(location=repo_id, model_id=repo_id)
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        return ModelSource(location=repo_id, model_id=repo_id)
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if isinstance(cached, str):
+        folder = Path(cached).parent
+        logger.warning(
+            "The Hugging Face hub at %s cannot be reached (%s); loading %s from the local cache, %s.",
+            constants.ENDPOINT,
+            reason,
+            repo_id,
+            folder,
+        )
+        return ModelSource(location=str(folder), model_id=repo_id)
+    raise NotFound(
+        f"Cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) to download {repo_id!r}, and "
+        f"the local cache ({constants.HF_HUB_CACHE}) does not hold it. {how_to_get(repo_id)}"
+    )
+
+
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` cannot be reached (refused, no route, no name, no answer in HUB_PROBE_SECONDS), or
+    None when it answers at all, whatever the HTTP status."""
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        return str(getattr(error, "reason", None) or error)
 
 
 def load_component(source: ModelSource, component: str, loader: Callable[[str, str], T]) -> T:

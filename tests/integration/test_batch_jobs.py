@@ -1,10 +1,13 @@
 """Encode once, generate many: P prompts x K seeds cost exactly P encoder passes."""
 
+import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import start_encoder, start_generator
 from zimage_split.client import Client, Embeddings
@@ -84,3 +87,34 @@ def test_file_embeddings_give_the_same_pixels_as_the_prompt(fresh_services, tmp_
         for (index, seed), pixels in from_file.items():
             by_text = client.generate(PROMPTS[index], seed=seed, width=64, height=80, steps=2)
             assert np.array_equal(np.asarray(by_text), pixels), (index, seed)
+
+
+def test_batch_pngs_carry_the_prompt_and_a_full_parameters_line(
+    generator, encoder_fp32, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The generator gets only embeddings in a batch; the files still name their prompt, as single images do."""
+    from zimage_split.batch_jobs import BatchSettings, run_batch
+    from zimage_split.client import AsyncClient
+
+    async def run() -> None:
+        addresses = {"generator": f"127.0.0.1:{generator.port}", "encoder": f"127.0.0.1:{encoder_fp32.port}"}
+        async with AsyncClient(**addresses, timeout=60) as client:
+            embeddings = await client.encode(PROMPTS[:2])
+            settings = BatchSettings(steps=2, guidance_scale=None)
+            await run_batch(
+                client, embeddings, tmp_path, seeds=[3], sizes=[(64, 64)], settings=settings, concurrency=2
+            )
+
+    asyncio.run(run())
+    entries = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(entry["prompt"] for entry in entries) == sorted(PROMPTS[:2])
+    for entry in entries:
+        with Image.open(tmp_path / entry["file"]) as image:
+            text = dict(image.text)  # type: ignore[attr-defined]
+        prompt, settings = text["parameters"].split("\n")
+        assert text["prompt"] == prompt == entry["prompt"]
+        assert settings.startswith(
+            "Steps: 2, Sampler: Euler (flow match), CFG scale: 0, Seed: 3, Size: 64x64, "
+        )
+        assert (text["seed"], text["steps"], text["width"], text["height"]) == ("3", "2", "64", "64")
+        assert json.loads(text["zimage-split"])["prompt"] == prompt

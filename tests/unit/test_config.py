@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from zimage_split.cli import main, parse_settings
+from zimage_split.cli.flags import client_security
+from zimage_split.cli.serve import encoder_config
 from zimage_split.common.errors import InvalidArgument, NotFound
 
 TOML = """
@@ -144,3 +146,89 @@ def test_an_on_off_flag_is_a_boolean_setting(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("ZSPLIT_PACK_WEIGHTS", "maybe")
     with pytest.raises(InvalidArgument, match="not a boolean"):
         encoder()
+
+
+def test_plaintext_needs_insecure_unless_loopback_and_the_message_says_loopback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZSPLIT_INSECURE", raising=False)
+    # 0.0.0.0 and a LAN address may well be this host's own; what plaintext needs is loopback.
+    for address in ("0.0.0.0:50052", "192.168.1.20"):
+        assert main(["generate", "x", "--generator", address, "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert f"{address} is not a loopback address (127.0.0.1, ::1 or localhost)" in error
+        assert "on this host" not in error and "--insecure" in error and "--tls-ca CA.pem" in error
+    args = parse_settings(["generate", "x", "--generator", "::1"])
+    assert client_security(args, args.generator).insecure  # a bare loopback host is loopback too
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["generate", "x", "--generator", "127.0.0.1:1", "--insecure", "--tls-ca", "ca.pem"],
+            "--insecure (plaintext) contradicts --tls-ca (TLS)",
+        ),
+        (
+            [
+                "lora",
+                "list",
+                "--generator",
+                "10.0.0.5",
+                "--insecure",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+            "--insecure (plaintext) contradicts --tls-cert, --tls-key (TLS)",
+        ),
+        (
+            ["generate", "x", "--generator", "10.0.0.5", "--insecure", "--tls-server-name", "gpu.internal"],
+            "--insecure (plaintext) contradicts --tls-server-name (TLS)",
+        ),
+        (
+            ["serve", "generator", "--model", "tiny", "--insecure", "--encoder-insecure"]
+            + ["--encoder-tls-ca", "ca.pem"],
+            "--encoder-insecure (plaintext) contradicts --encoder-tls-ca (TLS)",
+        ),
+        (
+            ["serve", "encoder", "--model", "tiny", "--insecure", "--tls-client-ca", "ca.pem"],
+            "--insecure (plaintext) contradicts --tls-client-ca (TLS)",
+        ),
+        (
+            ["serve", "http", "--insecure", "--tls-key", "k.pem"],
+            "--insecure (plain HTTP) contradicts --tls-key (HTTPS)",
+        ),
+    ],
+)
+def test_insecure_with_tls_settings_is_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--insecure beside TLS settings used to be dropped without a word (the client used TLS anyway)."""
+    for name in ("ZSPLIT_INSECURE", "ZSPLIT_CONFIG", "ZSPLIT_GENERATOR", "ZSPLIT_ENCODER_INSECURE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_insecure_from_the_environment_with_a_tls_flag_is_refused_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZSPLIT_INSECURE", "1")
+    assert main(["generate", "x", "--generator", "127.0.0.1:1", "--tls-ca", "ca.pem"]) == 2
+    assert "--insecure (plaintext) contradicts --tls-ca (TLS)" in capsys.readouterr().err
+
+
+def test_reuse_port_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ZSPLIT_REUSE_PORT", raising=False)
+
+    def transport(*argv: str):  # type: ignore[no-untyped-def]
+        return encoder_config(parse_settings(["serve", "encoder", "--insecure", *argv])).transport
+
+    assert transport().reuse_port is False
+    assert ("grpc.so_reuseport", 0) in transport().grpc_options()
+    assert transport("--reuse-port").reuse_port is True
+    assert ("grpc.so_reuseport", 1) in transport("--reuse-port").grpc_options()
+    monkeypatch.setenv("ZSPLIT_REUSE_PORT", "true")
+    assert transport().reuse_port is True

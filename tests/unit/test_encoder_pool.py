@@ -33,7 +33,7 @@ def test_address_lists_parse(value: str, expected: tuple[str, ...]) -> None:
         ("a:1,", "hold an empty entry"),
         ("", "hold an empty entry"),
         ("a:1, a:1", "name a:1 twice"),
-        ("a:1,b", "'b' is not HOST:PORT"),
+        ("a:1,b:", "'b:' is not HOST:PORT"),
         ("a:0", "'a:0' is not HOST:PORT"),
         ("a:http", "'a:http' is not HOST:PORT"),
         (":50051", "':50051' is not HOST:PORT"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -85,3 +87,18 @@ def test_torchaos_import_noise_is_kept_out_of_the_log_unless_debugging(json_line
     logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
     assert [line["message"] for line in json_lines()] == ["Failed to load _C_mxfp8.so"]
     configure_logging("INFO", "json")
+
+
+def test_huggingface_hub_lines_show_once() -> None:
+    """huggingface_hub's logger has a stderr handler of its own; its records go through ours alone."""
+    script = (
+        "import logging\n"
+        "from zimage_split.common.logs import configure_logging, route_library_logs\n"
+        "configure_logging('INFO')\n"
+        "route_library_logs()\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "Retrying in 1s" in line]
+    assert len(lines) == 1 and "WARNING huggingface_hub.utils._http" in lines[0], result.stderr

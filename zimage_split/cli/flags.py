@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from zimage_split.common.addresses import host_of
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.logs import LOG_FORMATS
 from zimage_split.common.security import ClientSecurity, ServerSecurity, is_loopback, read_tokens
@@ -54,6 +55,12 @@ def add_listen(parser: argparse.ArgumentParser, *, host: str, port: int, device:
         "--host", default=host, help="address to listen on; 0.0.0.0 for all (default loopback)"
     )
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share --port with other servers that pass this flag too (SO_REUSEPORT: the kernel spreads "
+        "connections over them); without it a port in use is an error",
+    )
     parser.add_argument(
         "--device", default=device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
     )
@@ -125,6 +132,7 @@ def transport_limits(args: argparse.Namespace) -> TransportLimits:
         max_message_bytes=args.max_message_mb << 20,
         max_streams_per_connection=args.max_streams_per_connection,
         shutdown_grace_seconds=args.shutdown_grace,
+        reuse_port=args.reuse_port,
     )
 
 
@@ -184,13 +192,24 @@ def client_security(args: argparse.Namespace, address: str | None, prefix: str =
     token = read_tokens(token_file)[0] if token_file else os.environ.get(token_variable(prefix)) or None
     insecure = bool(get("insecure"))
     uses_tls = bool(get("tls_ca") or get("tls_cert"))
-    # `address` may list several (an encoder pool); each must be on this host for plaintext by default.
+    tls_flags = [
+        f"{flag}{name}"
+        for name in ("tls-ca", "tls-cert", "tls-key", "tls-server-name")
+        if get(name.replace("-", "_"))
+    ]
+    if insecure and tls_flags:
+        raise InvalidArgument(
+            f"{flag}insecure (plaintext) contradicts {', '.join(tls_flags)} (TLS); drop {flag}insecure to use "
+            "TLS, or the TLS settings for plaintext."
+        )
+    # `address` may list several (an encoder pool); plaintext without --insecure only to loopback addresses:
+    # any other, even one of this host's own, is reachable from the network.
     entries = [entry.strip() for entry in (address or "").split(",") if entry.strip()]
-    remote = [entry for entry in entries if not is_loopback(entry.rsplit(":", 1)[0])]
+    remote = [entry for entry in entries if not is_loopback(host_of(entry))]
     if not uses_tls and not insecure and remote:
         raise InvalidArgument(
-            f"{remote[0]} is not on this host: pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`), or "
-            f"{flag}insecure for plaintext on a trusted network."
+            f"{remote[0]} is not a loopback address (127.0.0.1, ::1 or localhost), so plaintext to it needs "
+            f"{flag}insecure (trusted networks only); or pass {flag}tls-ca CA.pem to use TLS (see `zsplit certs`)."
         )
     security = ClientSecurity(
         ca_file=get("tls_ca"),

@@ -410,8 +410,14 @@ def serve_http(args: argparse.Namespace) -> int:
         raise InvalidArgument(
             "zsplit serve http needs --tls-cert and --tls-key, or --insecure for plain HTTP on a trusted network."
         )
-    if args.insecure and args.tls_cert:
-        raise InvalidArgument("--insecure and --tls-cert contradict each other; pick one.")
+    if args.insecure and (args.tls_cert or args.tls_key):
+        given = ", ".join(
+            flag for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)) if value
+        )
+        raise InvalidArgument(
+            f"--insecure (plain HTTP) contradicts {given} (HTTPS); drop --insecure to serve HTTPS, or the TLS "
+            "settings for plain HTTP."
+        )
     check_metrics_port(args.port, args.metrics_port)
     tokens = read_tokens(args.auth_token_file)
     if os.environ.get("ZSPLIT_AUTH_TOKEN"):

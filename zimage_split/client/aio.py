@@ -34,6 +34,7 @@ from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import typed_errors
 from zimage_split.common import tracing, wire
+from zimage_split.common.addresses import host_of, with_default_port
 from zimage_split.common.encoder_pool import EncoderPool
 from zimage_split.common.errors import (
     BUSY,
@@ -137,16 +138,20 @@ class AsyncClient:
 
         `encoder` may list several encoders, `"10.0.0.5:50051,10.0.0.6:50051"`, or name them all with
         `"dns:NAME:PORT"`: `encode` spreads its calls over them and fails over to another when one is
-        down (see `EncoderPool`).
+        down (see `EncoderPool`). A host without a port gets the service's own: `generator="gpu-box"` dials
+        gpu-box:50052, `encoder="cpu-box"` cpu-box:50051.
         """
         if generator is None and encoder is None:
             raise InvalidArgument(
                 "Give at least one address: generator='host:port' and/or encoder='host:port'."
             )
-        self.generator_address = generator
-        self.encoder_address = encoder
+        # A host without a port gets the service's default (gRPC would dial 443).
+        self.generator_address = (
+            with_default_port(generator, GENERATOR_PORT) if generator is not None else None
+        )
         # Checks the addresses now, so a malformed list fails here rather than at the first call.
         self.encoder_pool = EncoderPool(encoder, self._encoder_info_at) if encoder is not None else None
+        self.encoder_address = ",".join(self.encoder_pool.entries) if self.encoder_pool else None
         self.timeout = timeout
         self.busy_retries = busy_retries
         self.security = security or ClientSecurity.plaintext()
@@ -173,7 +178,7 @@ class AsyncClient:
                 f"This client has no {role} address; pass {role}='host:port' to the client."
             )
         if address not in self._channels:
-            if self.security.insecure and not is_loopback(address.rsplit(":", 1)[0]):
+            if self.security.insecure and not is_loopback(host_of(address)):
                 logger.warning(
                     "Plaintext connection to %s: no TLS. Pass security=ClientSecurity(...).", address
                 )

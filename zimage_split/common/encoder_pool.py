@@ -12,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from zimage_split.common.addresses import with_default_port
 from zimage_split.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from zimage_split.common.vocabulary import ENCODER_PORT
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,9 +58,10 @@ def describe_identity(info: dict[str, Any]) -> str:
 
 
 def parse_encoder_addresses(value: str) -> tuple[str, ...]:
-    """`HOST:PORT[,HOST:PORT...]` (entries may be `dns:NAME:PORT`) to its entries, checked."""
+    """`HOST:PORT[,HOST:PORT...]` (entries may be `dns:NAME:PORT`) to its entries, checked; a HOST (or
+    dns:NAME) without a port gets the encoder's default port, 50051."""
     example = "e.g. 10.0.0.5:50051,10.0.0.6:50051 or dns:encoders.internal:50051"
-    entries = [entry.strip() for entry in value.split(",")]
+    entries = [with_default_port(entry, ENCODER_PORT) for entry in value.split(",")]
     if any(not entry for entry in entries):
         raise InvalidArgument(
             f"The encoder addresses {value!r} hold an empty entry; give HOST:PORT addresses separated by "

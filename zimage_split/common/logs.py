@@ -138,3 +138,8 @@ def route_library_logs() -> None:
         library.enable_propagation()
         library.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    # huggingface_hub gives its logger a stderr handler of its own and lets records propagate too, so each
+    # line ("Retrying in 1s [Retry 1/5].") would show twice, once unformatted.
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in [handler for handler in hub_logger.handlers if type(handler) is logging.StreamHandler]:
+        hub_logger.removeHandler(handler)

@@ -114,10 +114,19 @@ class ServerSecurity:
     insecure: bool = False
 
     def __post_init__(self) -> None:
+        tls_flags = (
+            ("--tls-cert", self.cert_file),
+            ("--tls-key", self.key_file),
+            ("--tls-client-ca", self.client_ca_file),
+        )
+        given = [flag for flag, value in tls_flags if value]
+        if self.insecure and given:
+            raise InvalidArgument(
+                f"--insecure (plaintext) contradicts {', '.join(given)} (TLS); drop --insecure to serve TLS, "
+                "or the TLS settings for plaintext."
+            )
         if bool(self.cert_file) != bool(self.key_file):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key (PEM files).")
-        if self.cert_file and self.insecure:
-            raise InvalidArgument("Pass either --tls-cert/--tls-key or --insecure, not both.")
         if not self.cert_file and not self.insecure:
             raise InvalidArgument(
                 "No TLS certificate given. Pass --tls-cert and --tls-key (see `zsplit certs`), or --insecure "

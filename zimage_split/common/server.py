@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -36,13 +38,18 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class TransportLimits:
-    """Per-server limits on what a connection may send (`--max-message-mb`, `--max-streams-per-connection`)."""
+    """Per-server transport settings: what a connection may send (`--max-message-mb`,
+    `--max-streams-per-connection`), the drain on SIGTERM, and whether the port may be shared."""
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Calls one HTTP/2 connection may have open at once; more wait in the client until one ends.
     max_streams_per_connection: int = 64
     # Seconds a SIGTERM leaves in-flight calls to finish before they are cancelled.
     shutdown_grace_seconds: float = 30.0
+    # SO_REUSEPORT, which gRPC turns on by default: a second server on a port in use would then start too,
+    # and the kernel would split the connections between them without a word. Off, that second server
+    # fails at start-up; `--reuse-port` (on every server sharing the port) asks for the sharing.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 2 * CHUNK_BYTES:
@@ -64,6 +71,7 @@ class TransportLimits:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.so_reuseport", int(self.reuse_port)),
         ]
 
 
@@ -132,6 +140,42 @@ def metrics_address(host: str, metrics_host: str | None, metrics_port: int | Non
     return None if metrics_port is None else (metrics_host or host, metrics_port)
 
 
+def port_taken(host: str, port: int, reuse_port: bool) -> Unavailable:
+    """The error for a port this server cannot listen on, saying what to do."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sharing = (
+        "--reuse-port shares a port only with servers that pass it too"
+        if reuse_port
+        else "to share the port on purpose (the kernel then spreads connections over the servers), pass "
+        "--reuse-port to each of them"
+    )
+    return Unavailable(
+        f"Cannot listen on {address}: port {port} is in use (or {host} is not an address of this host). "
+        f"Stop the server that holds it or pick another --port; {sharing}."
+    )
+
+
+def check_port_free(host: str, port: int, limits: TransportLimits) -> None:
+    """Fails at once if another server listens on the port, before minutes of model loading; start_server's
+    own bind stays the final word (the port may be taken in between)."""
+    if port == 0 or limits.reuse_port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return  # gRPC's bind reports it
+    with socket.socket(family, kind, proto) as probe:
+        # As gRPC binds: SO_REUSEADDR lets a port whose last connections are in TIME_WAIT be taken again.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise port_taken(host, port, reuse_port=False) from None
+
+
 async def start_server(
     add_servicers: Callable[[aio.Server], None],
     service_names: tuple[str, ...],
@@ -177,9 +221,7 @@ async def start_server(
         else:
             bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
-        raise Unavailable(
-            f"Cannot listen on {address}: {error}. Is the port already in use? Pick another --port."
-        ) from error
+        raise port_taken(host, port, limits.reuse_port) from error
     endpoint = serve_metrics(metrics, *metrics_address) if metrics_address is not None else None
     try:
         await server.start()

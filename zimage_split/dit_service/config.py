@@ -175,8 +175,8 @@ class GeneratorConfig:
                 "the others (CUDA_VISIBLE_DEVICES), so a replica's GPU is always cuda:0 to it. Pass --device "
                 "cuda (or auto) and choose how many GPUs with --replicas."
             )
-        if self.encoder is not None:
-            parse_encoder_addresses(self.encoder)
+        if self.encoder is not None:  # checked, each entry with its port (a bare host gets 50051)
+            object.__setattr__(self, "encoder", ",".join(parse_encoder_addresses(self.encoder)))
         # Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads.
         check_bounds(
             [

@@ -150,6 +150,14 @@ def generation_metadata(
     return tuple(items.items())
 
 
+def with_prompt(items: Mapping[str, str], prompt: str) -> Metadata:
+    """The settings `items` (as read_metadata returns them) of an image made from an uploaded embedding, with
+    the prompt's text, which only the caller knew, put first and into `parameters`."""
+    settings = {"prompt": prompt} | {k: v for k, v in items.items() if k not in ("prompt", "parameters")}
+    settings["parameters"] = parameters_text(settings)
+    return tuple(settings.items())
+
+
 def parameters_text(items: Mapping[str, str]) -> str:
     """The AUTOMATIC1111 infotext of the settings in `items` (as generation_metadata writes them).
 

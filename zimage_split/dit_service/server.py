@@ -12,6 +12,7 @@ from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.server import (
     RunningServer,
+    check_port_free,
     metrics_address,
     serve_until_signal,
     start_server,
@@ -56,6 +57,7 @@ def warm_up_side(limits: Limits) -> int:
 
 
 async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
+    check_port_free(config.host, config.port, config.transport)  # before the model loads
     worker: Worker
     options = replace(
         config.engine,

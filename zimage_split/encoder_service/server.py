@@ -15,6 +15,7 @@ from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.server import (
     RunningServer,
+    check_port_free,
     metrics_address,
     serve_until_signal,
     start_server,
@@ -83,6 +84,7 @@ def caption_token_limit(source: ModelSource) -> int:
 
 
 async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
+    check_port_free(config.host, config.port, config.transport)  # before the model loads
     source = resolve_model(config.model)
     limit = caption_token_limit(source)
     # Before loading the text encoder, so a bad flag fails in a second, not after the weights load.
