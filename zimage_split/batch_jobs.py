@@ -24,8 +24,15 @@ from typing import Any
 from zimage_split.client.aio import AsyncClient
 from zimage_split.client.batch import ImageJob, JobResult, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
-from zimage_split.common.errors import InvalidArgument, NotFound, ResourceExhausted, ZSplitError
-from zimage_split.common.files import append_synced, write_atomically
+from zimage_split.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ZSplitError,
+)
+from zimage_split.common.files import append_synced, locked_folder, write_atomically, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +235,8 @@ class Manifest:
         return entry
 
 
-# What a failed write means for the person running the job: what happened, the error, the fix.
+# What a failed write means for the person running the job: what happened, the error, the fix. Other
+# errnos get common.files' words (an I/O error, a missing folder), with the same advice to run again.
 _FULL = (
     "is full",
     ResourceExhausted,
@@ -236,12 +244,12 @@ _FULL = (
 )
 _READ_ONLY = (
     "is read-only",
-    InvalidArgument,
+    FailedPrecondition,
     "Remount it read-write, or move the folder somewhere writable and point --out-dir there",
 )
 _DENIED = (
     "is not writable by this user",
-    InvalidArgument,
+    PermissionDenied,
     "Give this user write access to it, or move the folder somewhere writable and point --out-dir there",
 )
 _OUTPUT_PROBLEMS = {
@@ -251,27 +259,31 @@ _OUTPUT_PROBLEMS = {
     errno.EACCES: _DENIED,
     errno.EPERM: _DENIED,
 }
+_RUN_AGAIN = "then run the same command again: finished images are kept and skipped."
 
 
-def _output_folder_error(error: OSError, out_dir: Path, doing: str, progress: str) -> ZSplitError | None:
-    """The plain-words error for a write to out_dir that failed, or None for an errno it does not explain.
-
-    A full disk is RESOURCE_EXHAUSTED (gRPC's own example of it); a read-only or forbidden folder is
-    INVALID_ARGUMENT: --out-dir names a folder this job cannot write, and only the caller can fix that,
-    so it is not UNAVAILABLE, which invites retrying the same call.
+def _output_folder_error(error: OSError, out_dir: Path, doing: str, progress: str) -> ZSplitError:
+    """The plain-words error, naming the folder, for a write to out_dir that failed: RESOURCE_EXHAUSTED for
+    a full disk, PERMISSION_DENIED for a folder this user may not write, FAILED_PRECONDITION for the rest
+    (read-only, not a folder, a failing disk): only the caller can fix those, so not UNAVAILABLE, which
+    invites retrying the same call.
     """
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
-        return InvalidArgument(
+        return FailedPrecondition(
             f"--out-dir {out_dir} is not a folder ({reason} while {doing}). {progress} Pass a folder's "
             "path (it is created if missing)."
         )
     if error.errno not in _OUTPUT_PROBLEMS:
-        return None
+        return write_error(
+            error,
+            f"The output folder {out_dir}",
+            doing,
+            f"{progress} Fix the folder or its disk, or point --out-dir at another one; {_RUN_AGAIN}",
+        )
     problem, kind, fix = _OUTPUT_PROBLEMS[error.errno]
     return kind(
-        f"The output folder {out_dir} {problem} ({reason} while {doing}). {progress} {fix}; then run the "
-        "same command again: finished images are kept and skipped."
+        f"The output folder {out_dir} {problem} ({reason} while {doing}). {progress} {fix}; {_RUN_AGAIN}"
     )
 
 
@@ -281,21 +293,34 @@ def explaining_output_errors(out_dir: Path, doing: str, progress: Callable[[], s
     try:
         yield
     except OSError as error:
-        explained = _output_folder_error(error, out_dir, doing, progress())
-        if explained is None:
-            raise
         logger.info("Writing to %s failed while %s: %s", out_dir, doing, error)
-        raise explained from error
+        raise _output_folder_error(error, out_dir, doing, progress()) from error
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Creates out_dir and writes a probe file in it, so a folder the job cannot use fails before any work."""
+    """Creates out_dir and writes a probe file in it, so a folder the job cannot use (or another job is
+    using) fails before any work."""
     with explaining_output_errors(out_dir, "creating it", lambda: "Nothing was generated."):
         out_dir.mkdir(parents=True, exist_ok=True)
-    with explaining_output_errors(out_dir, "creating a file in it", lambda: "Nothing was generated."):
+    with (
+        explaining_output_errors(out_dir, "creating a file in it", lambda: "Nothing was generated."),
+        only_job_in(out_dir),
+    ):
         descriptor, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=out_dir)
         os.close(descriptor)
         os.unlink(probe)
+
+
+def only_job_in(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Holds out_dir for one job at a time: a second job there would sweep up the first one's temporary
+    files and rewrite its manifest under it. The lock goes with the process, however it ends."""
+    return locked_folder(
+        out_dir,
+        busy=lambda: FailedPrecondition(
+            f"Another batch job is writing to --out-dir {out_dir}. Wait for it to end and run this command "
+            "again (finished images are kept and skipped), or pick another folder."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -320,40 +345,43 @@ async def run_batch(
     on_start: Callable[[int, int], None] = lambda planned, done: None,
 ) -> BatchReport:
     """Makes every image of embeddings x seeds x sizes that out_dir does not already hold."""
-    manifest = Manifest(out_dir)
-    planned = plan_jobs(len(embeddings), seeds, sizes)
     check_out_dir(out_dir)
-    with explaining_output_errors(
-        out_dir,
-        f"tidying {MANIFEST_NAME}",
-        lambda: f"Nothing new was generated; {len(manifest.entries)} of {len(planned)} images are there.",
-    ):
-        manifest.load_verified(embeddings, settings)
-    remaining = [job for job in planned if not manifest.is_done(job)]
-    done = len(planned) - len(remaining)
-    on_start(len(planned), done)
-    started = time.perf_counter()
-    dit_seconds = 0.0
-    if remaining:
-        results = client.generate_many(
-            embeddings,
-            seeds=seeds,
-            jobs=remaining,
-            concurrency=concurrency,
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            loras=settings.loras,
-        )
-        # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
-        async with contextlib.aclosing(results):
-            async for result in results:
-                with explaining_output_errors(
-                    out_dir,
-                    f"saving {result.job.file_name}",
-                    lambda: f"The job stopped with {len(manifest.entries)} of {len(planned)} images saved.",
-                ):
-                    entry = manifest.record(result, embeddings[result.job.prompt_index])
-                timings = entry["timings"] or {}
-                dit_seconds += timings.get("denoise", 0.0) + timings.get("decode", 0.0)
-                on_image(entry)
-    return BatchReport(len(planned), done, len(remaining), time.perf_counter() - started, dit_seconds)
+    with only_job_in(out_dir):  # held to the end: no other job sweeps our temporary files
+        manifest = Manifest(out_dir)
+        planned = plan_jobs(len(embeddings), seeds, sizes)
+        with explaining_output_errors(
+            out_dir,
+            f"tidying {MANIFEST_NAME}",
+            lambda: f"Nothing new was generated; {len(manifest.entries)} of {len(planned)} images are there.",
+        ):
+            manifest.load_verified(embeddings, settings)
+        remaining = [job for job in planned if not manifest.is_done(job)]
+        done = len(planned) - len(remaining)
+        on_start(len(planned), done)
+        started = time.perf_counter()
+        dit_seconds = 0.0
+        if remaining:
+            results = client.generate_many(
+                embeddings,
+                seeds=seeds,
+                jobs=remaining,
+                concurrency=concurrency,
+                steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                loras=settings.loras,
+            )
+            # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
+            async with contextlib.aclosing(results):
+                async for result in results:
+                    with explaining_output_errors(
+                        out_dir,
+                        f"saving {result.job.file_name}",
+                        lambda: (
+                            f"The job stopped with {len(manifest.entries)} of {len(planned)} images saved."
+                        ),
+                    ):
+                        entry = manifest.record(result, embeddings[result.job.prompt_index])
+                    timings = entry["timings"] or {}
+                    dit_seconds += timings.get("denoise", 0.0) + timings.get("decode", 0.0)
+                    on_image(entry)
+        return BatchReport(len(planned), done, len(remaining), time.perf_counter() - started, dit_seconds)

@@ -15,7 +15,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Literal
@@ -36,7 +36,9 @@ from zimage_split.common.security import ClientSecurity
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
     "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "RESOURCE_EXHAUSTED": 429,
     "CANCELLED": 499,
@@ -189,12 +191,14 @@ def create_app(
     generator: str,
     *,
     security: ClientSecurity | None = None,
-    tokens: tuple[str, ...] = (),
+    tokens: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
     timeout: float = 600.0,
     metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
     """The gateway app for the generator at `generator`. With `tokens`, every route but the page (/) and
-    /healthz needs `Authorization: Bearer <token>`. Requests are counted in `metrics` (service "http")."""
+    /healthz needs `Authorization: Bearer <token>`; a callable (security.accepted_tokens, which follows a
+    token file) is asked at each request. Requests are counted in `metrics` (service "http")."""
+    current_tokens = tokens if callable(tokens) else (lambda: tokens)
     metrics = metrics or ServiceMetrics("http")
     page = resources.files("zimage_split").joinpath("web/index.html").read_text(encoding="utf-8")
 
@@ -214,10 +218,11 @@ def create_app(
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
-        if tokens and request.url.path not in PUBLIC_PATHS:
+        accepted = current_tokens()
+        if accepted and request.url.path not in PUBLIC_PATHS:
             header = request.headers.get("authorization", "")
             given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-            if not any(hmac.compare_digest(given.encode(), token.encode()) for token in tokens):
+            if not any(hmac.compare_digest(given.encode(), token.encode()) for token in accepted):
                 return openai_error(
                     401,
                     "This gateway needs `Authorization: Bearer <token>` with a valid token.",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_split.common.files import locked_folder, write_error
+
 # Qwen3's template reduced to what Z-Image uses: user turns, the generation prompt, and the
 # enable_thinking switch (False adds the empty think block, as the real template does).
 QWEN3_CHAT_TEMPLATE = (
@@ -305,19 +307,41 @@ def build_tiny_model(
 
 
 def cached_tiny_model(size: str = "tiny") -> Path:
-    """Returns the cached random model of this size, building it on first use (`full`: configs only)."""
+    """Returns the cached random model of this size, building it on first use (`full`: configs only).
+
+    Processes started together on a fresh cache (an encoder and a generator) build it once: the first
+    takes a lock on the cache folder and builds, the others wait for it and find the model. A folder
+    that cannot be written is a typed error naming it (FAILED_PRECONDITION, PERMISSION_DENIED, ...).
+    """
     cache_home = os.environ.get("ZSPLIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-split"
     )
     # Named after the spec, so a changed spec builds a new folder instead of reusing a stale one.
     spec_hash = hashlib.sha256(repr(SPECS[size]).encode()).hexdigest()[:12]
     path = Path(cache_home) / f"{size}-{spec_hash}"
-    if not (path / "model_index.json").exists():
-        try:
-            build_tiny_model(path, size=size)
-        except OSError:
-            # Another process renamed the same build into place first: FileExistsError before our build,
-            # or ENOTEMPTY from our rename onto its folder. Its model is the same as ours.
-            if not (path / "model_index.json").exists():
-                raise
+    if (path / "model_index.json").exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked_folder(path.parent):
+            if not (path / "model_index.json").exists():  # built while this process waited
+                _build_unless_another_did(path, size)
+    except OSError as error:
+        raise write_error(
+            error,
+            path,
+            f"building the {size} model",
+            "Point ZSPLIT_CACHE (or XDG_CACHE_HOME) at a folder this user can write.",
+        ) from error
     return path
+
+
+def _build_unless_another_did(path: Path, size: str) -> None:
+    try:
+        build_tiny_model(path, size=size)
+    except OSError:
+        # A process that does not share our lock (an older zsplit, a file system without flock) renamed
+        # the same build into place first: FileExistsError before our build, or ENOTEMPTY from our rename
+        # onto its folder. Its model is the same as ours.
+        if not (path / "model_index.json").exists():
+            raise

@@ -152,3 +152,63 @@ def test_corrupt_store_files_are_misses_not_crashes(servers: Servers, tmp_path: 
     assert torch.equal(load_file(str(text_file))["embedding"], encoded)  # rewritten whole
     assert torch.equal(load_file(str(upload_file))["embedding"], embedding)
     assert names_starting(tmp_path, TEMP_PREFIX) == []
+
+
+def test_a_size_limited_store_keeps_the_most_recent_embeddings_within_its_bytes(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """--embedding-store-max-gb: uploads beyond the limit push the least recently used files out."""
+    folder = tmp_path / "store"
+    tensors = [torch.full((8, 16), float(index)) for index in range(5)]
+    generator = servers.generator(0, embedding_store=str(folder))  # no limit: learn one file's size
+    with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+        client.generate(embeddings=tensors[0], **SMALL)
+    size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    servers.stop(generator)
+
+    generator = servers.generator(0, embedding_store=str(folder), embedding_store_max_bytes=3 * size)
+    with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+        for tensor in tensors[1:]:
+            client.generate(embeddings=tensor, **SMALL)
+    files = sorted(folder.glob("*.safetensors"), key=lambda path: path.stat().st_mtime_ns)
+    assert len(files) == 3 and sum(path.stat().st_size for path in files) <= 3 * size
+    kept = [load_file(str(path))["embedding"][0, 0].item() for path in files]
+    assert kept == [2.0, 3.0, 4.0], "the three most recent uploads stay"
+
+
+@pytest.fixture
+def store_mount(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs for the store, so it can really fill up or turn read-only (root only)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "mount"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_store_that_turns_read_only_or_fills_up_is_a_precise_status_naming_the_file(
+    servers: Servers, store_mount: Path
+) -> None:
+    import subprocess
+
+    from zimage_split.client import FailedPrecondition, ResourceExhausted
+
+    generator = servers.generator(0, embedding_store=str(store_mount))
+    with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
+        client.generate(embeddings=torch.zeros(8, 16), **SMALL)
+        subprocess.run(["mount", "-o", "remount,ro", str(store_mount)], check=True)
+        with pytest.raises(FailedPrecondition, match=rf"{store_mount}/b3-\w+\.safetensors is on a read-only"):
+            client.generate(embeddings=torch.ones(8, 16), **SMALL)
+        subprocess.run(["mount", "-o", "remount,rw", str(store_mount)], check=True)
+        with pytest.raises(OSError, match="No space left"):  # takes what is left of the 64 KiB
+            (store_mount / "filler").write_bytes(b"x" * (64 << 10))
+        with pytest.raises(ResourceExhausted, match=rf"{store_mount}/b3-\w+\.safetensors is on a full disk"):
+            client.generate(embeddings=torch.full((8, 16), 2.0), **SMALL)
+    assert not names_starting(store_mount, TEMP_PREFIX)

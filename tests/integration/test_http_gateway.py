@@ -169,3 +169,19 @@ def test_gateway_metrics_and_request_ids(generator) -> None:  # type: ignore[no-
     # The gateway's id reached the generator: its access line for the call carries it.
     generator_lines = [r.getMessage() for r in handler.records if r.request_id == "gw-1234"]  # type: ignore[attr-defined]
     assert any(line.startswith("Generate OK") for line in generator_lines), generator_lines
+
+
+def test_the_gateway_reads_a_rotated_token_file_again(generator, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.common.security import accepted_tokens
+    from zimage_split.http_gateway import create_app
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text("old-token\n")
+    app = create_app(f"127.0.0.1:{generator.port}", tokens=accepted_tokens(str(token_file)), timeout=60)
+    for url in serve(app):
+        # A route that does not exist: 404 once the token is accepted, 401 before.
+        assert http(f"{url}/v1/nothing", token="old-token")[0] == 404
+        assert http(f"{url}/v1/nothing", token="new-token")[0] == 401
+        token_file.write_text("new-token\n")
+        assert http(f"{url}/v1/nothing", token="old-token")[0] == 401
+        assert http(f"{url}/v1/nothing", token="new-token")[0] == 404

@@ -14,6 +14,7 @@ import torch
 from tests.conftest import start_encoder
 from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split.client import AsyncClient, Client, InvalidArgument
+from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.embedding_store import EmbeddingStore, TextEncoding, TextPrompt
 from zimage_split.encoder_service.engine import shorten
 from zimage_split.encoder_service.server import caption_token_limit
@@ -198,7 +199,7 @@ def test_the_generators_store_reports_shortening_on_every_hit(encoder_fp32, tmp_
             caption_dim=16,
             max_tokens=1504,
             cache_bytes=1 << 20,
-            disk_dir=str(tmp_path),
+            disk=DiskEmbeddingStore(tmp_path),
         )
 
     async def first_process():  # type: ignore[no-untyped-def]

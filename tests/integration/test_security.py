@@ -147,3 +147,74 @@ def test_plaintext_is_never_a_silent_default() -> None:
     assert "token" not in repr(ClientSecurity(token=TOKEN)).replace("token=", "") and TOKEN not in repr(
         ClientSecurity(token=TOKEN)
     )
+
+
+def test_a_rotated_token_file_is_read_again_without_dropping_a_call_in_flight(
+    loop_thread, tiny_model_dir, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Rotation: the file is rewritten in place while a long call made with the old token runs."""
+    import asyncio
+
+    import torch
+
+    from zimage_split.client import AsyncClient
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# rotated monthly\nold-token\n")
+    generator = start_generator(
+        loop_thread,
+        tiny_model_dir,
+        None,
+        security=ServerSecurity(insecure=True, token_file=str(token_file)),
+    )
+    address = f"127.0.0.1:{generator.port}"
+
+    def client(token: str) -> AsyncClient:
+        return AsyncClient(generator=address, security=ClientSecurity.plaintext(token), timeout=120)
+
+    async def rotate_during_a_long_call() -> None:
+        async with client("old-token") as old, client("new-token") as new:
+            await old.generator_info()
+            with pytest.raises(Unauthenticated):
+                await new.generator_info()
+            first_step = asyncio.Event()
+            steps: list[int] = []
+
+            def on_progress(step: int, total: int) -> None:
+                steps.append(step)
+                first_step.set()
+
+            long_call = asyncio.ensure_future(
+                old.generate(
+                    embeddings=torch.randn(5, 16), steps=100, width=512, height=512, on_progress=on_progress
+                )
+            )
+            await asyncio.wait_for(first_step.wait(), 60)
+            token_file.write_text("new-token\n")  # in place: same inode, new size and mtime
+            with pytest.raises(Unauthenticated, match="bearer token"):
+                await old.generator_info()
+            await new.generator_info()
+            in_flight = generator.running.gate.in_flight
+            assert not long_call.done() and in_flight == 1, "the long call was running all along"
+            image = await long_call
+            assert image.size == (512, 512) and steps[-1] == 100
+
+            # Replaced by a rename (a new inode) back to the old token; a broken file keeps the last tokens.
+            (tmp_path / "tokens.new").write_text("old-token\n")
+            (tmp_path / "tokens.new").rename(token_file)
+            await old.generator_info()
+            with pytest.raises(Unauthenticated):
+                await new.generator_info()
+            token_file.write_text("# nothing yet\n")
+            await old.generator_info()
+            token_file.unlink()
+            await old.generator_info()
+            token_file.write_text("new-token\n")
+            await new.generator_info()
+            with pytest.raises(Unauthenticated):
+                await old.generator_info()
+
+    try:
+        asyncio.run(rotate_during_a_long_call())
+    finally:
+        loop_thread.run(generator.stop(grace=0))

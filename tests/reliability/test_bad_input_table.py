@@ -804,9 +804,15 @@ TABLE: list[Case] = [
     Case("generate-mask-file-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--mask", "{tmp}/m.png"), "INVALID_ARGUMENT", "no such file"),
     Case("generate-unknown-template", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--template", "nope"), "INVALID_ARGUMENT", "nope"),
     Case("output-unknown-suffix", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/x.gif"), "INVALID_ARGUMENT", "the suffix says the file format"),
-    Case("output-png-under-a-file", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/a-file/x.png", files={"a-file": "x"}), "INVALID_ARGUMENT", "cannot make the folder"),
+    Case("output-png-under-a-file", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/a-file/x.png", files={"a-file": "x"}), "FAILED_PRECONDITION", "/a-file is not a folder, or a part of its path is a file (File exists while creating it)"),
+    Case("output-png-is-a-folder", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/x.png", files={"x.png/inside": "x"}), "FAILED_PRECONDITION", "/x.png is a folder; pass a file name"),
+    Case("output-out-dir-under-a-file", "output path", zsplit("generate", "--embeddings", "{emb}", "--generator", "{dead}", "--out-dir", "{tmp}/a-file/out", files={"a-file": "x"}), "FAILED_PRECONDITION", "/a-file/out is not a folder (Not a directory while creating it). Nothing was generated."),
+    Case("output-out-dir-on-proc", "output path", zsplit("generate", "--embeddings", "{emb}", "--generator", "{dead}", "--out-dir", "/proc/zsplit-out"), "FAILED_PRECONDITION", "The output folder /proc/zsplit-out cannot be created: its folder is gone, or takes no new files (No such file or directory while creating it)"),
+    Case("output-embedding-store-under-a-file", "output path", zsplit(*SERVE_GENERATOR, "--embedding-store", "{tmp}/a-file/store", files={"a-file": "x"}), "FAILED_PRECONDITION", "/a-file/store is not a folder, or a part of its path is a file (Not a directory while creating it)"),
+    Case("output-embedding-store-max-gb-without-a-store", "output path", zsplit(*SERVE_GENERATOR, "--embedding-store-max-gb", "1"), "INVALID_ARGUMENT", "pass --embedding-store DIR too"),
+    Case("output-embedding-store-max-gb-0", "output path", zsplit(*SERVE_GENERATOR, "--embedding-store", "{tmp}/store", "--embedding-store-max-gb", "0"), "INVALID_ARGUMENT", "--embedding-store-max-gb must be above 0"),
     Case("output-embeddings-not-safetensors", "output path", zsplit("encode", "--prompts", "{tmp}/p.txt", "-o", "{tmp}/e.bin", "--encoder", "{dead}", files={"p.txt": "a cat\n"}), "INVALID_ARGUMENT", "must end in .safetensors"),
-    Case("output-embeddings-under-a-file", "output path", zsplit("encode", "--prompts", "{tmp}/p.txt", "-o", "{tmp}/a-file/e.safetensors", "--encoder", "{dead}", files={"p.txt": "a cat\n", "a-file": "x"}), "INVALID_ARGUMENT", "cannot make the folder"),
+    Case("output-embeddings-under-a-file", "output path", zsplit("encode", "--prompts", "{tmp}/p.txt", "-o", "{tmp}/a-file/e.safetensors", "--encoder", "{dead}", files={"p.txt": "a cat\n", "a-file": "x"}), "FAILED_PRECONDITION", "/a-file is not a folder, or a part of its path is a file"),
 ]
 # fmt: on
 

@@ -24,7 +24,7 @@ from tests.reliability.processes import ZSPLIT
 from zimage_split.batch_jobs import MANIFEST_NAME, BatchSettings, Manifest, check_out_dir, run_batch
 from zimage_split.client import AsyncClient, Client, Embeddings
 from zimage_split.client.batch import ImageJob, JobResult
-from zimage_split.common.errors import InvalidArgument, ResourceExhausted
+from zimage_split.common.errors import FailedPrecondition, ResourceExhausted
 from zimage_split.common.files import append_synced
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "ramen", "a neon city in the rain"]
@@ -217,7 +217,7 @@ def test_a_folder_that_turns_read_only_stops_the_batch_and_a_rerun_resumes(
         if len(folder_state(out_dir)) == saved_before_remount:
             roomy_tmpfs.remount("ro")
 
-    with pytest.raises(InvalidArgument) as stopped:
+    with pytest.raises(FailedPrecondition) as stopped:
         batch_in_process(generator.port, embeddings_file, out_dir, on_image=remount_read_only_after_three)
     raised_at = time.time()
     assert str(stopped.value).startswith(
@@ -235,11 +235,11 @@ def test_a_folder_that_turns_read_only_stops_the_batch_and_a_rerun_resumes(
     refused, exited = run_cli(batch_command(embeddings_file, out_dir))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert (
-        f"zsplit: error (INVALID_ARGUMENT): The output folder {out_dir} is read-only (Read-only file "
+        f"zsplit: error (FAILED_PRECONDITION): The output folder {out_dir} is read-only (Read-only file "
         "system while creating a file in it). Nothing was generated. Remount it read-write" in refused.stderr
     )
     assert "Generator" not in refused.stderr, "no generator was started"
-    with pytest.raises(InvalidArgument, match="is read-only .*while creating it"):
+    with pytest.raises(FailedPrecondition, match="is read-only .*while creating it"):
         check_out_dir(out_dir / "new")
     assert folder_state(out_dir) == before
 
@@ -285,3 +285,50 @@ def test_a_manifest_line_that_does_not_fit_leaves_no_trace(two_page_tmpfs: Tmpfs
     with pytest.raises(OSError, match="No space left"):
         append_synced(manifest.path, b"y" * 8192)
     assert manifest.path.read_text() == "x" * 4000
+
+
+def test_a_second_job_on_the_same_folder_is_refused_while_the_first_runs(
+    tmp_path: Path, embeddings_file: Path, generator
+) -> None:  # type: ignore[no-untyped-def]
+    """Two jobs in one folder would sweep each other's temporary files: the second, a CLI run in another
+    process, is refused before it loads a model, and says why."""
+    out_dir = tmp_path / "out"
+    refusals: list[subprocess.CompletedProcess[str]] = []
+
+    def start_a_second_job(entry: dict) -> None:
+        if not refusals:
+            refusals.append(run_cli(batch_command(embeddings_file, out_dir))[0])
+
+    report = batch_in_process(generator.port, embeddings_file, out_dir, on_image=start_a_second_job)
+    assert refusals[0].returncode == 2 and "Traceback" not in refusals[0].stderr, refusals[0].stderr
+    assert (
+        f"zsplit: error (FAILED_PRECONDITION): Another batch job is writing to --out-dir {out_dir}. Wait for it "
+        "to end and run this command again (finished images are kept and skipped), or pick another folder."
+    ) in refusals[0].stderr
+    assert "Generator" not in refusals[0].stderr, "no generator was started"
+    assert report.made == PLANNED and len(folder_state(out_dir)) == PLANNED
+    assert batch_in_process(generator.port, embeddings_file, out_dir).made == 0  # the lock went with the job
+
+
+def test_a_single_image_that_does_not_fit_is_a_clear_error_naming_the_file(
+    two_page_tmpfs: Tmpfs, generator
+) -> None:  # type: ignore[no-untyped-def]
+    """`zsplit generate -o` on a full disk: the image was made, the write fails, the error names the file."""
+    (two_page_tmpfs.path / "filler").write_bytes(b"x" * 8192)
+    output = two_page_tmpfs.path / "fox.png"
+    command = [
+        *ZSPLIT,
+        "generate",
+        "a red fox",
+        "--generator",
+        f"127.0.0.1:{generator.port}",
+        "-o",
+        str(output),
+    ]
+    failed, _ = run_cli([*command, "--width", "64", "--height", "64", "--steps", "2", "--no-progress"])
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert (
+        f"zsplit: error (RESOURCE_EXHAUSTED): --output {output} is on a full disk (No space left on device "
+        "while writing it). Free space or fix the folder, or pick another path." in failed.stderr
+    )
+    assert sorted(path.name for path in two_page_tmpfs.path.iterdir()) == ["filler"], "no temporary file"

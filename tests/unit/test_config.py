@@ -232,3 +232,33 @@ def test_reuse_port_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> 
     assert ("grpc.so_reuseport", 1) in transport("--reuse-port").grpc_options()
     monkeypatch.setenv("ZSPLIT_REUSE_PORT", "true")
     assert transport().reuse_port is True
+
+
+def test_the_embedding_store_limit_comes_from_any_layer_in_gib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_split.cli.serve import generator_config
+
+    for name in (
+        "ZSPLIT_EMBEDDING_STORE",
+        "ZSPLIT_EMBEDDING_STORE_MAX_GB",
+        "ZSPLIT_CONFIG",
+        "ZSPLIT_PROFILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    def config(*argv: str):  # type: ignore[no-untyped-def]
+        return generator_config(parse_settings(["serve", "generator", "--insecure", *argv]))
+
+    assert config().embedding_store_max_bytes is None
+    path = tmp_path / "zsplit.toml"
+    path.write_text(f'[generator]\nembedding_store = "{tmp_path}/store"\nembedding_store_max_gb = 0.5\n')
+    assert config("--config", str(path)).embedding_store_max_bytes == 1 << 29
+    monkeypatch.setenv("ZSPLIT_EMBEDDING_STORE_MAX_GB", "2")
+    assert config("--config", str(path)).embedding_store_max_bytes == 2 << 30
+    assert (
+        config("--config", str(path), "--embedding-store-max-gb", "0.25").embedding_store_max_bytes == 1 << 28
+    )
+    monkeypatch.setenv("ZSPLIT_EMBEDDING_STORE_MAX_GB", "lots")
+    with pytest.raises(InvalidArgument, match="ZSPLIT_EMBEDDING_STORE_MAX_GB: 'lots' is not a valid"):
+        config("--config", str(path))

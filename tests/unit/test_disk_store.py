@@ -1,8 +1,12 @@
 """The generator's disk tier of embeddings: atomic content-addressed files, corruption read as a miss."""
 
+import errno
 import hashlib
 import logging
 import os
+import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from zimage_split.common.errors import InvalidArgument, Unavailable
+from zimage_split.common.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from zimage_split.common.wire import describe, payload_view
 from zimage_split.dit_service.disk_store import TEMP_PREFIX, DiskEmbeddingStore
 
@@ -101,24 +105,57 @@ def test_stale_temp_files_are_removed_at_startup_fresh_ones_kept(tmp_path: Path)
     assert not stale.exists() and fresh.exists()
 
 
-def test_a_failed_write_raises_unavailable_and_leaves_no_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("errno_", "error", "words"),
+    [
+        (errno.ENOSPC, ResourceExhausted, "is on a full disk (No space left on device while writing it)"),
+        (
+            errno.EIO,
+            FailedPrecondition,
+            "is on a disk that reported an I/O error: a failing disk, or a lost network mount (Input/output error while writing it)",
+        ),
+        (errno.EACCES, PermissionDenied, "is not writable by this user (Permission denied while writing it)"),
+        (errno.EROFS, FailedPrecondition, "is on a read-only file system"),
+    ],
+)
+def test_a_failed_write_is_a_typed_error_naming_the_file_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, error: type, words: str
 ) -> None:
+    """Fault injection: a real disk that fails mid-write (EIO) cannot be made in a test."""
     store = DiskEmbeddingStore(tmp_path)
 
-    def no_space(source: str, target: str) -> None:
-        raise OSError(28, "No space left on device")
+    def failing(source: str, target: str) -> None:
+        raise OSError(errno_, os.strerror(errno_))
 
-    monkeypatch.setattr(os, "replace", no_space)
-    with pytest.raises(Unavailable, match=r"No space left on device.*--embedding-store"):
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(error, match=re.escape(f"{tmp_path / KEY}.safetensors {words}")) as raised:
         store.put(KEY, torch.randn(4, 16))
+    assert "--embedding-store" in raised.value.message
     assert os.listdir(tmp_path) == []
 
 
-def test_a_folder_that_cannot_be_created_is_invalid_argument(tmp_path: Path) -> None:
+def test_a_full_disk_is_resource_exhausted(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store = DiskEmbeddingStore(folder)
+        with pytest.raises(ResourceExhausted, match=r"is on a full disk \(No space left on device"):
+            store.put(KEY, torch.randn(256, 16))  # 16 KiB
+        assert temp_files(folder) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_folder_that_cannot_be_created_is_failed_precondition(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(InvalidArgument, match=r"--embedding-store .*a-file/store: cannot create"):
+    with pytest.raises(
+        FailedPrecondition, match=r"--embedding-store .*a-file/store is not a folder.*while creating it"
+    ):
         DiskEmbeddingStore(blocker / "store")
 
 
@@ -198,3 +235,81 @@ def test_upload_entries_keyed_by_sha256_are_skipped_with_a_log_line(
     assert store.path_for(old_key) is None
     assert store.get(old_key) is None  # a miss: the client uploads again and gets a "b3-" key
     assert (tmp_path / f"{old_key}.safetensors").exists()  # left for the operator, never read
+
+
+# --- --embedding-store-max-gb ------------------------------------------------------------------------
+
+
+def upload_key(index: int) -> str:
+    return f"b3-{index:064x}"
+
+
+def file_size(folder: Path, tensor: torch.Tensor) -> int:
+    """Bytes of the file of `tensor` (an upload: no shortening metadata)."""
+    probe = DiskEmbeddingStore(folder)
+    probe.put(upload_key(0), tensor)
+    return probe.used_bytes
+
+
+def stored_keys(directory: Path) -> set[str]:
+    return {
+        name.removesuffix(".safetensors") for name in os.listdir(directory) if name.endswith(".safetensors")
+    }
+
+
+def test_a_size_limit_removes_the_least_recently_used_files(tmp_path: Path) -> None:
+    tensor = torch.randn(8, 16)
+    size = file_size(tmp_path.parent / f"{tmp_path.name}-probe", tensor)
+    store = DiskEmbeddingStore(tmp_path, max_bytes=3 * size)
+    for index in range(3):
+        store.put(upload_key(index), tensor + index)
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(1), upload_key(2)}
+
+    assert store.get(upload_key(0)) is not None  # used: now 1 is the least recently used
+    store.touch(upload_key(2))  # served from memory: used too
+    store.put(upload_key(3), tensor + 3)
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(2), upload_key(3)}
+    assert store.used_bytes == 3 * size and store.evicted == 1
+    assert store.get(upload_key(1)) is None  # a miss, as for a key never stored
+
+    # What was used last survives a restart with a lower limit: recency is the files' mtime.
+    os.utime(tmp_path / f"{upload_key(2)}.safetensors", (1, 1))  # long unused, on disk
+    reopened = DiskEmbeddingStore(tmp_path, max_bytes=2 * size)
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(3)}
+    assert reopened.used_bytes == 2 * size
+    # An embedding larger than the whole store stays in memory only; nothing is removed for it.
+    reopened.put(KEY, torch.randn(64, 16))
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(3)}
+
+
+def test_a_file_being_read_is_never_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensor = torch.randn(8, 16)
+    size = file_size(tmp_path.parent / f"{tmp_path.name}-probe", tensor)
+    store = DiskEmbeddingStore(tmp_path, max_bytes=2 * size)
+    store.put(upload_key(0), tensor)
+    store.put(upload_key(1), tensor + 1)
+
+    from zimage_split.dit_service import disk_store
+
+    parse = disk_store._parse
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_parse(data: bytes, key: str):  # type: ignore[no-untyped-def]
+        if key == upload_key(0):
+            reading.set()
+            assert release.wait(timeout=30)
+        return parse(data, key)
+
+    monkeypatch.setattr(disk_store, "_parse", slow_parse)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(store.get(upload_key(0))))
+    reader.start()
+    assert reading.wait(timeout=30)
+    # 0 is the least recently used, but it is being read: 1 goes instead, then 2 makes room for 3.
+    store.put(upload_key(2), tensor + 2)
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(2)}
+    release.set()
+    reader.join(timeout=30)
+    assert got and got[0] is not None and torch.equal(got[0].tensor, tensor)  # type: ignore[attr-defined]
+    store.put(upload_key(3), tensor + 3)  # the read of 0 ended after 2 was written: 2 goes, 0 stays
+    assert stored_keys(tmp_path) == {upload_key(0), upload_key(3)}

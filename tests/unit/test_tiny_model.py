@@ -244,11 +244,8 @@ def test_random_weights_are_the_same_in_another_process(random_tiny_dir: Path) -
     assert result.stdout.strip() == weights_digest(here)
 
 
-def test_two_builds_of_the_same_preset_at_once_both_get_the_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An encoder and a generator started together on a fresh cache both build `tiny`; the one whose
-    rename comes second used to die with ENOTEMPTY."""
+def _start_together(size: str, callers: int = 2) -> list[Path | BaseException]:
+    """Calls cached_tiny_model(size) from `callers` threads at once; returns what each got."""
     import threading
 
     # diffusers' and transformers' lazy imports are not thread-safe; the real race is between processes.
@@ -257,7 +254,59 @@ def test_two_builds_of_the_same_preset_at_once_both_get_the_model(
 
     from zimage_split import tiny_model
 
+    results: list[Path | BaseException] = []
+
+    def start() -> None:
+        try:
+            results.append(tiny_model.cached_tiny_model(size))
+        except BaseException as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def test_callers_starting_together_on_a_fresh_cache_build_the_preset_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder and a generator started together on a fresh cache: one builds, the other waits for it."""
+    import time
+
+    from zimage_split import tiny_model
+
     monkeypatch.setenv("ZSPLIT_CACHE", str(tmp_path / "cache"))
+    build = tiny_model.build_tiny_model
+    builds: list[Path] = []
+
+    def slow_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        builds.append(Path(args[0]))
+        time.sleep(1)  # the other caller, started at the same moment, arrives while this one builds
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", slow_build)
+    results = _start_together("tiny")
+    assert len(builds) == 1, "one caller built, the other waited for it"
+    assert results[0] == results[1] and isinstance(results[0], Path), results
+    assert (results[0] / "model_index.json").is_file()
+    assert [p.name for p in results[0].parent.iterdir()] == [results[0].name], "no staging or lock file"
+
+
+def test_two_builds_of_the_same_preset_at_once_both_get_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the lock (an older zsplit beside this one, a file system without flock) both build; the
+    one whose rename comes second used to die with ENOTEMPTY."""
+    import contextlib
+    import threading
+
+    from zimage_split import tiny_model
+
+    monkeypatch.setenv("ZSPLIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny_model, "locked_folder", lambda folder: contextlib.nullcontext())
     barrier = threading.Barrier(2)
     build = tiny_model.build_tiny_model
     builds: list[Path] = []
@@ -268,20 +317,21 @@ def test_two_builds_of_the_same_preset_at_once_both_get_the_model(
         return build(*args, **kwargs)
 
     monkeypatch.setattr(tiny_model, "build_tiny_model", build_after_the_other_started)
-    results: list[Path | BaseException] = []
-
-    def start() -> None:
-        try:
-            results.append(tiny_model.cached_tiny_model("tiny"))
-        except BaseException as error:
-            results.append(error)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    results = _start_together("tiny")
     assert len(builds) == 2, "both callers must have built"
     assert results[0] == results[1] and isinstance(results[0], Path), results
     assert (results[0] / "model_index.json").is_file()
     assert [p.name for p in results[0].parent.iterdir()] == [results[0].name], "no staging folder left"
+
+
+def test_a_cache_that_cannot_be_written_is_a_typed_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_split.common.errors import FailedPrecondition
+    from zimage_split.tiny_model import cached_tiny_model
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ZSPLIT_CACHE", str(blocker / "cache"))
+    with pytest.raises(FailedPrecondition, match=rf"{blocker}/cache/tiny-\w+ is not a folder.*ZSPLIT_CACHE"):
+        cached_tiny_model("tiny")

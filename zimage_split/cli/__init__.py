@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from zimage_split.cli import bench, certs, config, encode, generate, lora, make_tiny_model, serve, templates
 from zimage_split.cli.flags import add_logging
 from zimage_split.cli.layered_settings import defer_defaults, resolve, setting_actions
-from zimage_split.common.errors import InvalidArgument, NotFound, ZSplitError
+from zimage_split.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ZSplitError,
+)
 from zimage_split.common.logs import configure_logging, route_library_logs
 
 DESCRIPTION = "The `zsplit` command line: serve either service, generate an image, build the tiny model."
@@ -85,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except ZSplitError as error:
         _report(error)
-        return 2 if isinstance(error, InvalidArgument | NotFound) else 1
+        # 2: what the command was given must change (a flag, a path, a folder's state); 1: the services.
+        fixed_by_the_caller = InvalidArgument | NotFound | FailedPrecondition | PermissionDenied
+        return 2 if isinstance(error, fixed_by_the_caller) else 1
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,7 @@ from zimage_split.cli.flags import (
     templated,
 )
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.files import write_error
 from zimage_split.common.security import ClientSecurity
 from zimage_split.common.vocabulary import DEFAULT_TIMEOUT_SECONDS
 from zimage_split.encoder_service.config import EncoderConfig
@@ -86,7 +87,15 @@ async def _encode(args: argparse.Namespace) -> int:
                     long_prompt_mode=args.long_prompt_mode,
                     on_encoded=bar.update,
                 )
-        embeddings.save(output)
+        try:
+            embeddings.save(output)
+        except OSError as error:
+            raise write_error(
+                error,
+                f"--output {output}",
+                "writing it",
+                "Free space or fix the folder, or pick another path.",
+            ) from None
         tokens = sum(item.token_count for item in embeddings)
         truncated = sum(item.truncated for item in embeddings)
         print(

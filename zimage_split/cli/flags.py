@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from zimage_split.common.addresses import host_of
-from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.errors import FailedPrecondition, InvalidArgument
+from zimage_split.common.files import write_atomically, write_error
 from zimage_split.common.logs import LOG_FORMATS
 from zimage_split.common.security import ClientSecurity, ServerSecurity, is_loopback, read_tokens
 from zimage_split.common.server import TransportLimits, check_bounds
@@ -137,15 +138,14 @@ def transport_limits(args: argparse.Namespace) -> TransportLimits:
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
-    """The --tls-* and token flags of add_listen, with ZSPLIT_AUTH_TOKEN; the files are checked now."""
-    tokens = read_tokens(args.auth_token_file)
-    if os.environ.get("ZSPLIT_AUTH_TOKEN"):
-        tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
+    """The --tls-* and token flags of add_listen, with ZSPLIT_AUTH_TOKEN; the files are checked now. The
+    token file is read again whenever it changes; the variable's token is fixed for the process's life."""
     security = ServerSecurity(
         cert_file=args.tls_cert,
         key_file=args.tls_key,
         client_ca_file=args.tls_client_ca,
-        tokens=tokens,
+        tokens=(os.environ["ZSPLIT_AUTH_TOKEN"],) if os.environ.get("ZSPLIT_AUTH_TOKEN") else (),
+        token_file=args.auth_token_file,
         insecure=args.insecure,
     )
     security.check_files()  # the server reads them only once the model is loaded
@@ -254,6 +254,20 @@ def check_output_folder(output: Path) -> None:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InvalidArgument(
-            f"--output {output}: cannot make the folder {output.parent} ({error.strerror}); pick another path."
+        raise write_error(
+            error, f"--output {output}: the folder {output.parent}", "creating it", "Pick another path."
+        ) from None
+    if output.is_dir():
+        raise FailedPrecondition(
+            f"--output {output} is a folder; pass a file name, e.g. {output / 'out.png'}."
+        )
+
+
+def write_output(output: Path, data: bytes) -> None:
+    """Writes a result file atomically; a failed write is a typed error naming the file, never a traceback."""
+    try:
+        write_atomically(output, data)
+    except OSError as error:
+        raise write_error(
+            error, f"--output {output}", "writing it", "Free space or fix the folder, or pick another path."
         ) from None

@@ -18,6 +18,7 @@ from zimage_split.cli.flags import (
     check_output_folder,
     client_security,
     templated,
+    write_output,
 )
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity
@@ -213,7 +214,6 @@ async def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zimage_split.client.aio import AsyncClient
-    from zimage_split.common.files import write_atomically
 
     if args.prompt is None:
         raise InvalidArgument(
@@ -274,7 +274,7 @@ async def _generate(args: argparse.Namespace) -> int:
             path = (
                 output if len(images) == 1 else output.with_stem(f"{output.stem}-{image.info['image_index']}")
             )
-            write_atomically(path, image.info["file_bytes"])
+            write_output(path, image.info["file_bytes"])
             shortened = image.info.get("prompt_shortened_by")
             if shortened:
                 print(

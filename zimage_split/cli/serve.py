@@ -176,6 +176,14 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         "outage does not lose them",
     )
     generator.add_argument(
+        "--embedding-store-max-gb",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="most GiB the --embedding-store folder may hold; the least recently used files go first, never "
+        "one in use (unset: no limit)",
+    )
+    generator.add_argument(
         "--result-cache-mb",
         type=int,
         default=GeneratorConfig.completed_cache_bytes >> 20,
@@ -364,6 +372,9 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         cache_bytes=args.cache_mb << 20,
         completed_cache_bytes=args.result_cache_mb << 20,
         embedding_store=args.embedding_store,
+        embedding_store_max_bytes=None
+        if args.embedding_store_max_gb is None
+        else int(args.embedding_store_max_gb * (1 << 30)),
         image_cache_bytes=args.image_cache_mb << 20,
         limits=Limits(
             max_pixels=args.max_pixels,
@@ -395,7 +406,7 @@ def serve_generator(args: argparse.Namespace) -> int:
 
 def serve_http(args: argparse.Namespace) -> int:
     from zimage_split.common.metrics import ServiceMetrics
-    from zimage_split.common.security import read_tokens
+    from zimage_split.common.security import accepted_tokens
     from zimage_split.common.server import metrics_address
 
     try:
@@ -419,14 +430,15 @@ def serve_http(args: argparse.Namespace) -> int:
             "settings for plain HTTP."
         )
     check_metrics_port(args.port, args.metrics_port)
-    tokens = read_tokens(args.auth_token_file)
-    if os.environ.get("ZSPLIT_AUTH_TOKEN"):
-        tokens += (os.environ["ZSPLIT_AUTH_TOKEN"],)
+    tokens = accepted_tokens(
+        args.auth_token_file,
+        (os.environ["ZSPLIT_AUTH_TOKEN"],) if os.environ.get("ZSPLIT_AUTH_TOKEN") else (),
+    )
     metrics = ServiceMetrics("http")
     app = create_app(
         args.generator,
         security=client_security(args, args.generator, prefix="generator-"),
-        tokens=tokens,
+        tokens=tokens or (),
         timeout=args.timeout,
         metrics=metrics,
     )

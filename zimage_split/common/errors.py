@@ -43,6 +43,19 @@ class ResourceExhausted(ZSplitError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(ZSplitError):
+    """The system is not in a state the call needs (a folder that is read-only, missing or a file, a
+    failing disk): retrying the same call fails again until someone fixes that."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(ZSplitError):
+    """This process may not do it (a file or folder it has no permission to write)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Unavailable(ZSplitError):
     code = "UNAVAILABLE"
 
@@ -73,6 +86,8 @@ ERRORS_BY_CODE: dict[str, type[ZSplitError]] = {
         InvalidArgument,
         NotFound,
         ResourceExhausted,
+        FailedPrecondition,
+        PermissionDenied,
         Unavailable,
         DeadlineExceeded,
         Cancelled,

@@ -1,14 +1,16 @@
 """Transport security for both services and their clients: TLS, optional mutual TLS, bearer tokens.
 
-Secrets (private keys, tokens) come from files or the environment, are read once, and never appear in a
-repr, a log line or `zsplit config show`. Plaintext is never a default: a server needs TLS material or an
-explicit `insecure=True`.
+Secrets (private keys, tokens) come from files or the environment and never appear in a repr, a log line
+or `zsplit config show`. A server's token file is read again when it changes, so tokens rotate without a
+restart. Plaintext is never a default: a server needs TLS material or an explicit `insecure=True`.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from grpc import aio
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.interceptors import HEALTH_PREFIX, wrap_handler
+
+logger = logging.getLogger(__name__)
 
 AUTHORIZATION_KEY = "authorization"
 
@@ -86,6 +90,59 @@ def read_tokens(path: str | None) -> tuple[str, ...]:
     return tokens
 
 
+class TokenFile:
+    """The tokens of a server's token file, read again when the file changes (its inode, size, mtime or
+    ctime), so a rotation takes effect at the next call, with no restart; calls already running go on.
+
+    `tokens()` costs one stat while the file is unchanged. A file that cannot be read, or holds no token,
+    keeps the tokens read before, with a warning (an editor may be halfway through writing it). Rotate by
+    writing the new file beside it and renaming it over (atomic), or by rewriting it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = str(Path(path).expanduser())
+        self._stamp = _stamp(self.path)
+        self._tokens = read_tokens(self.path)  # at start an unreadable file is an error, not a warning
+
+    def tokens(self) -> tuple[str, ...]:
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return self._tokens
+        self._stamp = stamp  # before reading: a change made while we read is seen at the next call
+        try:
+            tokens = read_tokens(self.path)
+        except InvalidArgument as error:
+            logger.warning(
+                "%s Still accepting the %d token(s) read before; fix the file to change them.",
+                error.message,
+                len(self._tokens),
+            )
+            return self._tokens
+        if tokens != self._tokens:
+            logger.info("Token file %s changed: %d token(s) accepted now.", self.path, len(tokens))
+        self._tokens = tokens
+        return tokens
+
+
+def _stamp(path: str) -> tuple[int, ...]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def accepted_tokens(
+    token_file: str | None, fixed: tuple[str, ...] = ()
+) -> Callable[[], tuple[str, ...]] | None:
+    """What a server asks, at each call, for the tokens it accepts: those of `token_file` as it is now (see
+    TokenFile), plus `fixed` ones (ZSPLIT_AUTH_TOKEN); None when it needs no token."""
+    if token_file:
+        source = TokenFile(token_file)
+        return lambda: source.tokens() + fixed
+    return (lambda: fixed) if fixed else None
+
+
 def is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -105,13 +162,17 @@ class _Secret(str):
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """What a server listens with: a certificate and key (TLS), a client CA (mutual TLS), tokens."""
+    """What a server listens with: a certificate and key (TLS), a client CA (mutual TLS), tokens.
+
+    Accepted tokens are those of `token_file` (one per line, read again when it changes) and `tokens`.
+    """
 
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
     tokens: tuple[str, ...] = field(default=(), repr=False)
     insecure: bool = False
+    token_file: str | None = None
 
     def __post_init__(self) -> None:
         tls_flags = (
@@ -142,10 +203,16 @@ class ServerSecurity:
         return bool(self.client_ca_file)
 
     def check_files(self) -> None:
-        """Reads and parses the PEM files now, so a missing or garbled one fails before a model is loaded."""
+        """Reads and parses the PEM and token files now, so a missing or garbled one fails before a model
+        is loaded."""
         if self.cert_file and self.key_file:
             check_key_pair(self.cert_file, self.key_file)
         check_ca(self.client_ca_file, "client CA certificate")
+        read_tokens(self.token_file)
+
+    def token_source(self) -> Callable[[], tuple[str, ...]] | None:
+        """The accepted tokens at each call (see accepted_tokens); None when calls need no token."""
+        return accepted_tokens(self.token_file, self.tokens)
 
     def credentials(self) -> grpc.ServerCredentials | None:
         if self.insecure:
@@ -159,7 +226,7 @@ class ServerSecurity:
 
     def describe(self) -> str:
         transport = "plaintext" if self.insecure else ("mutual TLS" if self.mutual_tls else "TLS")
-        return f"{transport}, {'bearer tokens' if self.tokens else 'no token'}"
+        return f"{transport}, {'bearer tokens' if self.tokens or self.token_file else 'no token'}"
 
 
 @dataclass(frozen=True)
@@ -211,15 +278,24 @@ class ClientSecurity:
 
 
 class TokenAuthInterceptor(aio.ServerInterceptor):
-    """Refuses calls without one of the accepted bearer tokens with UNAUTHENTICATED (health is exempt)."""
+    """Refuses calls without one of the accepted bearer tokens with UNAUTHENTICATED (health is exempt).
 
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        self._accepted = [f"Bearer {token}".encode() for token in tokens]
+    `tokens` gives the accepted tokens when a call starts (a fixed tuple, or ServerSecurity.token_source(),
+    which follows the token file); a call let in runs to its end whatever changes later.
+    """
+
+    def __init__(self, tokens: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> None:
+        self._tokens = tokens if callable(tokens) else (lambda: tokens)
+        self._seen: tuple[str, ...] | None = None
+        self._accepted: list[bytes] = []
 
     def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
         presented = next((value for key, value in metadata or () if key == AUTHORIZATION_KEY), None)
         if presented is None:
             return False
+        tokens = self._tokens()
+        if tokens != self._seen:
+            self._seen, self._accepted = tokens, [f"Bearer {token}".encode() for token in tokens]
         offered = presented if isinstance(presented, bytes) else presented.encode()
         # Compare with every token, without stopping early, so timing tells nothing about which matched.
         matches = [hmac.compare_digest(offered, accepted) for accepted in self._accepted]

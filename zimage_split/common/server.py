@@ -199,8 +199,9 @@ async def start_server(
         gate,
         ChunkMessages(),
     ]
-    if security.tokens:
-        interceptors.insert(1, TokenAuthInterceptor(security.tokens))
+    tokens = security.token_source()
+    if tokens is not None:
+        interceptors.insert(1, TokenAuthInterceptor(tokens))
     server = aio.server(interceptors=interceptors, options=limits.grpc_options())
     add_servicers(server)
     health = HealthServicer()

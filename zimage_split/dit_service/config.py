@@ -150,6 +150,8 @@ class GeneratorConfig:
     cache_bytes: int = 2 << 30
     # A folder of <key>.safetensors embeddings behind the in-memory cache; survives restarts.
     embedding_store: str | None = None
+    # Bytes that folder may hold (least recently used files go first); None: no limit.
+    embedding_store_max_bytes: int | None = None
     # Finished images kept by request_id, so a retried request is answered without running again.
     completed_cache_bytes: int = 128 << 20
     # Decoded start images and masks from UploadImage, kept for Generate.
@@ -177,6 +179,16 @@ class GeneratorConfig:
             )
         if self.encoder is not None:  # checked, each entry with its port (a bare host gets 50051)
             object.__setattr__(self, "encoder", ",".join(parse_encoder_addresses(self.encoder)))
+        if self.embedding_store_max_bytes is not None:
+            if not self.embedding_store:
+                raise InvalidArgument(
+                    "--embedding-store-max-gb limits the --embedding-store folder; pass --embedding-store DIR too."
+                )
+            if self.embedding_store_max_bytes <= 0:
+                raise InvalidArgument(
+                    f"--embedding-store-max-gb must be above 0 (got {self.embedding_store_max_bytes} bytes); "
+                    "leave it unset for no limit."
+                )
         # Limits no request could meet, or that gRPC cannot hold, fail here rather than after the model loads.
         check_bounds(
             [

@@ -114,7 +114,7 @@ def encoder_refused(address: str | None, error: ZSplitError) -> EncoderRefused:
 
 
 class EmbeddingStore:
-    """Embeddings by key: an in-memory LRU, then the optional disk tier (`disk_dir`), then the encoder."""
+    """Embeddings by key: an in-memory LRU, then the optional disk tier (`disk`), then the encoder."""
 
     def __init__(
         self,
@@ -123,7 +123,7 @@ class EmbeddingStore:
         caption_dim: int,
         max_tokens: int,
         cache_bytes: int,
-        disk_dir: str | None = None,
+        disk: DiskEmbeddingStore | None = None,
         encoder_retries: int = 0,
     ) -> None:
         if encoder_retries < 0:
@@ -136,7 +136,7 @@ class EmbeddingStore:
         self.cache: ByteBoundedLRU[Embedding] = ByteBoundedLRU(
             cache_bytes, lambda entry: entry.tensor.numel() * entry.tensor.element_size()
         )
-        self.disk = DiskEmbeddingStore(disk_dir) if disk_dir else None
+        self.disk = disk
         # Set once the encoder's Info has been checked; text keys depend on it.
         self._encoder_identity: str | None = None
 
@@ -196,7 +196,10 @@ class EmbeddingStore:
     async def _cached(self, key: str) -> Embedding | None:
         """From memory, then disk; always with encode_seconds 0."""
         embedding = self.cache.get(key)
-        if embedding is not None or self.disk is None:
+        if self.disk is None:
+            return embedding
+        if embedding is not None:
+            self.disk.touch(key)  # in use, so its file is not the next to go
             return embedding
         stored = await asyncio.to_thread(self.disk.get, key)
         if stored is None:

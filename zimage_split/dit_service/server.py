@@ -19,6 +19,7 @@ from zimage_split.common.server import (
 )
 from zimage_split.devices import choose_dtype, parse_dtype, pick_device
 from zimage_split.dit_service.config import GeneratorConfig, Limits
+from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.init_images import ImageStore
 from zimage_split.dit_service.lora.library import LoraLibrary, check_lora_dir
@@ -66,6 +67,12 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     )
     if options.lora_dir:
         check_lora_dir(options.lora_dir)
+    # A folder it cannot use fails now, before the model loads.
+    disk = (
+        DiskEmbeddingStore(config.embedding_store, config.embedding_store_max_bytes)
+        if config.embedding_store
+        else None
+    )
     if config.ray is None:
         device = pick_device(config.device)
         dtype = choose_dtype(config.dtype, device)
@@ -110,7 +117,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         caption_dim=info.caption_dim,
         max_tokens=info.max_caption_tokens,
         cache_bytes=config.cache_bytes,
-        disk_dir=config.embedding_store,
+        disk=disk,
         encoder_retries=config.encoder_retries,
     )
     if encoder is not None:
