@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -15,6 +16,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 T = TypeVar("T")
+
+# CI sets these to 1 (.ci/run): a test that would skip for want of root or of a browser fails instead.
+REQUIRE_ROOT = "ZSPLIT_REQUIRE_ROOT"
+REQUIRE_BROWSER = "ZSPLIT_REQUIRE_BROWSER"
+
+
+def skip_or_fail(reason: str, required_by: str) -> NoReturn:
+    """Skips the test for `reason`, or fails it where the variable `required_by` is 1: there the test
+    must run, and a skip would hide that it did not."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{required_by}=1, but {reason}.", pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> float:
+    """Polls until `condition()` is true; returns the seconds it took, or fails after `timeout` seconds.
+
+    Tests wait for what they need to be true, never for a fixed time that a busy machine may outlast.
+    """
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 Each host is a network namespace with `lo` and an `eth0` on a private /24; a bridge in the root namespace
 joins them and holds the .254 address, so the test process reaches every host by its IP, and every host
 routes through the bridge (programs that find their own IP by routing towards the internet, as Ray does,
-then find the host's address). Needs root and iproute2; `skip_reason()` says when they are missing.
+then find the host's address). Needs root and iproute2; `require()` skips a test where they are missing
+(fails it under ZSPLIT_REQUIRE_ROOT=1, as in CI).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.conftest import REQUIRE_ROOT, skip_or_fail
+
 MAX_INTERFACE_NAME = 15  # IFNAMSIZ - 1
 _networks = itertools.count()
 
@@ -30,6 +33,12 @@ def skip_reason() -> str | None:
     if shutil.which("ip") is None:
         return "network namespaces need the `ip` command (iproute2)"
     return None
+
+
+def require() -> None:
+    """Skips the calling test where network namespaces cannot be made; fails it under ZSPLIT_REQUIRE_ROOT=1."""
+    if (reason := skip_reason()) is not None:
+        skip_or_fail(reason, REQUIRE_ROOT)
 
 
 def ip(*args: str, namespace: str | None = None) -> str:

@@ -275,7 +275,6 @@ def test_ray_replicas_take_the_options(loop_thread, tiny_model_dir: Path) -> Non
     here: a replica compiles like the in-process engine above (its constructor warms up before Serve routes
     to it), and compiling in a one-CPU replica adds about 45 s on a 2-core machine.
     """
-    pytest.importorskip("ray")
     server = start_generator(
         loop_thread,
         tiny_model_dir,

@@ -13,11 +13,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
+import openai
 import pytest
+import uvicorn
 from PIL import Image
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 TOKEN = "gateway-test-token"
 

@@ -179,8 +179,8 @@ def test_a_request_id_reaches_the_encoder_through_the_generator(observed) -> Non
 
 
 def test_opentelemetry_spans_link_client_generator_and_encoder(observed) -> None:  # type: ignore[no-untyped-def]
-    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
     from opentelemetry import trace
+    from opentelemetry.sdk import trace as sdk_trace
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import time
 import urllib.error
@@ -18,7 +17,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import sync_playwright
 
+from tests.conftest import REQUIRE_BROWSER, skip_or_fail
 from tests.integration.test_http_gateway import TOKEN, serve
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; tests never download a browser
@@ -58,20 +59,12 @@ def gateway(generator) -> Iterator[str]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if sync_playwright is None:
-        missing = "the playwright package is missing: install the dev extras (`pip install -e '.[dev]'`)"
-    elif not CHROMIUM.exists():
-        missing = f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium`)"
-    else:
-        missing = ""
-    if missing and os.environ.get("ZSPLIT_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"ZSPLIT_REQUIRE_BROWSER=1, but {missing}.")
-    if missing:
-        pytest.skip(f"The web page's tests need a browser; {missing}.")
+    # The browser is Debian's, not a Python package: the one thing here a dev install may lack.
+    if not CHROMIUM.exists():
+        skip_or_fail(
+            f"the web page's tests need {CHROMIUM}: install Debian's chromium (`apt-get install chromium`)",
+            REQUIRE_BROWSER,
+        )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True

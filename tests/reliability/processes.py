@@ -42,6 +42,19 @@ def process_stats(pid: int) -> ProcessStats:
     )
 
 
+def unread_bytes(port: int) -> int:
+    """Bytes that arrived on the connections a local server on `port` accepted but it has not read yet
+    (Linux's /proc/net/tcp*): a stopped (SIGSTOP) server's requests wait there."""
+    total = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in (table.read_text() if table.exists() else "").splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
 def health_status(port: int, service: str = "", timeout: float = 2) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         return int(

@@ -1,6 +1,7 @@
 """Faults: a batch whose output folder fills up or turns read-only stops with a clear error, and resumes.
 
-The folders are real tmpfs mounts (root only), filled or remounted read-only while the job runs.
+The folders are real tmpfs mounts (root only; skipped otherwise, failed under ZSPLIT_REQUIRE_ROOT=1, as in
+CI), filled or remounted read-only while the job runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import REQUIRE_ROOT, skip_or_fail
 from tests.reliability.processes import ZSPLIT
 from zimage_split.batch_jobs import MANIFEST_NAME, BatchSettings, Manifest, check_out_dir, run_batch
 from zimage_split.client import AsyncClient, Client, Embeddings
@@ -48,13 +50,13 @@ class Tmpfs:
 
 def mount_tmpfs(path: Path, size: str) -> Iterator[Tmpfs]:
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs as the output folder needs root")
+        skip_or_fail("mounting a tmpfs as the output folder needs root", REQUIRE_ROOT)
     path.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {mounted.stderr.strip()}", REQUIRE_ROOT)
     try:
         yield Tmpfs(path)
     finally:

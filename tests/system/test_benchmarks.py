@@ -32,6 +32,14 @@ ROW_KEYS = {
     "target_met",
     "note",
 }
+# Seconds the work of each kind of test may take. pytest-timeout counts a module fixture's set-up against
+# the first test that uses it, and any test may be the first (-k, -x, ordering): every test that uses
+# `quick_run` gets the quick run's time, plus a little for its own checks.
+# Measured on a shared 2-core machine: 133 s, 13 s and 1.2 s; each limit leaves room for a slower one.
+QUICK_RUN_SECONDS = 600  # every benchmark's quick run
+FAILING_RUN_SECONDS = 120  # the transfer benchmark's quick run, and the encode one's start and failure
+REFUSAL_SECONDS = 30  # the runner exits at its argument checks, before any benchmark runs
+OWN_CHECKS_SECONDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +52,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=QUICK_RUN_SECONDS,
     )
     return completed, out_dir
 
 
+@pytest.mark.timeout(QUICK_RUN_SECONDS + OWN_CHECKS_SECONDS)
 def test_quick_run_of_every_benchmark_writes_well_formed_json(quick_run) -> None:  # type: ignore[no-untyped-def]
     completed, out_dir = quick_run
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -78,6 +87,7 @@ def test_quick_run_of_every_benchmark_writes_well_formed_json(quick_run) -> None
     assert not list((ROOT / "benchmarks" / "results").glob(f"{summary['date']}-*-quick.*"))
 
 
+@pytest.mark.timeout(QUICK_RUN_SECONDS + OWN_CHECKS_SECONDS)
 def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: ignore[no-untyped-def]
     _, out_dir = quick_run
     summary = json.loads(next(out_dir.glob("*-quick.json")).read_text())
@@ -108,6 +118,7 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
         assert expected in metrics, expected
 
 
+@pytest.mark.timeout(QUICK_RUN_SECONDS + OWN_CHECKS_SECONDS)
 def test_markdown_summary_has_a_row_per_figure(quick_run) -> None:  # type: ignore[no-untyped-def]
     _, out_dir = quick_run
     summary = json.loads(next(out_dir.glob("*-quick.json")).read_text())
@@ -140,6 +151,7 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
         (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     ],
 )
+@pytest.mark.timeout(REFUSAL_SECONDS + OWN_CHECKS_SECONDS)
 def test_runner_refuses_bad_arguments_before_running_anything(
     arguments: list[str], message: str, tmp_path: Path
 ) -> None:
@@ -148,13 +160,14 @@ def test_runner_refuses_bad_arguments_before_running_anything(
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=REFUSAL_SECONDS,
     )
     assert completed.returncode == 2, completed.stderr
     assert message in completed.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.timeout(FAILING_RUN_SECONDS + OWN_CHECKS_SECONDS)
 def test_a_failing_benchmark_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
     """A benchmark that crashes (here: a model folder that does not exist) fails the run, not the others."""
     completed = subprocess.run(
@@ -173,7 +186,7 @@ def test_a_failing_benchmark_is_reported_and_the_others_still_run(tmp_path: Path
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=FAILING_RUN_SECONDS,
     )
     assert completed.returncode == 1
     summary = json.loads(next(tmp_path.glob("*.json")).read_text())

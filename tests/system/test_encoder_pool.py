@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.reliability.processes import ServiceProcess, free_port
+from tests.conftest import wait_for
+from tests.reliability.processes import ServiceProcess, free_port, unread_bytes
 from zimage_split.client import Client
 
 ENCODE = "Encode"
@@ -89,7 +89,8 @@ def test_two_encoders_share_the_load_and_one_killed_loses_no_request(tiny_model_
         victim.signal(signal.SIGSTOP)
         with ThreadPoolExecutor(16) as threads:
             results = threads.map(generate, [f"a distinct prompt number {index}" for index in range(16)])
-            time.sleep(1.5)
+            # Frozen, it reads nothing: a call sent to it waits, unread, in its socket.
+            wait_for(lambda: unread_bytes(victim.port) > 0, 30, "a call to reach the frozen encoder")
             victim.signal(signal.SIGKILL)
             victim.process.wait(10)
             sizes = list(results)

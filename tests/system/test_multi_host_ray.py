@@ -31,10 +31,6 @@ from PIL import Image
 from tests import netns
 from zimage_split.client import AsyncClient
 
-pytest.importorskip("ray")
-SKIP_REASON = netns.skip_reason()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
-
 RAY = str(Path(sys.executable).with_name("ray"))
 RAY_PORT = 6379
 FRONT_PORT = 50052
@@ -213,6 +209,11 @@ def serving_front(cluster: RayCluster, model: Path) -> Iterator[Front]:
     finally:
         code = netns.stop_group(front.process, timeout=60)
     assert code == 0, f"the front exits with {code} on SIGTERM, not 0:\n{tail(front.log)}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def network_namespaces() -> None:
+    netns.require()
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,8 @@ EXAMPLE_FILES = {
     ],
     "http.md": [],
 }
-# Read by the test suite, not by zsplit (tests/integration/test_web_page.py).
-TEST_VARIABLES = {"ZSPLIT_REQUIRE_BROWSER"}
+# Read by the test suite, not by zsplit (tests/conftest.py: skip_or_fail).
+TEST_VARIABLES = {"ZSPLIT_REQUIRE_BROWSER", "ZSPLIT_REQUIRE_ROOT"}
 
 
 def relative(path: Path) -> str:

@@ -31,10 +31,6 @@ from tests.system.test_multi_host_ray import (
 )
 from zimage_split.certs import write_dev_certificates
 
-pytest.importorskip("ray")
-SKIP_REASON = netns.skip_reason()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
-
 ZSPLIT = [sys.executable, "-m", "zimage_split.cli"]
 
 # Runs on host D. Prints one JSON line: the outcome of each kind of call it was asked to make.
@@ -70,6 +66,11 @@ def run_client(client_host: netns.Host, front: str, certs: Path, token: str, cou
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def network_namespaces() -> None:
+    netns.require()
 
 
 @pytest.mark.timeout(900)

@@ -402,7 +402,8 @@ def test_health_probe_flags_exist() -> None:
 
 
 def test_ray_start_flags_exist() -> None:
-    scripts = pytest.importorskip("ray.scripts.scripts")
+    from ray.scripts import scripts
+
     known = {opt for param in scripts.start.params for opt in [*param.opts, *param.secondary_opts]}
     invocations = [i for i in all_invocations() if i.program == "ray start"]
     assert invocations, "no `ray start` command found"

@@ -12,6 +12,8 @@ import torch
 
 from zimage_split.encoder_service.packed_linear import PackedLinear, can_pack, pack_linear_layers
 
+# Skips that stay: packing is a feature of the torch build (oneDNN) and of the CPU (for bf16), not of
+# the install, and the encoder falls back to nn.Linear without it.
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
 )

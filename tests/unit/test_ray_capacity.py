@@ -112,7 +112,6 @@ def test_a_numbered_cuda_device_is_refused_with_ray() -> None:
 
 
 def test_replica_device_uses_the_gpu_ray_gave_it_and_no_other() -> None:
-    pytest.importorskip("ray")
     import torch
 
     from zimage_split.dit_service.ray_replica import replica_device

@@ -125,7 +125,9 @@ class DiTReplica:
         node_ip = ray.util.get_node_ip_address()
         gpus = f"/gpu{','.join(self.gpu_ids)}" if self.gpu_ids else ""
         self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{self.device}{gpus}"
+        # Kept by the engine's thread as it works, not by the callers' stream, which Serve may close first.
         self.steps_run = 0
+        self.images_running = 0
         self.batches_run = 0
         self._run_batch.set_max_batch_size(max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(max_batch_wait_seconds)
@@ -146,7 +148,11 @@ class DiTReplica:
 
     def _generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | None]:
         self.generate_threads.add(threading.get_ident())
-        return self.engine.generate(jobs)
+        self.images_running += len(jobs)
+        try:
+            return self.engine.generate(jobs)
+        finally:
+            self.images_running -= len(jobs)
 
     def __del__(self) -> None:
         # Serve calls this when it stops the replica; a batch still running finishes on its own thread.
@@ -164,6 +170,7 @@ class DiTReplica:
             "build_thread": self.build_thread,
             "generate_threads": sorted(self.generate_threads),
             "steps_run": self.steps_run,
+            "images_running": self.images_running,
             "batches_run": self.batches_run,
         }
 
@@ -195,7 +202,9 @@ class DiTReplica:
         events: asyncio.Queue[tuple[int, int, int] | None] = asyncio.Queue()
 
         def reporter(index: int):  # type: ignore[no-untyped-def]
-            def on_step(step: int, total: int) -> None:
+            def on_step(step: int, total: int) -> None:  # on the engine's thread
+                if index == indices[0]:
+                    self.steps_run += 1
                 loop.call_soon_threadsafe(events.put_nowait, (index, step, total))
 
             return on_step
@@ -218,8 +227,6 @@ class DiTReplica:
         task.add_done_callback(lambda _: events.put_nowait(None))
         while (event := await events.get()) is not None:
             index, step, total = event
-            if index == indices[0]:
-                self.steps_run += 1
             out: list[ReplicaProgress | ReplicaImage | None] = [None] * len(jobs)
             out[index] = ReplicaProgress(step, total, self.name)
             yield out
