@@ -3,6 +3,7 @@ RESOURCE_EXHAUSTED (reason out-of-memory) after which the service goes on servin
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,51 @@ def test_the_engine_is_built_warmed_up_and_run_on_one_thread(tiny_model_dir: Pat
     asyncio.run(one_image())
     assert threads["build"] == threads["render"] and threads["build"].startswith("dit")
     assert threads["build"] != threading.current_thread().name
+
+
+def test_a_cancelled_job_counts_until_the_dit_thread_is_done_with_it(tiny_model_dir: Path) -> None:
+    """The queue limit counts what the DiT thread still has to do: a cancelled call's job runs on to the
+    engine's next check between steps, and used to stop counting the moment its caller gave up."""
+    import asyncio
+
+    from zimage_split.dit_service.config import EngineOptions
+    from zimage_split.model_source import resolve_model
+
+    def build():  # type: ignore[no-untyped-def]
+        options = EngineOptions(warm_up_side=64, warm_up_guidance=False)
+        return options.start_engine(resolve_model(str(tiny_model_dir)), torch.device("cpu"), torch.float32)
+
+    async def cancel_mid_job() -> tuple[int, int, int]:
+        worker = await worker_module.LocalWorker.start(build)
+        step_started, release = threading.Event(), threading.Event()
+        stopped = threading.Event()
+
+        def on_step(step: int, total: int, replica: str = "") -> None:
+            step_started.set()
+            release.wait(30)  # hold the DiT thread inside the job until the test has looked
+
+        job = GenerationJob(
+            GenerationParams(width=64, height=64, steps=4, seed=1),
+            embedding(1),
+            on_step=on_step,
+            is_cancelled=stopped.is_set,
+        )
+        task = asyncio.create_task(worker.run(job))
+        try:
+            assert await asyncio.to_thread(step_started.wait, 30)
+            while_running = worker.outstanding
+            stopped.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            after_cancel = worker.outstanding  # the DiT thread is still inside the job
+            release.set()
+            await asyncio.get_running_loop().run_in_executor(worker._executor, lambda: None)
+            await asyncio.sleep(0)  # the release is handed to this loop from the DiT thread
+            return while_running, after_cancel, worker.outstanding
+        finally:
+            release.set()
+            worker.close()
+
+    while_running, after_cancel, after_the_thread = asyncio.run(cancel_mid_job())
+    assert (while_running, after_cancel, after_the_thread) == (1, 1, 0)

@@ -8,6 +8,7 @@ Result files are written on other threads, so the DiT starts the next job while 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -114,16 +115,27 @@ class LocalWorker:
                 retry_after_seconds=self._recent_seconds * self._outstanding,
                 reason=BUSY,
             )
+        loop = asyncio.get_running_loop()
+        # A job counts until the DiT thread is done with it, not until its caller stops waiting: a cancelled
+        # call's job runs on to its next step check, and the queue limit must see it meanwhile.
+        self._outstanding += 1
+        render = self._executor.submit(self._render, job, time.perf_counter())
+        render.add_done_callback(lambda _: self._call_soon(loop, self._release))
+        rendered, queue_seconds = await asyncio.wrap_future(render)
         self._outstanding += 1
         try:
-            loop = asyncio.get_running_loop()
-            rendered, queue_seconds = await loop.run_in_executor(
-                self._executor, self._render, job, time.perf_counter()
-            )
             image: GeneratedImage = await loop.run_in_executor(self._file_writers, write_file, rendered)
         finally:
             self._outstanding -= 1
         return WorkerResult(image=image, queue_seconds=queue_seconds, replica=self.name)
+
+    def _release(self) -> None:
+        self._outstanding -= 1
+
+    @staticmethod
+    def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first: nothing is left to count
+            loop.call_soon_threadsafe(callback)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
