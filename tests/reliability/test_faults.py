@@ -288,6 +288,9 @@ def test_ctrl_c_stops_zsplit_generate_with_130(generator: Any, tmp_path: Path, f
         + ["--width", "1024", "--height", "1024", "-o", str(tmp_path / "never.png")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # As from a terminal: a test run started in the background of a non-interactive shell ignores SIGINT,
+        # the command would inherit that, and Python then never turns Ctrl-C into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert command.stderr is not None
     stderr = read_in_background(command.stderr)
