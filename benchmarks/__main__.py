@@ -1,6 +1,6 @@
 """Runs every benchmark and writes benchmarks/results/<date>-<device>.json plus a markdown summary beside it.
 
-    python -m benchmarks                 # every benchmark on the bench model (about 15 minutes on 2 cores)
+    python -m benchmarks                 # every benchmark on the bench model (32 minutes on 2 cores, 2026-12-05)
     python -m benchmarks --quick         # tiny model, one round each: checks the harness, figures mean nothing
     python -m benchmarks --only encode,transfer
     zsplit bench ...                     # the same command
