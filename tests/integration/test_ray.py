@@ -174,10 +174,14 @@ def test_a_killed_replica_loses_nothing(ray_generator) -> None:  # type: ignore[
 def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[no-untyped-def]
     async def flood(busy_retries: int) -> list[object]:
         async with AsyncClient(generator=address(ray_generator), busy_retries=busy_retries) as client:
+            tensors = [embedding(5, i) for i in range(40)]
+            # Uploaded first, so the 40 Generate calls arrive together: uploads interleaved with them let
+            # the replicas keep up on a busy host, and the queue never passed its bound (seen once).
+            await asyncio.gather(*(client.upload(tensor) for tensor in tensors))
             return await asyncio.gather(
                 *(
-                    client.generate(embeddings=embedding(5, i), seed=i, width=128, height=128, steps=6)
-                    for i in range(40)
+                    client.generate(embeddings=tensor, seed=i, width=128, height=128, steps=6)
+                    for i, tensor in enumerate(tensors)
                 ),
                 return_exceptions=True,
             )
