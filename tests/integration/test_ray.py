@@ -175,12 +175,14 @@ def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[n
     async def flood(busy_retries: int) -> list[object]:
         async with AsyncClient(generator=address(ray_generator), busy_retries=busy_retries) as client:
             tensors = [embedding(5, i) for i in range(40)]
-            # Uploaded first, so the 40 Generate calls arrive together: uploads interleaved with them let
-            # the replicas keep up on a busy host, and the queue never passed its bound (seen once).
+            # Uploaded first, so the 40 Generate calls arrive together; and each image is slow enough (about
+            # 0.2 s at 256x256, 20 steps) that two replicas cannot drain the calls as fast as a busy host's
+            # front hands them over: at 128x128 and 6 steps (50 ms) nothing was ever refused in 2 of 3 runs
+            # of the suite beside a CPU burner.
             await asyncio.gather(*(client.upload(tensor) for tensor in tensors))
             return await asyncio.gather(
                 *(
-                    client.generate(embeddings=tensor, seed=i, width=128, height=128, steps=6)
+                    client.generate(embeddings=tensor, seed=i, width=256, height=256, steps=20)
                     for i, tensor in enumerate(tensors)
                 ),
                 return_exceptions=True,
