@@ -398,7 +398,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
     unpacked = (
         [case(dtypes[0], vars(args) | {"pack_weights": False, "service": False})] if args.levers else []
     )
-    result = {
+    result: dict = {
         "benchmark": "encoder_host",
         "description": "text-encoder tokens/s on this CPU against its own matmul peak, in-process and through the "
         "service, with peak and steady RSS against the weights",
@@ -419,11 +419,10 @@ def measure(settings: Settings, **overrides: object) -> dict:
     result["headline"] = headline(result)
     result["target"] = (
         f"engine >= {TARGET_PEAK_SHARE:.0%} of the matmul peak at batch >= 4; peak RSS while loading "
-        f"<= {TARGET_RSS_RATIO}x the weights"
+        f"<= {TARGET_RSS_RATIO}x the weights (on the full preset)"
     )
-    result["target_met"] = all(
-        row["target_met"] for row in result["headline"] if row["target_met"] is not None
-    )
+    verdicts = [row["target_met"] for row in result["headline"] if row["target_met"] is not None]
+    result["target_met"] = all(verdicts) if verdicts else None
     return result
 
 
@@ -435,6 +434,10 @@ def cpu_flags() -> list[str]:
 
 
 def headline(result: dict) -> list[dict]:
+    # The targets are the real encoder's: a smaller model's matrices are too small for the matmul peak, and
+    # its weights too light against the torch runtime for the RSS ratio, so its rows carry no verdict.
+    judged = result["model"].get("name") == "full"
+    scope = "" if judged else " (full only)"
     rows = []
     for case in result["cases"]:
         for row in case["engine"]:
@@ -448,8 +451,8 @@ def headline(result: dict) -> list[dict]:
                     ours=row["tokens_per_s"],
                     ratio=row["peak_share"],
                     ratio_meaning="share of the matmul peak",
-                    target=f">= {TARGET_PEAK_SHARE}",
-                    target_met=row["peak_share"] >= TARGET_PEAK_SHARE,
+                    target=f">= {TARGET_PEAK_SHARE}{scope}",
+                    target_met=row["peak_share"] >= TARGET_PEAK_SHARE if judged else None,
                     note=f"peak {case['peak']['tflops']:.2f} TFLOP/s, {case['threads']} threads",
                 )
             )
@@ -460,8 +463,10 @@ def headline(result: dict) -> list[dict]:
                 f"peak RSS, encoder load and first pass, {case['dtype']}",
                 unit="x weights",
                 ours=memory["peak_rss_after_first_pass_over_weights"],
-                target=f"<= {TARGET_RSS_RATIO}",
-                target_met=memory["peak_rss_after_first_pass_over_weights"] <= TARGET_RSS_RATIO,
+                target=f"<= {TARGET_RSS_RATIO}{scope}",
+                target_met=memory["peak_rss_after_first_pass_over_weights"] <= TARGET_RSS_RATIO
+                if judged
+                else None,
                 note=f"weights {memory['weights_bytes'] / 2**30:.2f} GiB; through the load and the first pass; steady "
                 f"{memory['steady_rss_after_first_pass_over_weights']:.3f}x",
             )
