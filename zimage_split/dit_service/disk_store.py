@@ -93,12 +93,14 @@ class DiskEmbeddingStore:
         self._in_use: Counter[str] = Counter()
         self.evicted = 0
         self.cleanup()
-        self._index()
-        self._evict()  # a limit lower than last time's
+        if max_bytes is not None:  # only a bounded store needs to know the files already there
+            self._index()
+            self._evict()  # a limit lower than last time's
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of the embedding files this store knows of."""
+        """Bytes of the embedding files this store knows of (with no `max_bytes`, only those written or
+        read by this process)."""
         return self._bytes
 
     def path_for(self, key: str) -> Path | None:
