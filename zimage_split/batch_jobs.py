@@ -145,6 +145,8 @@ class BatchSettings:
     guidance_scale: float | None
     # LoRAs of every image, as (name, scale); images made with others are made again.
     loras: tuple[tuple[str, float], ...] = ()
+    # The schedule shift; None is the model's own.
+    shift: float | None = None
 
     def matches(self, entry: dict[str, Any]) -> bool:
         # Scales come back as float32 (0.7 as 0.699999988): compare them rounded.
@@ -152,6 +154,8 @@ class BatchSettings:
             (lora.get("name"), round(float(lora.get("scale", 0.0)), 5)) for lora in entry.get("loras") or []
         ]
         wanted = [(name, round(scale, 5)) for name, scale in self.loras]
+        if self.shift is not None and round(float(entry.get("shift") or 0.0), 5) != round(self.shift, 5):
+            return False
         return recorded == wanted and all(
             value is None or entry.get(name) == value
             for name, value in (("steps", self.steps), ("guidance_scale", self.guidance_scale))
@@ -213,6 +217,7 @@ class Manifest:
             "height": job.height,
             "steps": info.get("steps"),
             "guidance_scale": info.get("guidance_scale"),
+            "shift": info.get("shift"),
             "loras": info.get("loras") or [],
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
@@ -368,6 +373,7 @@ async def run_batch(
                 concurrency=concurrency,
                 steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
+                shift=settings.shift,
                 loras=settings.loras,
             )
             # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.

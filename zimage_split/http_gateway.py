@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 
 class ImagesRequest(BaseModel):
-    """OpenAI's images.generate body, plus zimage-split's `seed`, `steps` and `negative_prompt`."""
+    """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
+    `guidance_scale` and `shift`."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -70,6 +71,7 @@ class ImagesRequest(BaseModel):
     steps: int | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    shift: float | None = None
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -105,6 +107,7 @@ async def generate(
         height=height,
         steps=body.steps,
         guidance_scale=body.guidance_scale,
+        shift=body.shift,
         model=body.model if body.model and body.model != "z-image-turbo" else "",
         num_images=body.n,
         on_progress=on_progress,

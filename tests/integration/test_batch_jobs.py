@@ -118,3 +118,35 @@ def test_batch_pngs_carry_the_prompt_and_a_full_parameters_line(
         )
         assert (text["seed"], text["steps"], text["width"], text["height"]) == ("3", "2", "64", "64")
         assert json.loads(text["zimage-split"])["prompt"] == prompt
+
+
+def test_a_batch_shift_reaches_every_image_and_a_resume_with_another_shift_makes_them_again(
+    generator, encoder_fp32, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.batch_jobs import BatchSettings, run_batch
+    from zimage_split.client import AsyncClient
+
+    async def run(shift: float | None) -> None:
+        addresses = {"generator": f"127.0.0.1:{generator.port}", "encoder": f"127.0.0.1:{encoder_fp32.port}"}
+        async with AsyncClient(**addresses, timeout=60) as client:
+            embeddings = await client.encode(PROMPTS[:1])
+            settings = BatchSettings(steps=2, guidance_scale=None, shift=shift)
+            await run_batch(
+                client, embeddings, tmp_path, seeds=[0, 1], sizes=[(64, 64)], settings=settings, concurrency=2
+            )
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+
+    asyncio.run(run(1.5))
+    first = entries()
+    assert [entry["shift"] for entry in first] == [1.5, 1.5]
+    for entry in first:
+        with Image.open(tmp_path / entry["file"]) as image:
+            assert "Shift: 1.5," in image.text["parameters"]  # type: ignore[attr-defined]
+    asyncio.run(run(1.5))  # the same settings: nothing is made again
+    assert [entry["finished_at"] for entry in entries()] == [entry["finished_at"] for entry in first]
+    asyncio.run(run(4.0))  # another shift: every image is made again, with it
+    again = entries()
+    assert [entry["shift"] for entry in again] == [4.0, 4.0]
+    assert {entry["sha256"] for entry in again}.isdisjoint(entry["sha256"] for entry in first)

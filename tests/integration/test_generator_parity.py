@@ -154,3 +154,54 @@ def test_a_different_seed_gives_a_different_image(client) -> None:  # type: igno
     other = client.generate("a cat", seed=2, width=64, height=64)
     assert np.array_equal(np.asarray(first), np.asarray(again))
     assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def shifted(pipe, shift: float):  # type: ignore[no-untyped-def]
+    """diffusers' pipeline on the same modules, with a scheduler whose config names `shift`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+    reference = ZImagePipeline(**{**pipe.components, "scheduler": scheduler})
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize(("shift", "guidance"), [(1.0, 0.0), (6.5, 0.0), (2.0, 4.0)])
+def test_a_schedule_shift_gives_diffusers_image_with_that_shift(  # type: ignore[no-untyped-def]
+    client, reference_pipeline, shift, guidance
+) -> None:
+    positive, negative = reference_pipeline.encode_prompt(
+        ["a lighthouse on a cliff"], device="cpu", do_classifier_free_guidance=True, negative_prompt=["dark"]
+    )
+    shape = {"seed": 8, "width": 64, "height": 64, "guidance": guidance}
+    expected = reference_image(shifted(reference_pipeline, shift), positive[0], negative[0], **shape)
+    # The shift changes diffusers' image, so an engine that ignored it would fail.
+    default = reference_image(reference_pipeline, positive[0], negative[0], **shape)
+    assert not np.array_equal(np.asarray(expected), np.asarray(default))
+    image = client.generate(
+        embeddings=positive[0],
+        negative_embeddings=negative[0] if guidance > 0 else None,
+        seed=8,
+        width=64,
+        height=64,
+        guidance_scale=guidance,
+        shift=shift,
+    )
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert image.info["shift"] == pytest.approx(shift)
+    assert f"Shift: {shift:g}," in image.text["parameters"] and image.text["shift"] == f"{shift:g}"
+    # The next request without a shift runs the model's own again: the scheduler is shared state.
+    again = client.generate(embeddings=positive[0], seed=8, width=64, height=64)
+    assert np.array_equal(
+        np.asarray(again),
+        np.asarray(reference_image(reference_pipeline, positive[0], None, **shape | {"guidance": 0.0})),
+    )
+
+
+def test_the_models_own_shift_named_or_not_gives_the_same_file(client) -> None:  # type: ignore[no-untyped-def]
+    assert client.generator_info()["default_shift"] == 3.0
+    unset = client.generate("a cat", seed=4, width=64, height=64)
+    named = client.generate("a cat", seed=4, width=64, height=64, shift=3.0)
+    assert unset.info["file_bytes"] == named.info["file_bytes"]
+    assert unset.info["shift"] == named.info["shift"] == 3.0
+    assert "shift" not in unset.text and "Shift:" not in unset.text["parameters"]

@@ -90,6 +90,25 @@ def test_the_openai_client_round_trip(gateway, client) -> None:  # type: ignore[
         assert image.text["seed"] == str(5 + index)  # the generator's PNG, metadata and all
 
 
+def test_the_shift_extension_reaches_the_generator(gateway, client) -> None:  # type: ignore[no-untyped-def]
+    result = openai_api(gateway).images.generate(
+        prompt="a lighthouse at dusk",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 5, "shift": 1.5},
+    )
+    image = decode(result.data[0])
+    direct = client.generate("a lighthouse at dusk", seed=5, width=64, height=64, shift=1.5)
+    unshifted = client.generate("a lighthouse at dusk", seed=5, width=64, height=64)
+    assert np.array_equal(np.asarray(image), np.asarray(direct))
+    assert not np.array_equal(np.asarray(image), np.asarray(unshifted))
+    assert image.text["shift"] == "1.5"
+    with pytest.raises(openai.BadRequestError, match="shift must be between 0.1 and 20"):
+        openai_api(gateway).images.generate(
+            prompt="a cat", size="64x64", response_format="b64_json", extra_body={"shift": -1}
+        )
+
+
 def test_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyped-def]
     api = openai_api(gateway)
     with pytest.raises(openai.BadRequestError, match="WIDTHxHEIGHT"):

@@ -310,6 +310,7 @@ class InfoOnlyWorker:
             device="cpu",
             parameter_count=0,
             components=("transformer", "vae", "scheduler"),
+            default_shift=3.0,
         )
 
     outstanding = 0
@@ -362,6 +363,7 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
         "steps": draw(optional(st.one_of(st.integers(0, 101), UINT32))),
         "guidance_scale": draw(optional(floats32)),
         "cfg_truncation": draw(optional(floats32)),
+        "shift": draw(optional(floats32)),
         "max_sequence_length": draw(optional(st.one_of(st.integers(0, 4097), UINT32))),
         "prompt": draw(conditionings),
         "negative_prompt": draw(conditionings),
@@ -398,6 +400,8 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
     params, prompt, encoding, start, output = job.params, job.prompt, job.encoding, job.start, job.output
     assert 64 <= params.width <= 4096 and 64 <= params.height <= 4096 and 1 <= params.steps <= 100
     assert math.isfinite(params.guidance_scale) and 0 <= params.cfg_truncation <= 1
+    # A request's shift or the model's own (3.0), never unset once validated.
+    assert params.shift is not None and (0.1 <= params.shift <= 20 or params.shift == 3.0)
     limit = servicer.info.max_caption_tokens
     max_length = encoding.max_sequence_length
     assert isinstance(prompt, TextPrompt | UploadedPrompt) and (
@@ -430,6 +434,7 @@ any_float = st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, -math.in
     cfg_normalization=any_float,
     cfg_truncation=st.one_of(st.none(), any_float),
     seed=st.integers(-(2**70), 2**70),
+    shift=st.one_of(st.none(), any_float),
 )
 def test_validate_params_takes_any_numbers(  # type: ignore[no-untyped-def]
     fuzz,
@@ -440,6 +445,7 @@ def test_validate_params_takes_any_numbers(  # type: ignore[no-untyped-def]
     cfg_normalization: float,
     cfg_truncation: float | None,
     seed: int,
+    shift: float | None,
 ) -> None:
     target = fuzz("validate_params on arbitrary numbers")
 
@@ -453,7 +459,9 @@ def test_validate_params_takes_any_numbers(  # type: ignore[no-untyped-def]
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
             seed=seed,
+            shift=shift,
         )
+        assert params.shift is None or 0.1 <= params.shift <= 20
         assert params.width * params.height <= Limits().max_pixels and params.width % 16 == 0
         assert all(
             math.isfinite(value)

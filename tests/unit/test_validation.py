@@ -28,6 +28,12 @@ def test_defaults_are_the_turbo_settings() -> None:
     result = params()
     assert (result.width, result.height, result.steps, result.guidance_scale) == (1024, 1024, 8, 0.0)
     assert result.cfg_truncation == 1.0 and result.seed == 1
+    assert result.shift is None  # the model's own, filled in by the generator
+
+
+@pytest.mark.parametrize("shift", [0.1, 1.0, 3.0, 20.0])
+def test_a_shift_in_range_is_kept(shift: float) -> None:
+    assert params(shift=shift).shift == shift
 
 
 @pytest.mark.parametrize(
@@ -43,6 +49,9 @@ def test_defaults_are_the_turbo_settings() -> None:
         ({"guidance_scale": math.nan}, "guidance_scale"),
         ({"cfg_truncation": 2.0}, "cfg_truncation"),
         ({"cfg_normalization": -0.5}, "cfg_normalization"),
+        ({"shift": 0.0}, r"shift must be between 0.1 and 20 \(got 0.0\); leave it unset for the model's own"),
+        ({"shift": 20.5}, r"shift must be between 0.1 and 20 \(got 20.5\)"),
+        ({"shift": math.inf}, "shift must be between"),
     ],
 )
 def test_bad_parameters_say_how_to_fix_them(overrides: dict, message: str) -> None:

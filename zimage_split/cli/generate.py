@@ -82,6 +82,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--cfg-truncation", type=float, default=None, help="stop guidance past this normalised time (1.0)"
     )
     generate.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="schedule shift, 0.1-20: higher spends more steps on composition, lower on detail (the model's, 3)",
+    )
+    generate.add_argument(
         "--lora",
         action="append",
         default=None,
@@ -257,6 +263,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 negative_prompt=args.negative_prompt,
                 cfg_normalization=args.cfg_normalization,
                 cfg_truncation=args.cfg_truncation,
+                shift=args.shift,
                 num_images=args.num_images,
                 max_sequence_length=args.max_sequence_length,
                 long_prompt_mode=args.long_prompt_mode,
@@ -360,6 +367,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         loras=tuple(lora_flag(value) for value in args.lora or ()),
+        shift=args.shift,
     )
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)  # a folder we cannot write fails now, not after loading the model

@@ -41,6 +41,7 @@ from zimage_split.common.errors import (
     EMBEDDING_UNKNOWN,
     IMAGE_UNKNOWN,
     DataLoss,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -91,7 +92,7 @@ def _fields_in_range() -> Iterator[None]:
         raise InvalidArgument(
             f"A request field is out of range or of the wrong type ({error}). seed takes 0 to 2**64-1; "
             "width, height, steps and max_sequence_length take integers from 0 to 2**32-1; hidden_layer a "
-            "32-bit integer; guidance values numbers."
+            "32-bit integer; guidance values and shift numbers."
         ) from None
 
 
@@ -318,6 +319,7 @@ class AsyncClient:
         guidance_scale: float | None = None,
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
+        shift: float | None = None,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -344,6 +346,8 @@ class AsyncClient:
         - `init_image` (a path, PIL image or file bytes) with `strength` (0.6): img2img, as diffusers'
           ZImageImg2ImgPipeline; with `mask` (white = repaint) inpainting, as ZImageInpaintPipeline.
           Without width and height the image's own size is kept.
+        - `shift`: the flow-matching schedule's shift (0.1 to 20); unset is the model's own, 3 for Turbo.
+          Higher spends more steps at high noise (composition), lower more at low noise (detail).
         - `long_prompt_mode`: "truncate" (default), "interpolate" or "pool" for prompts over
           `max_sequence_length` tokens.
         - `output_format`: "png" (default), "jpeg" or "webp" (with `quality`), or "latent", which returns
@@ -361,6 +365,7 @@ class AsyncClient:
             guidance_scale=guidance_scale,
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
+            shift=shift,
             max_sequence_length=max_sequence_length,
             long_prompt_mode=long_prompt_mode,
             loras=loras,
@@ -391,6 +396,7 @@ class AsyncClient:
         guidance_scale: float | None = None,
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
+        shift: float | None = None,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -426,6 +432,7 @@ class AsyncClient:
                 guidance_scale=guidance_scale,
                 cfg_normalization=cfg_normalization,
                 cfg_truncation=cfg_truncation,
+                shift=shift,
                 model=model,
                 max_sequence_length=max_sequence_length,
                 num_images=None if num_images == 1 else num_images,
@@ -507,6 +514,7 @@ class AsyncClient:
         guidance_scale: float | None = None,
         negative_embeddings: EmbeddingLike | None = None,
         loras: Sequence[LoraLike] = (),
+        shift: float | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[JobResult, None]:
         """Generates every prompt x size x seed from embeddings encoded once; yields results as they finish.
@@ -526,6 +534,8 @@ class AsyncClient:
         options: dict[str, Any] = {"steps": steps, "guidance_scale": guidance_scale}
         if loras:  # part of each request id only when set, so ids of batches without LoRA stay as they were
             options["loras"] = [MessageToDict(_lora_request(lora)) for lora in loras]
+        if shift is not None:  # the same: ids of batches with the model's own shift stay as they were
+            options["shift"] = shift
         queue: asyncio.Queue[JobResult | BaseException] = asyncio.Queue()
         waiting = iter(planned)
 
@@ -544,6 +554,7 @@ class AsyncClient:
                         steps=steps,
                         guidance_scale=guidance_scale,
                         loras=loras,
+                        shift=shift,
                     )
                 except Exception as error:  # handed to the consumer, which stops the batch
                     await queue.put(error)
@@ -637,6 +648,12 @@ class AsyncClient:
                 f"The image stream from {self.generator_address} ended early ({len(received)} of {expected} "
                 "images, or an image cut short). Retry the request."
             )
+        if request.HasField("shift") and any(header.shift == 0 for header, _ in received):
+            # A generator from before GenerateRequest.shift skips the field it does not know and reports none.
+            raise FailedPrecondition(
+                f"The generator at {self.generator_address} ignored `shift`: it is older than per-request "
+                "schedule shifts. Upgrade it, or leave shift unset."
+            )
         images: list[Image.Image | Latents] = []
         for header, data in received:
             if hashlib.sha256(data).hexdigest() != header.sha256:
@@ -713,6 +730,7 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "height": header.height,
         "steps": header.steps,
         "guidance_scale": header.guidance_scale,
+        "shift": header.shift,
         "model_id": header.model_id,
         "replica": header.replica,
         "batch_size": header.batch_size,

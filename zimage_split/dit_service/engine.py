@@ -52,6 +52,8 @@ class GenerationParams:
     inpaint: bool = False
     # LoRA adapters for this image; a batch runs with one set of adapters.
     loras: tuple[LoraSpec, ...] = ()
+    # The schedule's shift (FlowMatchEulerDiscreteScheduler.set_shift); None: the model's scheduler config.
+    shift: float | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -65,6 +67,7 @@ class GenerationParams:
             self.strength,
             self.inpaint,
             self.loras,
+            self.shift,
         )
 
     @property
@@ -214,6 +217,8 @@ class EngineInfo:
     device: str
     parameter_count: int
     components: tuple[str, ...]
+    # The schedule shift of a request that sets none: the model's scheduler config (3.0 for Turbo).
+    default_shift: float
     # The attention kernel for batches that need no padding mask (others run native); see attention.py.
     attention_backend: str = "native"
     compiled: bool = False
@@ -300,6 +305,7 @@ class DiTEngine:
         self.caption_dim = int(transformer.config.cap_feat_dim)
         # Caption tokens take RoPE positions on the first axis, after a small reserve (1504 for the real model).
         self.max_caption_tokens = int(transformer.config.axes_lens[0]) - 32
+        self.default_shift = float(scheduler.shift)
         self.size_multiple = self.pipe.vae_scale_factor * 2
         # enable_tiling() takes no sizes; these are the attributes AutoencoderKL's tiled decode reads.
         vae.tile_sample_min_size = VAE_TILE_PIXELS
@@ -320,6 +326,7 @@ class DiTEngine:
             device=str(self.device),
             parameter_count=sum(p.numel() for module in modules for p in module.parameters()),
             components=tuple(name for name, module in self.pipe.components.items() if module is not None),
+            default_shift=self.default_shift,
             attention_backend=self.attention.backend,
             compiled=self.compiled,
             vae_tiling=self.vae_tiling,
@@ -477,6 +484,8 @@ class DiTEngine:
         negatives = [job.negative_prompt_embeds for job in jobs] if params.uses_guidance else []
         # Every batch sets its adapters, so one without LoRA runs the base weights whatever ran before.
         self.loras.activate(params.loras)
+        # The three pipelines share this scheduler; every batch sets its shift, as it sets its adapters.
+        self.pipe.scheduler.set_shift(self.default_shift if params.shift is None else params.shift)
         if params.strength is None:
             pipe, start = self.pipe, {}
         elif not params.inpaint:

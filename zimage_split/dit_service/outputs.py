@@ -37,6 +37,7 @@ STANDARD_KEYS = (
     "height",
     "guidance_scale",
     "strength",
+    "shift",
     "model",
     "loras",
     "parameters",
@@ -110,13 +111,15 @@ def generation_metadata(
     model: str,
     loras: Sequence[tuple[str, float]],
     strength: float | None = None,
+    shift: float | None = None,
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> Metadata:
     """The (key, value) settings an image file carries, ending with an AUTOMATIC1111-style `parameters`.
 
     Pass prompt=None when the prompt was an uploaded embedding (its text is unknown) and give its
-    `prompt_key`; negative_prompt=None and strength=None (text-to-image) leave those keys out. `extra` adds
+    `prompt_key`; negative_prompt=None, strength=None (text-to-image) and shift=None (the model's own schedule
+    shift) leave those keys out. `extra` adds
     keys of 1-79 letters, digits or underscores that are not among STANDARD_KEYS.
     """
     items: dict[str, str] = {}
@@ -135,6 +138,8 @@ def generation_metadata(
     )
     if strength is not None:
         items["strength"] = _number(strength)
+    if shift is not None:
+        items["shift"] = _number(shift)
     items["model"] = model
     items["loras"] = json.dumps(
         [{"name": name, "scale": float(_number(scale))} for name, scale in loras], ensure_ascii=False
@@ -173,6 +178,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Size", f"{items['width']}x{items['height']}" if "width" in items and "height" in items else None),
         ("Model", items.get("model")),
         ("Denoising strength", items.get("strength")),
+        ("Shift", items.get("shift")),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
     ]

@@ -308,9 +308,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             cfg_normalization=request.cfg_normalization,
             cfg_truncation=request.cfg_truncation if request.HasField("cfg_truncation") else None,
             seed=request.seed if request.HasField("seed") else random.getrandbits(63),
+            shift=request.shift if request.HasField("shift") else None,
         )
         return dataclasses.replace(
             params,
+            # Unset is the model's own, filled in so that it batches with requests that name it and the
+            # image's settings record it.
+            shift=self.info.default_shift if params.shift is None else params.shift,
             strength=start.strength,
             inpaint=start.mask is not None,
             loras=self._loras(request),
@@ -435,6 +439,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             height=image.height,
             steps=params.steps,
             guidance_scale=params.guidance_scale,
+            shift=params.shift,
             format=image.format,
             byte_length=len(image.data),
             sha256=hashlib.sha256(image.data).hexdigest(),
@@ -490,6 +495,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             model=self.info.model_id,
             loras=[(lora.name, lora.scale) for lora in params.loras],
             strength=params.strength,
+            # Only a shift other than the model's own, so that files made with the defaults stay as they were.
+            shift=None if params.shift == self.info.default_shift else params.shift,
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
 
@@ -587,6 +594,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             caption_dim=self.info.caption_dim,
             dtype=wire.dtype_to_proto(self.info.dtype),  # type: ignore[arg-type]
             dtype_reason=self.info.dtype_reason,
+            default_shift=self.info.default_shift,
             device=self.info.device,
             encoder_address=self.encoder_address,
             parameter_count=self.info.parameter_count,

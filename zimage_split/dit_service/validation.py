@@ -11,6 +11,9 @@ from zimage_split.dit_service.config import Limits
 from zimage_split.dit_service.engine import GenerationParams
 
 DEFAULTS = GenerationParams()
+# The schedule shift a request may ask for. 1 leaves the sigmas as they are; below 0.1 every step is nearly
+# noise-free and above 20 nearly pure noise, so nothing useful lies outside.
+SHIFT_RANGE = (0.1, 20.0)
 
 
 def validate_params(
@@ -23,6 +26,7 @@ def validate_params(
     cfg_normalization: float,
     cfg_truncation: float | None,
     seed: int,
+    shift: float | None = None,
 ) -> GenerationParams:
     """Returns the request's parameters with Turbo defaults filled in, or raises InvalidArgument."""
     width = DEFAULTS.width if width is None else width
@@ -61,6 +65,11 @@ def validate_params(
         raise InvalidArgument(
             f"cfg_truncation must be between 0 and 1 (got {cfg_truncation}); 1 never truncates."
         )
+    if shift is not None and not (math.isfinite(shift) and SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]):
+        raise InvalidArgument(
+            f"shift must be between {SHIFT_RANGE[0]:g} and {SHIFT_RANGE[1]:g} (got {shift}); leave it unset for "
+            "the model's own (3 for Turbo)."
+        )
     return GenerationParams(
         width=width,
         height=height,
@@ -69,6 +78,7 @@ def validate_params(
         cfg_normalization=float(cfg_normalization),
         cfg_truncation=float(cfg_truncation),
         seed=seed,
+        shift=None if shift is None else float(shift),
     )
 
 
