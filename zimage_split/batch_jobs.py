@@ -140,6 +140,39 @@ def png_bytes(image: Any, prompt: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class SkipLayerGuidanceRequest:
+    """A batch's Skip Layer Guidance as asked for (unset values take the generator's defaults)."""
+
+    scale: float = 0.0
+    layers: tuple[int, ...] = ()
+    start: float | None = None
+    stop: float | None = None
+
+    def matches(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether an image made with `recorded` (ImageHeader.skip_layer_guidance as a dict) is one of these."""
+        if not self.scale:
+            return not recorded
+        if not recorded:
+            return False
+        if self.layers and recorded.get("layers") != sorted(self.layers):
+            return False
+        # Values come back as float32 (0.05 as 0.0500000007): compare them rounded.
+        numbers = {"scale": self.scale, "start": self.start, "stop": self.stop}
+        return all(
+            value is None or round(float(recorded.get(name, -1)), 5) == round(value, 5)
+            for name, value in numbers.items()
+        )
+
+    def as_options(self) -> dict[str, Any]:
+        return {
+            "slg_scale": self.scale,
+            "slg_layers": self.layers,
+            "slg_start": self.start,
+            "slg_stop": self.stop,
+        }
+
+
+@dataclass(frozen=True)
 class BatchSettings:
     steps: int | None
     guidance_scale: float | None
@@ -147,6 +180,7 @@ class BatchSettings:
     loras: tuple[tuple[str, float], ...] = ()
     # The schedule shift; None is the model's own.
     shift: float | None = None
+    slg: SkipLayerGuidanceRequest = SkipLayerGuidanceRequest()
 
     def matches(self, entry: dict[str, Any]) -> bool:
         # Scales come back as float32 (0.7 as 0.699999988): compare them rounded.
@@ -155,6 +189,8 @@ class BatchSettings:
         ]
         wanted = [(name, round(scale, 5)) for name, scale in self.loras]
         if self.shift is not None and round(float(entry.get("shift") or 0.0), 5) != round(self.shift, 5):
+            return False
+        if not self.slg.matches(entry.get("skip_layer_guidance")):
             return False
         return recorded == wanted and all(
             value is None or entry.get(name) == value
@@ -218,6 +254,7 @@ class Manifest:
             "steps": info.get("steps"),
             "guidance_scale": info.get("guidance_scale"),
             "shift": info.get("shift"),
+            "skip_layer_guidance": info.get("skip_layer_guidance"),
             "loras": info.get("loras") or [],
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
@@ -375,6 +412,7 @@ async def run_batch(
                 guidance_scale=settings.guidance_scale,
                 shift=settings.shift,
                 loras=settings.loras,
+                **settings.slg.as_options(),
             )
             # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
             async with contextlib.aclosing(results):

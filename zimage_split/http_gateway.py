@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 class ImagesRequest(BaseModel):
     """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
-    `guidance_scale` and `shift`."""
+    `guidance_scale`, `shift` and Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`)."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -72,6 +72,10 @@ class ImagesRequest(BaseModel):
     negative_prompt: str | None = None
     guidance_scale: float | None = None
     shift: float | None = None
+    slg_scale: float = 0.0
+    slg_layers: list[int] = Field(default_factory=list)
+    slg_start: float | None = None
+    slg_stop: float | None = None
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -108,6 +112,10 @@ async def generate(
         steps=body.steps,
         guidance_scale=body.guidance_scale,
         shift=body.shift,
+        slg_scale=body.slg_scale,
+        slg_layers=body.slg_layers,
+        slg_start=body.slg_start,
+        slg_stop=body.slg_stop,
         model=body.model if body.model and body.model != "z-image-turbo" else "",
         num_images=body.n,
         on_progress=on_progress,

@@ -150,3 +150,32 @@ def test_a_batch_shift_reaches_every_image_and_a_resume_with_another_shift_makes
     again = entries()
     assert [entry["shift"] for entry in again] == [4.0, 4.0]
     assert {entry["sha256"] for entry in again}.isdisjoint(entry["sha256"] for entry in first)
+
+
+def test_a_batch_with_skip_layer_guidance_records_it_and_a_resume_without_it_makes_the_images_again(
+    generator, encoder_fp32, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.batch_jobs import BatchSettings, SkipLayerGuidanceRequest, run_batch
+    from zimage_split.client import AsyncClient
+
+    async def run(slg: SkipLayerGuidanceRequest) -> None:
+        addresses = {"generator": f"127.0.0.1:{generator.port}", "encoder": f"127.0.0.1:{encoder_fp32.port}"}
+        async with AsyncClient(**addresses, timeout=60) as client:
+            embeddings = await client.encode(PROMPTS[:1])
+            settings = BatchSettings(steps=4, guidance_scale=None, slg=slg)
+            await run_batch(
+                client, embeddings, tmp_path, seeds=[0], sizes=[(64, 64)], settings=settings, concurrency=1
+            )
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+
+    guided = SkipLayerGuidanceRequest(scale=2.0, layers=(1,), start=0.0)
+    asyncio.run(run(guided))
+    [first] = entries()
+    assert first["skip_layer_guidance"]["layers"] == [1] and first["skip_layer_guidance"]["scale"] == 2.0
+    asyncio.run(run(guided))  # the same settings: nothing is made again
+    assert entries()[0]["finished_at"] == first["finished_at"]
+    asyncio.run(run(SkipLayerGuidanceRequest()))  # without SLG: made again, without it
+    [again] = entries()
+    assert again["skip_layer_guidance"] is None and again["sha256"] != first["sha256"]

@@ -311,6 +311,7 @@ class InfoOnlyWorker:
             parameter_count=0,
             components=("transformer", "vae", "scheduler"),
             default_shift=3.0,
+            dit_layers=30,
         )
 
     outstanding = 0
@@ -364,6 +365,17 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
         "guidance_scale": draw(optional(floats32)),
         "cfg_truncation": draw(optional(floats32)),
         "shift": draw(optional(floats32)),
+        "skip_layer_guidance": draw(
+            optional(
+                st.builds(
+                    generator_pb2.SkipLayerGuidance,
+                    scale=floats32,
+                    layers=st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 40), max_size=8),
+                    start=optional(floats32),
+                    stop=optional(floats32),
+                )
+            )
+        ),
         "max_sequence_length": draw(optional(st.one_of(st.integers(0, 4097), UINT32))),
         "prompt": draw(conditionings),
         "negative_prompt": draw(conditionings),
@@ -402,6 +414,12 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
     assert math.isfinite(params.guidance_scale) and 0 <= params.cfg_truncation <= 1
     # A request's shift or the model's own (3.0), never unset once validated.
     assert params.shift is not None and (0.1 <= params.shift <= 20 or params.shift == 3.0)
+    slg = params.skip_layer_guidance
+    assert slg is None or (
+        0 < slg.scale <= 20
+        and all(0 <= layer < servicer.info.dit_layers for layer in slg.layers)
+        and 0 <= slg.start < slg.stop <= 1
+    )
     limit = servicer.info.max_caption_tokens
     max_length = encoding.max_sequence_length
     assert isinstance(prompt, TextPrompt | UploadedPrompt) and (

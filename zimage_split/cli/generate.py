@@ -88,6 +88,25 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="schedule shift, 0.1-20: higher spends more steps on composition, lower on detail (the model's, 3)",
     )
     generate.add_argument(
+        "--slg-scale",
+        type=float,
+        default=0.0,
+        help="Skip Layer Guidance strength, 0 = off, 2-4 usual; one more DiT pass per active step (0)",
+    )
+    generate.add_argument(
+        "--slg-layers",
+        type=slg_layers_flag,
+        default=(),
+        metavar="BLOCKS",
+        help="DiT blocks SLG skips, e.g. 7-12 or 7,9,11 (7-12)",
+    )
+    generate.add_argument(
+        "--slg-start", type=float, default=None, help="SLG from this fraction of the steps (0.05)"
+    )
+    generate.add_argument(
+        "--slg-stop", type=float, default=None, help="SLG until this fraction of the steps (0.5)"
+    )
+    generate.add_argument(
         "--lora",
         action="append",
         default=None,
@@ -205,6 +224,20 @@ def output_file(output: str | None, output_format: str | None) -> tuple[str, Pat
     return chosen, Path(output or f"out{FORMAT_SUFFIXES[chosen]}")
 
 
+def slg_layers_flag(value: str) -> tuple[int, ...]:
+    """--slg-layers 7-12, 7,9,11 or 3,7-9: DiT block numbers."""
+    layers: list[int] = []
+    try:
+        for part in filter(None, (piece.strip() for piece in value.split(","))):
+            first, _, last = part.partition("-")
+            layers.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a list of DiT blocks; use e.g. 7-12 or 7,9,11"
+        ) from None
+    return tuple(layers)
+
+
 def lora_flag(value: str) -> tuple[str, float]:
     """--lora NAME or NAME:SCALE."""
     name, _, scale = value.rpartition(":") if ":" in value else (value, "", "")
@@ -264,6 +297,10 @@ async def _generate(args: argparse.Namespace) -> int:
                 cfg_normalization=args.cfg_normalization,
                 cfg_truncation=args.cfg_truncation,
                 shift=args.shift,
+                slg_scale=args.slg_scale,
+                slg_layers=args.slg_layers,
+                slg_start=args.slg_start,
+                slg_stop=args.slg_stop,
                 num_images=args.num_images,
                 max_sequence_length=args.max_sequence_length,
                 long_prompt_mode=args.long_prompt_mode,
@@ -316,7 +353,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
     """Every prompt of an embeddings file x seeds x sizes into --out-dir; a re-run resumes."""
     from tqdm import tqdm
 
-    from zimage_split.batch_jobs import BatchSettings, check_out_dir, run_batch
+    from zimage_split.batch_jobs import BatchSettings, SkipLayerGuidanceRequest, check_out_dir, run_batch
     from zimage_split.client.aio import AsyncClient
     from zimage_split.client.batch import parse_seeds, parse_sizes
     from zimage_split.client.embeddings import Embeddings, check_for_generator
@@ -368,6 +405,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         loras=tuple(lora_flag(value) for value in args.lora or ()),
         shift=args.shift,
+        slg=SkipLayerGuidanceRequest(args.slg_scale, args.slg_layers, args.slg_start, args.slg_stop),
     )
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)  # a folder we cannot write fails now, not after loading the model

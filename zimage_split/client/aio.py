@@ -96,6 +96,16 @@ def _fields_in_range() -> Iterator[None]:
         ) from None
 
 
+def _skip_layer_guidance(
+    scale: float, layers: Sequence[int], start: float | None, stop: float | None
+) -> generator_pb2.SkipLayerGuidance | None:
+    """The request's SkipLayerGuidance; None when nothing is set, which leaves it off. The generator checks
+    the values (a layer list without a scale included) and says what to fix."""
+    if not scale and not layers and start is None and stop is None:
+        return None
+    return generator_pb2.SkipLayerGuidance(scale=scale, layers=list(layers), start=start, stop=stop)
+
+
 def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
     if isinstance(value, Embeddings):
         if len(value) != 1:
@@ -320,6 +330,10 @@ class AsyncClient:
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
         shift: float | None = None,
+        slg_scale: float = 0.0,
+        slg_layers: Sequence[int] = (),
+        slg_start: float | None = None,
+        slg_stop: float | None = None,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -348,6 +362,9 @@ class AsyncClient:
           Without width and height the image's own size is kept.
         - `shift`: the flow-matching schedule's shift (0.1 to 20); unset is the model's own, 3 for Turbo.
           Higher spends more steps at high noise (composition), lower more at low noise (detail).
+        - `slg_scale` (0 = off; 2 to 4 is usual) turns on Skip Layer Guidance: on the steps from `slg_start`
+          (0.05) to `slg_stop` (0.5) of the way through, the DiT runs again with blocks `slg_layers` (7-12)
+          skipped and the prediction moves away from that one. Each active step costs one more DiT pass.
         - `long_prompt_mode`: "truncate" (default), "interpolate" or "pool" for prompts over
           `max_sequence_length` tokens.
         - `output_format`: "png" (default), "jpeg" or "webp" (with `quality`), or "latent", which returns
@@ -366,6 +383,10 @@ class AsyncClient:
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
             shift=shift,
+            slg_scale=slg_scale,
+            slg_layers=slg_layers,
+            slg_start=slg_start,
+            slg_stop=slg_stop,
             max_sequence_length=max_sequence_length,
             long_prompt_mode=long_prompt_mode,
             loras=loras,
@@ -397,6 +418,10 @@ class AsyncClient:
         cfg_normalization: float = 0.0,
         cfg_truncation: float | None = None,
         shift: float | None = None,
+        slg_scale: float = 0.0,
+        slg_layers: Sequence[int] = (),
+        slg_start: float | None = None,
+        slg_stop: float | None = None,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -433,6 +458,7 @@ class AsyncClient:
                 cfg_normalization=cfg_normalization,
                 cfg_truncation=cfg_truncation,
                 shift=shift,
+                skip_layer_guidance=_skip_layer_guidance(slg_scale, slg_layers, slg_start, slg_stop),
                 model=model,
                 max_sequence_length=max_sequence_length,
                 num_images=None if num_images == 1 else num_images,
@@ -515,6 +541,10 @@ class AsyncClient:
         negative_embeddings: EmbeddingLike | None = None,
         loras: Sequence[LoraLike] = (),
         shift: float | None = None,
+        slg_scale: float = 0.0,
+        slg_layers: Sequence[int] = (),
+        slg_start: float | None = None,
+        slg_stop: float | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[JobResult, None]:
         """Generates every prompt x size x seed from embeddings encoded once; yields results as they finish.
@@ -536,6 +566,9 @@ class AsyncClient:
             options["loras"] = [MessageToDict(_lora_request(lora)) for lora in loras]
         if shift is not None:  # the same: ids of batches with the model's own shift stay as they were
             options["shift"] = shift
+        slg = _skip_layer_guidance(slg_scale, slg_layers, slg_start, slg_stop)
+        if slg is not None:
+            options["skip_layer_guidance"] = MessageToDict(slg)
         queue: asyncio.Queue[JobResult | BaseException] = asyncio.Queue()
         waiting = iter(planned)
 
@@ -555,6 +588,10 @@ class AsyncClient:
                         guidance_scale=guidance_scale,
                         loras=loras,
                         shift=shift,
+                        slg_scale=slg_scale,
+                        slg_layers=slg_layers,
+                        slg_start=slg_start,
+                        slg_stop=slg_stop,
                     )
                 except Exception as error:  # handed to the consumer, which stops the batch
                     await queue.put(error)
@@ -654,6 +691,13 @@ class AsyncClient:
                 f"The generator at {self.generator_address} ignored `shift`: it is older than per-request "
                 "schedule shifts. Upgrade it, or leave shift unset."
             )
+        if request.skip_layer_guidance.scale and any(
+            not header.HasField("skip_layer_guidance") for header, _ in received
+        ):
+            raise FailedPrecondition(
+                f"The generator at {self.generator_address} ignored Skip Layer Guidance: it is older than "
+                "slg_scale. Upgrade it, or leave slg_scale at 0."
+            )
         images: list[Image.Image | Latents] = []
         for header, data in received:
             if hashlib.sha256(data).hexdigest() != header.sha256:
@@ -731,6 +775,11 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "steps": header.steps,
         "guidance_scale": header.guidance_scale,
         "shift": header.shift,
+        "skip_layer_guidance": (
+            MessageToDict(header.skip_layer_guidance, preserving_proto_field_name=True)
+            if header.HasField("skip_layer_guidance")
+            else None
+        ),
         "model_id": header.model_id,
         "replica": header.replica,
         "batch_size": header.batch_size,

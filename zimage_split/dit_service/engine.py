@@ -7,6 +7,7 @@ seed and start image. No gRPC here: the servicer and the Ray workers both drive 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from zimage_split.dit_service.config import VAE_TILING_MODES
 from zimage_split.dit_service.lora.adapters import LoraAdapters
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
 from zimage_split.dit_service.outputs import OutputOptions, encode_image, encode_latents
+from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance, guiding
 from zimage_split.model_source import ModelSource, load_component, load_model
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class GenerationParams:
     loras: tuple[LoraSpec, ...] = ()
     # The schedule's shift (FlowMatchEulerDiscreteScheduler.set_shift); None: the model's scheduler config.
     shift: float | None = None
+    # Skip Layer Guidance; None: off.
+    skip_layer_guidance: SkipLayerGuidance | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -68,6 +72,7 @@ class GenerationParams:
             self.inpaint,
             self.loras,
             self.shift,
+            self.skip_layer_guidance,
         )
 
     @property
@@ -219,6 +224,8 @@ class EngineInfo:
     components: tuple[str, ...]
     # The schedule shift of a request that sets none: the model's scheduler config (3.0 for Turbo).
     default_shift: float
+    # The DiT's main transformer blocks (30 for Z-Image): Skip Layer Guidance names blocks 0 to this - 1.
+    dit_layers: int
     # The attention kernel for batches that need no padding mask (others run native); see attention.py.
     attention_backend: str = "native"
     compiled: bool = False
@@ -327,6 +334,7 @@ class DiTEngine:
             parameter_count=sum(p.numel() for module in modules for p in module.parameters()),
             components=tuple(name for name, module in self.pipe.components.items() if module is not None),
             default_shift=self.default_shift,
+            dit_layers=len(self.pipe.transformer.layers),
             attention_backend=self.attention.backend,
             compiled=self.compiled,
             vae_tiling=self.vae_tiling,
@@ -501,7 +509,13 @@ class DiTEngine:
         if params.strength is not None:
             # The start image is VAE-encoded tiled exactly when the result will be decoded tiled.
             self._set_vae_tiling(params.width, params.height)
-        with self.attention.applied(len(embeds) for embeds in [*prompts, *negatives]):  # type: ignore[arg-type]
+        slg = params.skip_layer_guidance
+        with (
+            self.attention.applied(len(embeds) for embeds in [*prompts, *negatives]),  # type: ignore[arg-type]
+            guiding(self.pipe.transformer, slg, batch_size=len(jobs), steps=params.steps_run)
+            if slg is not None
+            else contextlib.nullcontext(),
+        ):
             return pipe(
                 **start,
                 prompt_embeds=[self._embeds(embeds) for embeds in prompts],

@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import FORMAT_SUFFIXES, OUTPUT_FORMATS, QUALITY_FORMATS
+from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ STANDARD_KEYS = (
     "guidance_scale",
     "strength",
     "shift",
+    "slg",
     "model",
     "loras",
     "parameters",
@@ -112,6 +114,7 @@ def generation_metadata(
     loras: Sequence[tuple[str, float]],
     strength: float | None = None,
     shift: float | None = None,
+    skip_layer_guidance: SkipLayerGuidance | None = None,
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> Metadata:
@@ -140,6 +143,16 @@ def generation_metadata(
         items["strength"] = _number(strength)
     if shift is not None:
         items["shift"] = _number(shift)
+    if skip_layer_guidance is not None:
+        slg = skip_layer_guidance
+        items["slg"] = json.dumps(
+            {
+                "scale": _float(slg.scale),
+                "layers": list(slg.layers),
+                "start": _float(slg.start),
+                "stop": _float(slg.stop),
+            }
+        )
     items["model"] = model
     items["loras"] = json.dumps(
         [{"name": name, "scale": float(_number(scale))} for name, scale in loras], ensure_ascii=False
@@ -179,6 +192,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Model", items.get("model")),
         ("Denoising strength", items.get("strength")),
         ("Shift", items.get("shift")),
+        *_slg_settings(items.get("slg")),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
     ]
@@ -269,6 +283,22 @@ def read_metadata(data: bytes) -> dict[str, str]:
         if isinstance(header, dict):
             return dict(header.get("__metadata__") or {})
     raise InvalidArgument("Not a PNG, JPEG, WebP or safetensors file; pass the bytes of a generated result.")
+
+
+def _slg_settings(recorded: str | None) -> list[tuple[str, str | None]]:
+    if not recorded:
+        return []
+    slg = json.loads(recorded)
+    return [
+        ("SLG scale", f"{slg['scale']:g}"),
+        ("SLG layers", ",".join(map(str, slg["layers"]))),
+        ("SLG steps", f"{slg['start']:g}-{slg['stop']:g}"),
+    ]
+
+
+def _float(value: float) -> float:
+    """`value` as the number its 7 significant digits say (a float32 from the proto: 0.05, not 0.0500000007)."""
+    return float(_number(value))
 
 
 def _number(value: float) -> str:

@@ -39,13 +39,20 @@ from zimage_split.dit_service.engine import GenerationJob, GenerationParams
 from zimage_split.dit_service.init_images import ImageStore
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec, check_specs
 from zimage_split.dit_service.outputs import OutputOptions, check_output, generation_metadata
-from zimage_split.dit_service.validation import Limits, validate_params
+from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
+from zimage_split.dit_service.validation import Limits, validate_params, validate_skip_layer_guidance
 from zimage_split.dit_service.worker import Worker, WorkerResult
 
 _DONE = object()
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
 DEFAULT_STRENGTH = 0.6
 DEFAULT_INPAINT_STRENGTH = 1.0
+
+
+def slg_to_proto(slg: SkipLayerGuidance | None) -> generator_pb2.SkipLayerGuidance | None:
+    if slg is None:
+        return None
+    return generator_pb2.SkipLayerGuidance(scale=slg.scale, layers=slg.layers, start=slg.start, stop=slg.stop)
 
 
 @dataclass(frozen=True)
@@ -315,9 +322,20 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Unset is the model's own, filled in so that it batches with requests that name it and the
             # image's settings record it.
             shift=self.info.default_shift if params.shift is None else params.shift,
+            skip_layer_guidance=self._skip_layer_guidance(request),
             strength=start.strength,
             inpaint=start.mask is not None,
             loras=self._loras(request),
+        )
+
+    def _skip_layer_guidance(self, request: generator_pb2.GenerateRequest) -> SkipLayerGuidance | None:
+        slg = request.skip_layer_guidance
+        return validate_skip_layer_guidance(
+            scale=slg.scale,
+            layers=list(slg.layers),
+            start=slg.start if slg.HasField("start") else None,
+            stop=slg.stop if slg.HasField("stop") else None,
+            dit_layers=self.info.dit_layers,
         )
 
     def _encoding(self, request: generator_pb2.GenerateRequest) -> TextEncoding:
@@ -440,6 +458,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             steps=params.steps,
             guidance_scale=params.guidance_scale,
             shift=params.shift,
+            skip_layer_guidance=slg_to_proto(params.skip_layer_guidance),
             format=image.format,
             byte_length=len(image.data),
             sha256=hashlib.sha256(image.data).hexdigest(),
@@ -497,6 +516,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             strength=params.strength,
             # Only a shift other than the model's own, so that files made with the defaults stay as they were.
             shift=None if params.shift == self.info.default_shift else params.shift,
+            skip_layer_guidance=params.skip_layer_guidance,
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
 
@@ -595,6 +615,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             dtype=wire.dtype_to_proto(self.info.dtype),  # type: ignore[arg-type]
             dtype_reason=self.info.dtype_reason,
             default_shift=self.info.default_shift,
+            dit_layers=self.info.dit_layers,
             device=self.info.device,
             encoder_address=self.encoder_address,
             parameter_count=self.info.parameter_count,

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.dit_service.config import Limits
 from zimage_split.dit_service.engine import GenerationParams
+from zimage_split.dit_service.skip_layer_guidance import (
+    DEFAULT_LAYERS,
+    DEFAULT_START,
+    DEFAULT_STOP,
+    SkipLayerGuidance,
+)
 
 DEFAULTS = GenerationParams()
 # The schedule shift a request may ask for. 1 leaves the sigmas as they are; below 0.1 every step is nearly
@@ -125,3 +132,59 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return int((bits & magnitude_mask).max()) < infinity
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+# The Skip Layer Guidance scale a request may ask for: 2 to 4 is usual, and far above it the prediction is
+# mostly the difference between the two passes.
+MAX_SLG_SCALE = 20.0
+
+
+def validate_skip_layer_guidance(
+    *,
+    scale: float,
+    layers: Sequence[int],
+    start: float | None,
+    stop: float | None,
+    dit_layers: int,
+) -> SkipLayerGuidance | None:
+    """A request's Skip Layer Guidance, or None when its scale is 0 (off); raises InvalidArgument saying the fix.
+
+    Unset layers, start and stop take llm-dit's defaults (blocks 7-12, from 5% to 50% of the steps).
+    """
+    if not (math.isfinite(scale) and 0 <= scale <= MAX_SLG_SCALE):
+        raise InvalidArgument(
+            f"slg_scale must be between 0 and {MAX_SLG_SCALE:g} (got {scale}); 0 turns Skip Layer Guidance "
+            "off, 2 to 4 is usual."
+        )
+    if scale == 0:
+        if layers or start is not None or stop is not None:
+            raise InvalidArgument(
+                "slg_layers, slg_start and slg_stop need slg_scale > 0 (Skip Layer Guidance is off at 0)."
+            )
+        return None
+    chosen = tuple(layers) or DEFAULT_LAYERS
+    outside = [layer for layer in chosen if not 0 <= layer < dit_layers]
+    if outside and not layers:
+        raise InvalidArgument(
+            f"The default slg_layers ({DEFAULT_LAYERS[0]}-{DEFAULT_LAYERS[-1]}, for Z-Image's 30 blocks) are not "
+            f"all in this DiT, which has blocks 0 to {dit_layers - 1}; name slg_layers in that range."
+        )
+    if outside:
+        raise InvalidArgument(
+            f"slg_layers names {', '.join(map(str, outside))}, but this DiT has blocks 0 to {dit_layers - 1}; "
+            "name blocks in that range."
+        )
+    if len(set(chosen)) != len(chosen):
+        raise InvalidArgument(f"slg_layers {list(chosen)} names a block twice; name each block once.")
+    start = DEFAULT_START if start is None else start
+    stop = DEFAULT_STOP if stop is None else stop
+    for name, value in (("slg_start", start), ("slg_stop", stop)):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise InvalidArgument(f"{name} must be between 0 and 1, a fraction of the steps (got {value}).")
+    if start >= stop:
+        raise InvalidArgument(
+            f"slg_start ({start:g}) must be below slg_stop ({stop:g}): SLG runs on the steps from start to stop."
+        )
+    return SkipLayerGuidance(
+        scale=float(scale), layers=tuple(sorted(chosen)), start=float(start), stop=float(stop)
+    )

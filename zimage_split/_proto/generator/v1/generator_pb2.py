@@ -25,55 +25,57 @@ _sym_db = _symbol_database.Default()
 from zimage_split._proto.tensor.v1 import tensor_pb2 as zimage_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#zimage/generator/v1/generator.proto\x12\x13zimage.generator.v1\x1a\x1dzimage/tensor/v1/tensor.proto\"A\n\x0c\x43onditioning\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xae\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12:\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x19\n\x11\x63\x66g_normalization\x18\t \x01(\x02\x12\x1b\n\x0e\x63\x66g_truncation\x18\n \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x17\n\nnum_images\x18\r \x01(\rH\x07\x88\x01\x01\x12/\n\x05loras\x18\x0e \x03(\x0b\x32 .zimage.generator.v1.LoraRequest\x12\x32\n\ninit_image\x18\x0f \x01(\x0b\x32\x1e.zimage.generator.v1.InitImage\x12=\n\x10long_prompt_mode\x18\x10 \x01(\x0e\x32#.zimage.generator.v1.LongPromptMode\x12\x38\n\routput_format\x18\x11 \x01(\x0e\x32!.zimage.generator.v1.OutputFormat\x12\x14\n\x07quality\x18\x12 \x01(\rH\x08\x88\x01\x01\x12\x16\n\x0estrip_metadata\x18\x13 \x01(\x08\x12\x12\n\x05shift\x18\x14 \x01(\x02H\t\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_cfg_truncationB\x16\n\x14_max_sequence_lengthB\r\n\x0b_num_imagesB\n\n\x08_qualityB\x08\n\x06_shift\"9\n\x0bLoraRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"T\n\tInitImage\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x15\n\x08strength\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08mask_key\x18\x03 \x01(\tB\x0b\n\t_strength\"W\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x80\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\xcf\x04\n\x0bImageHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12-\n\x07timings\x18\n \x01(\x0b\x32\x1c.zimage.generator.v1.Timings\x12\x10\n\x08model_id\x18\x0b \x01(\t\x12\x0f\n\x07replica\x18\x0c \x01(\t\x12\x12\n\nprompt_key\x18\r \x01(\t\x12\x1b\n\x13negative_prompt_key\x18\x0e \x01(\t\x12\x12\n\nbatch_size\x18\x0f \x01(\r\x12\x13\n\x0bimage_index\x18\x10 \x01(\r\x12\x11\n\tvae_tiled\x18\x11 \x01(\x08\x12/\n\x05loras\x18\x12 \x03(\x0b\x32 .zimage.generator.v1.LoraRequest\x12\x1a\n\x12prompt_token_count\x18\x13 \x01(\r\x12!\n\x19prompt_source_token_count\x18\x14 \x01(\r\x12@\n\x13prompt_shortened_by\x18\x15 \x01(\x0e\x32#.zimage.generator.v1.LongPromptMode\x12\x10\n\x08strength\x18\x16 \x01(\x02\x12\x11\n\tsteps_run\x18\x17 \x01(\r\x12\r\n\x05shift\x18\x18 \x01(\x02\"\x98\x01\n\x10GenerateResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.zimage.generator.v1.ProgressH\x00\x12\x31\n\x05image\x18\x02 \x01(\x0b\x32 .zimage.generator.v1.ImageHeaderH\x00\x12\x15\n\x0bimage_chunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"F\n\x11UploadImageHeader\x12\x13\n\x0b\x62yte_length\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04mask\x18\x03 \x01(\x08\"g\n\x12UploadImageRequest\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.zimage.generator.v1.UploadImageHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"G\n\x13UploadImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x12\n\x10ListLorasRequest\"\x80\x01\n\x08LoraFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x14\n\x0cmodule_count\x18\x05 \x01(\r\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"R\n\x11ListLorasResponse\x12,\n\x05loras\x18\x01 \x03(\x0b\x32\x1d.zimage.generator.v1.LoraFile\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"S\n\x0cUploadHeader\x12.\n\x06tensor\x18\x01 \x01(\x0b\x32\x1e.zimage.tensor.v1.TensorHeader\x12\x13\n\x0b\x63ontent_key\x18\x02 \x01(\t\"f\n\x16UploadEmbeddingRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.zimage.generator.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"0\n\x17UploadEmbeddingResponse\x12\x15\n\rembedding_key\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\x98\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61ption_dim\x18\x02 \x01(\r\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0f\x65ncoder_address\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x12\n\ncomponents\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\r\x12\x11\n\tmax_steps\x18\t \x01(\r\x12\x1c\n\x14\x65mbedding_cache_hits\x18\n \x01(\x04\x12\x1e\n\x16\x65mbedding_cache_misses\x18\x0b \x01(\x04\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0e \x01(\t\x12\x10\n\x08\x63ompiled\x18\x0f \x01(\x08\x12\x12\n\nvae_tiling\x18\x10 \x01(\t\x12!\n\x19max_sequence_length_limit\x18\x11 \x01(\r\x12\x15\n\rloras_enabled\x18\x12 \x01(\x08\x12\x17\n\x0flora_cache_size\x18\x13 \x01(\r\x12\x14\n\x0c\x64type_reason\x18\x14 \x01(\t\x12\x15\n\rdefault_shift\x18\x15 \x01(\x02*\x8e\x01\n\x0eLongPromptMode\x12 \n\x1cLONG_PROMPT_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19LONG_PROMPT_MODE_TRUNCATE\x10\x01\x12 \n\x1cLONG_PROMPT_MODE_INTERPOLATE\x10\x02\x12\x19\n\x15LONG_PROMPT_MODE_POOL\x10\x03*\x8e\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x18\n\x14OUTPUT_FORMAT_LATENT\x10\x04\x32\xea\x03\n\x10GeneratorService\x12Y\n\x08Generate\x12$.zimage.generator.v1.GenerateRequest\x1a%.zimage.generator.v1.GenerateResponse0\x01\x12n\n\x0fUploadEmbedding\x12+.zimage.generator.v1.UploadEmbeddingRequest\x1a,.zimage.generator.v1.UploadEmbeddingResponse(\x01\x12K\n\x04Info\x12 .zimage.generator.v1.InfoRequest\x1a!.zimage.generator.v1.InfoResponse\x12\x62\n\x0bUploadImage\x12\'.zimage.generator.v1.UploadImageRequest\x1a(.zimage.generator.v1.UploadImageResponse(\x01\x12Z\n\tListLoras\x12%.zimage.generator.v1.ListLorasRequest\x1a&.zimage.generator.v1.ListLorasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#zimage/generator/v1/generator.proto\x12\x13zimage.generator.v1\x1a\x1dzimage/tensor/v1/tensor.proto\"A\n\x0c\x43onditioning\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xf3\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06prompt\x18\x02 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12:\n\x0fnegative_prompt\x18\x03 \x01(\x0b\x32!.zimage.generator.v1.Conditioning\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05width\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x19\n\x11\x63\x66g_normalization\x18\t \x01(\x02\x12\x1b\n\x0e\x63\x66g_truncation\x18\n \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05model\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x17\n\nnum_images\x18\r \x01(\rH\x07\x88\x01\x01\x12/\n\x05loras\x18\x0e \x03(\x0b\x32 .zimage.generator.v1.LoraRequest\x12\x32\n\ninit_image\x18\x0f \x01(\x0b\x32\x1e.zimage.generator.v1.InitImage\x12=\n\x10long_prompt_mode\x18\x10 \x01(\x0e\x32#.zimage.generator.v1.LongPromptMode\x12\x38\n\routput_format\x18\x11 \x01(\x0e\x32!.zimage.generator.v1.OutputFormat\x12\x14\n\x07quality\x18\x12 \x01(\rH\x08\x88\x01\x01\x12\x16\n\x0estrip_metadata\x18\x13 \x01(\x08\x12\x12\n\x05shift\x18\x14 \x01(\x02H\t\x88\x01\x01\x12\x43\n\x13skip_layer_guidance\x18\x15 \x01(\x0b\x32&.zimage.generator.v1.SkipLayerGuidanceB\x07\n\x05_seedB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_cfg_truncationB\x16\n\x14_max_sequence_lengthB\r\n\x0b_num_imagesB\n\n\x08_qualityB\x08\n\x06_shift\"l\n\x11SkipLayerGuidance\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x12\n\x05start\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stop\"9\n\x0bLoraRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"T\n\tInitImage\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x15\n\x08strength\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08mask_key\x18\x03 \x01(\tB\x0b\n\t_strength\"W\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07replica\x18\x04 \x01(\t\"\x80\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x64\x65noise_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\x94\x05\n\x0bImageHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12-\n\x07timings\x18\n \x01(\x0b\x32\x1c.zimage.generator.v1.Timings\x12\x10\n\x08model_id\x18\x0b \x01(\t\x12\x0f\n\x07replica\x18\x0c \x01(\t\x12\x12\n\nprompt_key\x18\r \x01(\t\x12\x1b\n\x13negative_prompt_key\x18\x0e \x01(\t\x12\x12\n\nbatch_size\x18\x0f \x01(\r\x12\x13\n\x0bimage_index\x18\x10 \x01(\r\x12\x11\n\tvae_tiled\x18\x11 \x01(\x08\x12/\n\x05loras\x18\x12 \x03(\x0b\x32 .zimage.generator.v1.LoraRequest\x12\x1a\n\x12prompt_token_count\x18\x13 \x01(\r\x12!\n\x19prompt_source_token_count\x18\x14 \x01(\r\x12@\n\x13prompt_shortened_by\x18\x15 \x01(\x0e\x32#.zimage.generator.v1.LongPromptMode\x12\x10\n\x08strength\x18\x16 \x01(\x02\x12\x11\n\tsteps_run\x18\x17 \x01(\r\x12\r\n\x05shift\x18\x18 \x01(\x02\x12\x43\n\x13skip_layer_guidance\x18\x19 \x01(\x0b\x32&.zimage.generator.v1.SkipLayerGuidance\"\x98\x01\n\x10GenerateResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1d.zimage.generator.v1.ProgressH\x00\x12\x31\n\x05image\x18\x02 \x01(\x0b\x32 .zimage.generator.v1.ImageHeaderH\x00\x12\x15\n\x0bimage_chunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"F\n\x11UploadImageHeader\x12\x13\n\x0b\x62yte_length\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04mask\x18\x03 \x01(\x08\"g\n\x12UploadImageRequest\x12\x38\n\x06header\x18\x01 \x01(\x0b\x32&.zimage.generator.v1.UploadImageHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"G\n\x13UploadImageResponse\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x12\n\x10ListLorasRequest\"\x80\x01\n\x08LoraFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62yte_length\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x14\n\x0cmodule_count\x18\x05 \x01(\r\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"R\n\x11ListLorasResponse\x12,\n\x05loras\x18\x01 \x03(\x0b\x32\x1d.zimage.generator.v1.LoraFile\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"S\n\x0cUploadHeader\x12.\n\x06tensor\x18\x01 \x01(\x0b\x32\x1e.zimage.tensor.v1.TensorHeader\x12\x13\n\x0b\x63ontent_key\x18\x02 \x01(\t\"f\n\x16UploadEmbeddingRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.zimage.generator.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"0\n\x17UploadEmbeddingResponse\x12\x15\n\rembedding_key\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\xac\x04\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61ption_dim\x18\x02 \x01(\r\x12&\n\x05\x64type\x18\x03 \x01(\x0e\x32\x17.zimage.tensor.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0f\x65ncoder_address\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x04\x12\x12\n\ncomponents\x18\x07 \x03(\t\x12\x12\n\nmax_pixels\x18\x08 \x01(\r\x12\x11\n\tmax_steps\x18\t \x01(\r\x12\x1c\n\x14\x65mbedding_cache_hits\x18\n \x01(\x04\x12\x1e\n\x16\x65mbedding_cache_misses\x18\x0b \x01(\x04\x12\x1d\n\x15\x65mbedding_cache_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0e \x01(\t\x12\x10\n\x08\x63ompiled\x18\x0f \x01(\x08\x12\x12\n\nvae_tiling\x18\x10 \x01(\t\x12!\n\x19max_sequence_length_limit\x18\x11 \x01(\r\x12\x15\n\rloras_enabled\x18\x12 \x01(\x08\x12\x17\n\x0flora_cache_size\x18\x13 \x01(\r\x12\x14\n\x0c\x64type_reason\x18\x14 \x01(\t\x12\x15\n\rdefault_shift\x18\x15 \x01(\x02\x12\x12\n\ndit_layers\x18\x16 \x01(\r*\x8e\x01\n\x0eLongPromptMode\x12 \n\x1cLONG_PROMPT_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19LONG_PROMPT_MODE_TRUNCATE\x10\x01\x12 \n\x1cLONG_PROMPT_MODE_INTERPOLATE\x10\x02\x12\x19\n\x15LONG_PROMPT_MODE_POOL\x10\x03*\x8e\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x18\n\x14OUTPUT_FORMAT_LATENT\x10\x04\x32\xea\x03\n\x10GeneratorService\x12Y\n\x08Generate\x12$.zimage.generator.v1.GenerateRequest\x1a%.zimage.generator.v1.GenerateResponse0\x01\x12n\n\x0fUploadEmbedding\x12+.zimage.generator.v1.UploadEmbeddingRequest\x1a,.zimage.generator.v1.UploadEmbeddingResponse(\x01\x12K\n\x04Info\x12 .zimage.generator.v1.InfoRequest\x1a!.zimage.generator.v1.InfoResponse\x12\x62\n\x0bUploadImage\x12\'.zimage.generator.v1.UploadImageRequest\x1a(.zimage.generator.v1.UploadImageResponse(\x01\x12Z\n\tListLoras\x12%.zimage.generator.v1.ListLorasRequest\x1a&.zimage.generator.v1.ListLorasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zimage_split._proto.generator.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LONGPROMPTMODE']._serialized_start=3368
-  _globals['_LONGPROMPTMODE']._serialized_end=3510
-  _globals['_OUTPUTFORMAT']._serialized_start=3513
-  _globals['_OUTPUTFORMAT']._serialized_end=3655
+  _globals['_LONGPROMPTMODE']._serialized_start=3636
+  _globals['_LONGPROMPTMODE']._serialized_end=3778
+  _globals['_OUTPUTFORMAT']._serialized_start=3781
+  _globals['_OUTPUTFORMAT']._serialized_end=3923
   _globals['_CONDITIONING']._serialized_start=91
   _globals['_CONDITIONING']._serialized_end=156
   _globals['_GENERATEREQUEST']._serialized_start=159
-  _globals['_GENERATEREQUEST']._serialized_end=973
-  _globals['_LORAREQUEST']._serialized_start=975
-  _globals['_LORAREQUEST']._serialized_end=1032
-  _globals['_INITIMAGE']._serialized_start=1034
-  _globals['_INITIMAGE']._serialized_end=1118
-  _globals['_PROGRESS']._serialized_start=1120
-  _globals['_PROGRESS']._serialized_end=1207
-  _globals['_TIMINGS']._serialized_start=1210
-  _globals['_TIMINGS']._serialized_end=1338
-  _globals['_IMAGEHEADER']._serialized_start=1341
-  _globals['_IMAGEHEADER']._serialized_end=1932
-  _globals['_GENERATERESPONSE']._serialized_start=1935
-  _globals['_GENERATERESPONSE']._serialized_end=2087
-  _globals['_UPLOADIMAGEHEADER']._serialized_start=2089
-  _globals['_UPLOADIMAGEHEADER']._serialized_end=2159
-  _globals['_UPLOADIMAGEREQUEST']._serialized_start=2161
-  _globals['_UPLOADIMAGEREQUEST']._serialized_end=2264
-  _globals['_UPLOADIMAGERESPONSE']._serialized_start=2266
-  _globals['_UPLOADIMAGERESPONSE']._serialized_end=2337
-  _globals['_LISTLORASREQUEST']._serialized_start=2339
-  _globals['_LISTLORASREQUEST']._serialized_end=2357
-  _globals['_LORAFILE']._serialized_start=2360
-  _globals['_LORAFILE']._serialized_end=2488
-  _globals['_LISTLORASRESPONSE']._serialized_start=2490
-  _globals['_LISTLORASRESPONSE']._serialized_end=2572
-  _globals['_UPLOADHEADER']._serialized_start=2574
-  _globals['_UPLOADHEADER']._serialized_end=2657
-  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_start=2659
-  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_end=2761
-  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_start=2763
-  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_end=2811
-  _globals['_INFOREQUEST']._serialized_start=2813
-  _globals['_INFOREQUEST']._serialized_end=2826
-  _globals['_INFORESPONSE']._serialized_start=2829
-  _globals['_INFORESPONSE']._serialized_end=3365
-  _globals['_GENERATORSERVICE']._serialized_start=3658
-  _globals['_GENERATORSERVICE']._serialized_end=4148
+  _globals['_GENERATEREQUEST']._serialized_end=1042
+  _globals['_SKIPLAYERGUIDANCE']._serialized_start=1044
+  _globals['_SKIPLAYERGUIDANCE']._serialized_end=1152
+  _globals['_LORAREQUEST']._serialized_start=1154
+  _globals['_LORAREQUEST']._serialized_end=1211
+  _globals['_INITIMAGE']._serialized_start=1213
+  _globals['_INITIMAGE']._serialized_end=1297
+  _globals['_PROGRESS']._serialized_start=1299
+  _globals['_PROGRESS']._serialized_end=1386
+  _globals['_TIMINGS']._serialized_start=1389
+  _globals['_TIMINGS']._serialized_end=1517
+  _globals['_IMAGEHEADER']._serialized_start=1520
+  _globals['_IMAGEHEADER']._serialized_end=2180
+  _globals['_GENERATERESPONSE']._serialized_start=2183
+  _globals['_GENERATERESPONSE']._serialized_end=2335
+  _globals['_UPLOADIMAGEHEADER']._serialized_start=2337
+  _globals['_UPLOADIMAGEHEADER']._serialized_end=2407
+  _globals['_UPLOADIMAGEREQUEST']._serialized_start=2409
+  _globals['_UPLOADIMAGEREQUEST']._serialized_end=2512
+  _globals['_UPLOADIMAGERESPONSE']._serialized_start=2514
+  _globals['_UPLOADIMAGERESPONSE']._serialized_end=2585
+  _globals['_LISTLORASREQUEST']._serialized_start=2587
+  _globals['_LISTLORASREQUEST']._serialized_end=2605
+  _globals['_LORAFILE']._serialized_start=2608
+  _globals['_LORAFILE']._serialized_end=2736
+  _globals['_LISTLORASRESPONSE']._serialized_start=2738
+  _globals['_LISTLORASRESPONSE']._serialized_end=2820
+  _globals['_UPLOADHEADER']._serialized_start=2822
+  _globals['_UPLOADHEADER']._serialized_end=2905
+  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_start=2907
+  _globals['_UPLOADEMBEDDINGREQUEST']._serialized_end=3009
+  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_start=3011
+  _globals['_UPLOADEMBEDDINGRESPONSE']._serialized_end=3059
+  _globals['_INFOREQUEST']._serialized_start=3061
+  _globals['_INFOREQUEST']._serialized_end=3074
+  _globals['_INFORESPONSE']._serialized_start=3077
+  _globals['_INFORESPONSE']._serialized_end=3633
+  _globals['_GENERATORSERVICE']._serialized_start=3926
+  _globals['_GENERATORSERVICE']._serialized_end=4416
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class Conditioning(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class GenerateRequest(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     STRIP_METADATA_FIELD_NUMBER: _ClassVar[int]
     SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Conditioning
     negative_prompt: Conditioning
@@ -82,7 +83,20 @@ class GenerateRequest(_message.Message):
     quality: int
     strip_metadata: bool
     shift: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ...) -> None: ...
+    skip_layer_guidance: SkipLayerGuidance
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ...) -> None: ...
+
+class SkipLayerGuidance(_message.Message):
+    __slots__ = ("scale", "layers", "start", "stop")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    start: float
+    stop: float
+    def __init__(self, scale: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., start: _Optional[float] = ..., stop: _Optional[float] = ...) -> None: ...
 
 class LoraRequest(_message.Message):
     __slots__ = ("name", "scale")
@@ -129,7 +143,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift")
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +168,7 @@ class ImageHeader(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seed: int
     width: int
@@ -178,7 +193,8 @@ class ImageHeader(_message.Message):
     strength: float
     steps_run: int
     shift: float
-    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ...) -> None: ...
+    skip_layer_guidance: SkipLayerGuidance
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "image", "image_chunk")
@@ -275,7 +291,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift")
+    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift", "dit_layers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTION_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +313,7 @@ class InfoResponse(_message.Message):
     LORA_CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    DIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     caption_dim: int
     dtype: _tensor_pb2.DType
@@ -318,4 +335,5 @@ class InfoResponse(_message.Message):
     lora_cache_size: int
     dtype_reason: str
     default_shift: float
-    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ...) -> None: ...
+    dit_layers: int
+    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ..., dit_layers: _Optional[int] = ...) -> None: ...
