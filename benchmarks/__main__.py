@@ -34,6 +34,7 @@ BENCHMARKS = (
     "transfer",
     "generate",
     "threads",
+    "features",
     "batch",
     "ray",
     "gpu",

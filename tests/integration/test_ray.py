@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import signal
+import time
 
 import grpc
 import numpy as np
@@ -172,28 +173,70 @@ def test_a_killed_replica_loses_nothing(ray_generator) -> None:  # type: ignore[
 
 
 def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[no-untyped-def]
-    async def flood(busy_retries: int) -> list[object]:
-        async with AsyncClient(generator=address(ray_generator), busy_retries=busy_retries) as client:
-            tensors = [embedding(5, i) for i in range(40)]
-            # Uploaded first, so the 40 Generate calls arrive together; and each image is slow enough (about
-            # 0.2 s at 256x256, 20 steps) that two replicas cannot drain the calls as fast as a busy host's
-            # front hands them over: at 128x128 and 6 steps (50 ms) nothing was ever refused in 2 of 3 runs
-            # of the suite beside a CPU burner.
+    # Serve holds about 2 replicas x max_ongoing_requests (2 x max_batch_size = 8) plus MAX_QUEUE requests
+    # (its count is loose: it let 24 in once). 16 long requests fill the replicas; 20 more cannot all fit
+    # while those run, however fast or slow this host hands them over (a flood of short requests alone was
+    # refused nothing on a busy host, where the replicas kept up with the front).
+    capacity, flooding = 2 * 8 + MAX_QUEUE, 20
+    pool = ray_generator.servicer.worker
+
+    async def flood_while_full() -> list[object]:
+        async with AsyncClient(generator=address(ray_generator)) as client:
+            tensors = [embedding(5, i) for i in range(16 + flooding)]
             await asyncio.gather(*(client.upload(tensor) for tensor in tensors))
+            running = asyncio.Event()
+            holders = [
+                asyncio.ensure_future(
+                    client.generate(
+                        embeddings=tensor,
+                        seed=i,
+                        width=256,
+                        height=256,
+                        steps=100,
+                        on_progress=lambda step, total: running.set(),
+                    )
+                )
+                for i, tensor in enumerate(tensors[:16])
+            ]
+            await asyncio.wait_for(running.wait(), 120)
+            deadline = time.monotonic() + 60
+            while pool.outstanding < 16 and time.monotonic() < deadline:  # all 16 are in, none refused
+                await asyncio.sleep(0.05)
+            flood = [
+                asyncio.ensure_future(
+                    client.generate(embeddings=tensor, seed=i, width=64, height=64, steps=2)
+                )
+                for i, tensor in enumerate(tensors[16:])
+            ]
+            try:
+                # Refusals come back at once; the calls let in wait behind the long ones until those stop.
+                deadline = time.monotonic() + 60
+                while not any(call.done() for call in flood) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            finally:
+                for holder in holders:
+                    holder.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+            return await asyncio.gather(*flood, return_exceptions=True)
+
+    outcomes = asyncio.run(flood_while_full())
+    refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+    assert refused, f"past the queue bound requests are refused: {outcomes}"
+    assert all(o.retry_after_seconds and o.retry_after_seconds > 0 for o in refused)
+    assert all(isinstance(o, Image.Image | ResourceExhausted) for o in outcomes), outcomes
+    wait_for(lambda: pool.outstanding == 0, 60, "the cancelled long requests to leave the replicas")
+
+    async def flood_with_retries() -> list[object]:
+        async with AsyncClient(generator=address(ray_generator), busy_retries=20) as client:
             return await asyncio.gather(
                 *(
-                    client.generate(embeddings=tensor, seed=i, width=256, height=256, steps=20)
-                    for i, tensor in enumerate(tensors)
+                    client.generate(embeddings=embedding(5, i), seed=i, width=64, height=64, steps=2)
+                    for i in range(2 * capacity)
                 ),
                 return_exceptions=True,
             )
 
-    outcomes = asyncio.run(flood(0))
-    refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
-    assert refused, "past the queue bound requests are refused"
-    assert all(o.retry_after_seconds and o.retry_after_seconds > 0 for o in refused)
-    assert all(isinstance(o, Image.Image | ResourceExhausted) for o in outcomes), outcomes
-    outcomes = asyncio.run(flood(busy_retries=20))
+    outcomes = asyncio.run(flood_with_retries())
     assert all(isinstance(o, Image.Image) for o in outcomes), [
         o for o in outcomes if not isinstance(o, Image.Image)
     ]

@@ -114,6 +114,7 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
         "encode-once",
         "2 Ray replicas",
         "tokens/s",
+        "DiT image with slg",
     ):
         assert expected in metrics, expected
 

@@ -1,0 +1,181 @@
+"""What the per-request generation options cost: each against the plain image, side by side in one run.
+
+In-process `DiTEngine` (loaded and run on one worker thread, as the services do), one embedding, the same
+size, steps and seed everywhere; every round times each variant once, in a new order each round:
+
+- plain: the image with every option off;
+- shift: the same with `shift=6` (it only moves the sigmas, so it should cost nothing);
+- slg: Skip Layer Guidance active on half the steps (start 0, stop 0.5) over the middle third of the DiT's
+  blocks: one more DiT pass, with those blocks skipped, per active step.
+
+The ratio is variant / plain per round (same embedding, seed, size and steps; only the option differs).
+
+    python -m benchmarks.bench_features --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from benchmarks.report import (
+    Settings,
+    headline_row,
+    machine_info,
+    model_folder,
+    model_info,
+    options,
+    spread_text,
+    standalone,
+    summary,
+    write_json,
+)
+
+STEPS = 8
+DEFAULTS = {"rounds": 10, "size": 256}
+QUICK = {"size": 64}
+VARIANTS = ("plain", "shift", "slg")
+
+
+def variant_params(name: str, side: int, dit_layers: int):  # type: ignore[no-untyped-def]
+    from zimage_split.dit_service.engine import GenerationParams
+    from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
+
+    if name == "shift":
+        return GenerationParams(width=side, height=side, steps=STEPS, seed=0, shift=6.0)
+    if name == "slg":
+        third = max(1, dit_layers // 3)
+        layers = tuple(range(third, min(dit_layers, 2 * third)))
+        slg = SkipLayerGuidance(scale=3.0, layers=layers, start=0.0, stop=0.5)
+        return GenerationParams(width=side, height=side, steps=STEPS, seed=0, skip_layer_guidance=slg)
+    return GenerationParams(width=side, height=side, steps=STEPS, seed=0)
+
+
+def measure(settings: Settings, **overrides: object) -> dict:
+    import torch
+
+    from zimage_split.dit_service.engine import DiTEngine, GenerationJob
+    from zimage_split.model_source import resolve_model
+
+    args = options(settings, DEFAULTS, QUICK, overrides)
+    folder = model_folder(settings.model)
+    machine = machine_info()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
+    try:
+        engine = worker.submit(
+            lambda: DiTEngine(
+                resolve_model(folder), device=torch.device(settings.device), dtype=torch.float32
+            )
+        ).result()
+        dit_layers = engine.info.dit_layers
+        embedding = torch.randn(48, engine.caption_dim, generator=torch.Generator().manual_seed(0))
+        params = {name: variant_params(name, args.size, dit_layers) for name in VARIANTS}
+
+        def one_image(name: str) -> float:
+            started = time.perf_counter()
+            engine.generate([GenerationJob(params=params[name], prompt_embeds=embedding)])
+            return time.perf_counter() - started
+
+        for name in VARIANTS:  # warm-up: lazy initialisation, and each variant's first run
+            worker.submit(one_image, name).result()
+        order = random.Random(0)
+        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for index in range(args.rounds):
+            for name in order.sample(VARIANTS, len(VARIANTS)):
+                seconds[name].append(worker.submit(one_image, name).result())
+            print(
+                f"round {index + 1}/{args.rounds}: "
+                + ", ".join(f"{name} {seconds[name][-1]:.3f} s" for name in VARIANTS),
+                flush=True,
+            )
+    finally:
+        worker.shutdown()
+    stats = {name: summary(values) for name, values in seconds.items()}
+    ratios = {
+        name: summary([v / p for v, p in zip(seconds[name], seconds["plain"], strict=True)])
+        for name in VARIANTS
+    }
+    slg = params["slg"].skip_layer_guidance
+    result = {
+        "benchmark": "features",
+        "description": "seconds per image of DiTEngine.generate with one generation option on, against the "
+        "plain image (same embedding, seed, size and steps), one variant after another in a new order each "
+        "round",
+        "machine": machine | {"load_average_at_end": list(os.getloadavg())},
+        "model": model_info(folder, settings.model),
+        "settings": {
+            "width": args.size,
+            "height": args.size,
+            "steps": STEPS,
+            "dtype": "float32",
+            "device": settings.device,
+            "rounds": args.rounds,
+            "quick": settings.quick,
+            "slg": {
+                "scale": slg.scale,
+                "layers": list(slg.layers),
+                "start": slg.start,
+                "stop": slg.stop,
+                "active_steps": slg.active_steps(STEPS),
+                "dit_layers": dit_layers,
+            },
+        },
+        "seconds": seconds,
+        "variants": stats,
+        "ratio_to_plain": ratios,
+        "target": "none: each option's cost is reported, not held to a bound",
+        "target_met": None,
+    }
+    result["headline"] = [
+        headline_row(
+            "features",
+            f"DiT image with {name}, {args.size}x{args.size}, {STEPS} steps, float32",
+            unit="s",
+            ours=stats[name]["median_s"],
+            baseline=stats["plain"]["median_s"],
+            baseline_name="the plain image",
+            ratio=ratios[name]["median_s"],
+            ratio_meaning=f"{name} / plain, per round (lower is cheaper)",
+            note=(
+                f"SLG on {slg.active_steps(STEPS)} of {STEPS} steps over blocks {list(slg.layers)} of "
+                f"{dit_layers}: one more pass of the DiT without those blocks per active step"
+                if name == "slg"
+                else "shift 6 against the model's 3: only the sigmas move"
+            )
+            + f"; {args.rounds} rounds",
+        )
+        for name in VARIANTS
+        if name != "plain"
+    ]
+    return result
+
+
+def print_table(result: dict) -> None:
+    settings = result["settings"]
+    print()
+    print(
+        f"DiT engine in-process, {settings['width']}x{settings['height']}, {settings['steps']} steps, float32; "
+        "seconds per image: median (IQR, 95% CI of the median); ratio to plain per round"
+    )
+    for name in VARIANTS:
+        ratio = result["ratio_to_plain"][name]
+        print(
+            f"  {name:<6} {spread_text(result['variants'][name])}  x{ratio['median_s']:.3f} (IQR {ratio['q1_s']:.3f}-{ratio['q3_s']:.3f})"
+        )
+
+
+def main() -> None:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--size", type=int, default=None, help="image width and height (256)")
+
+    settings, overrides, out = standalone(__doc__, "features", flags)
+    result = measure(settings, **overrides)
+    print_table(result)
+    print(f"wrote {write_json(result, out, 'features')}")
+
+
+if __name__ == "__main__":
+    main()
