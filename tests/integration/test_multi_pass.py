@@ -1,0 +1,75 @@
+"""Multi-pass ("hires") generation equals the same calls made by hand: an image at the first pass's size, then
+img2img of it (resized by the generator, as any start image) at each later pass's size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_split.client import InvalidArgument
+
+
+def embedding(tokens: int, seed: int) -> torch.Tensor:
+    return torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_passes_equal_the_calls_made_by_hand(client: Any) -> None:
+    prompt = embedding(9, 4)
+    final = client.generate(
+        embeddings=prompt,
+        seed=5,
+        width=256,
+        height=192,
+        steps=4,
+        passes=[{"scale": 0.5}, {"scale": 1.0, "strength": 0.5, "steps": 6}],
+        return_intermediate=True,
+    )
+    [intermediate] = final.info["intermediate"]
+    by_hand_first = client.generate(embeddings=prompt, seed=5, width=128, height=96, steps=4)
+    assert intermediate.size == (128, 96)
+    assert np.array_equal(np.asarray(intermediate), np.asarray(by_hand_first))
+    by_hand = client.generate(
+        embeddings=prompt, seed=5, width=256, height=192, steps=6, init_image=by_hand_first, strength=0.5
+    )
+    assert final.size == (256, 192)
+    assert np.array_equal(np.asarray(final), np.asarray(by_hand))
+    assert (final.info["pass_index"], final.info["pass_count"]) == (1, 2)
+    assert (intermediate.info["pass_index"], intermediate.info["pass_count"]) == (0, 2)
+    # Without return_intermediate only the final image comes back, the same one.
+    again = client.generate(
+        embeddings=prompt,
+        seed=5,
+        width=256,
+        height=192,
+        steps=4,
+        passes=[{"scale": 0.5}, {"scale": 1.0, "strength": 0.5, "steps": 6}],
+    )
+    assert np.array_equal(np.asarray(again), np.asarray(final)) and "intermediate" not in again.info
+
+
+@pytest.mark.parametrize(
+    ("passes", "message"),
+    [
+        ([{"scale": 1.0}], "passes takes 2 to 4 passes"),
+        ([{"scale": 0.5}, {"scale": 0.4}, {"scale": 1.0}], r"passes\[1\].scale must be above 0.5"),
+        ([{"scale": 0.5}, {"scale": 0.8}], "The last pass makes the request's size: give it scale 1"),
+        ([{"scale": 0.5, "strength": 0.5}, {"scale": 1.0}], r"passes\[0\].strength has nothing to act on"),
+        ([{"scale": 0.25}, {"scale": 1.0}], "under the 64-pixel smallest side"),
+        ([{"scale": 0.5}, {"scale": 1.0, "strength": 1.5}], r"passes\[1\].strength must be above 0"),
+        ([{"scale": 0.5}, {"scale": 1.0}], None),  # valid: the control case
+    ],
+)
+def test_bad_passes_say_how_to_fix_them(client: Any, passes: list, message: str | None) -> None:
+    def call() -> Any:
+        return client.generate(
+            embeddings=embedding(5, 1), seed=1, width=128, height=128, steps=2, passes=passes
+        )
+
+    if message is None:
+        assert call().size == (128, 128)
+        return
+    with pytest.raises(InvalidArgument, match=message):
+        call()
