@@ -3,6 +3,7 @@ img2img of it (resized by the generator, as any start image) at each later pass'
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -73,3 +74,35 @@ def test_bad_passes_say_how_to_fix_them(client: Any, passes: list, message: str 
         return
     with pytest.raises(InvalidArgument, match=message):
         call()
+
+
+def test_the_files_record_their_passes_and_the_cli_writes_each_one(
+    client: Any, generator: Any, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from zimage_split.cli import main
+
+    final = client.generate(
+        "a barn",
+        seed=2,
+        width=128,
+        height=128,
+        steps=2,
+        passes=[{"scale": 0.5}, {"scale": 1, "strength": 0.6}],
+    )
+    assert json.loads(final.text["passes"]) == [
+        {"scale": 0.5, "steps": 2},
+        {"scale": 1.0, "steps": 2, "strength": 0.6},
+    ]
+    assert 'Passes: "0.5:2, 1:2:0.6"' in final.text["parameters"]
+    plain = client.generate("a barn", seed=2, width=128, height=128, steps=2)
+    assert "passes" not in plain.text and "Passes" not in plain.text["parameters"]
+
+    out = tmp_path / "barn.png"
+    argv = ["generate", "a barn", "--generator", f"127.0.0.1:{generator.port}", "--insecure", "--seed", "2"]
+    argv += ["--width", "128", "--height", "128", "--steps", "2", "--pass", "0.5", "--pass", "1::0.6"]
+    assert main([*argv, "--save-passes", "-o", str(out)]) == 0
+    with Image.open(out) as written, Image.open(tmp_path / "barn-pass0.png") as first:
+        assert written.size == (128, 128) and first.size == (64, 64)
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(final))

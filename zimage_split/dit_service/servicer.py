@@ -71,6 +71,7 @@ class StartImages:
 class PassPlan:
     """One pass of a multi-pass image: its size, its steps and, after the first, its img2img strength."""
 
+    scale: float
     width: int
     height: int
     steps: int
@@ -410,7 +411,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     raise InvalidArgument(
                         f"passes[{index}].strength must be above 0 and at most 1 (got {strength:g})."
                     )
-            plans.append(PassPlan(width=width, height=height, steps=steps, strength=strength))
+            plans.append(
+                PassPlan(scale=spec.scale, width=width, height=height, steps=steps, strength=strength)
+            )
         if request.passes[-1].scale != 1:
             raise InvalidArgument(
                 f"The last pass makes the request's size: give it scale 1 (got {request.passes[-1].scale:g})."
@@ -536,7 +539,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             passes = job.pass_params(self._image_params(job, index))
             image_jobs = []
             for number, params in enumerate(passes):
-                metadata = () if job.strip_metadata else self._metadata(params, job.prompt, job.negative)
+                metadata = (
+                    ()
+                    if job.strip_metadata
+                    else self._metadata(params, job.prompt, job.negative, job.passes[: number + 1])
+                )
                 output = job.output if number == len(passes) - 1 else OutputOptions(format="png")
                 image_jobs.append(
                     GenerationJob(
@@ -629,7 +636,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             self.metrics.count_bytes("received", "embedding", tensor.numel() * tensor.element_size())
 
     def _metadata(
-        self, params: GenerationParams, prompt: Prompt, negative: Prompt | None
+        self,
+        params: GenerationParams,
+        prompt: Prompt,
+        negative: Prompt | None,
+        passes: Sequence[PassPlan] = (),
     ) -> tuple[tuple[str, str], ...]:
         """What the result file records about how it was made (PNG text chunks, EXIF, safetensors header)."""
         return generation_metadata(
@@ -646,6 +657,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Only a shift other than the model's own, so that files made with the defaults stay as they were.
             shift=None if params.shift == self.info.default_shift else params.shift,
             skip_layer_guidance=params.skip_layer_guidance,
+            passes=[(plan.scale, plan.steps, plan.strength) for plan in passes],
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
 
