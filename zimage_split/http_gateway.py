@@ -54,9 +54,16 @@ PUBLIC_PATHS = ("/", "/healthz")
 logger = logging.getLogger(__name__)
 
 
+class PassBody(BaseModel):
+    scale: float
+    steps: int | None = None
+    strength: float | None = None
+
+
 class ImagesRequest(BaseModel):
     """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
-    `guidance_scale`, `shift` and Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`)."""
+    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`) and
+    multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back)."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -76,6 +83,7 @@ class ImagesRequest(BaseModel):
     slg_layers: list[int] = Field(default_factory=list)
     slg_start: float | None = None
     slg_stop: float | None = None
+    passes: list[PassBody] = Field(default_factory=list)
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -116,6 +124,7 @@ async def generate(
         slg_layers=body.slg_layers,
         slg_start=body.slg_start,
         slg_stop=body.slg_stop,
+        passes=[spec.model_dump(exclude_none=True) for spec in body.passes],
         model=body.model if body.model and body.model != "z-image-turbo" else "",
         num_images=body.n,
         on_progress=on_progress,

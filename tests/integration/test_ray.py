@@ -174,10 +174,10 @@ def test_a_killed_replica_loses_nothing(ray_generator) -> None:  # type: ignore[
 
 def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[no-untyped-def]
     # Serve holds about 2 replicas x max_ongoing_requests (2 x max_batch_size = 8) plus MAX_QUEUE requests
-    # (its count is loose: it let 24 in once). 16 long requests fill the replicas; 20 more cannot all fit
+    # (its count is loose: it let 24 in once). 16 long requests fill the replicas; 40 more cannot all fit
     # while those run, however fast or slow this host hands them over (a flood of short requests alone was
     # refused nothing on a busy host, where the replicas kept up with the front).
-    capacity, flooding = 2 * 8 + MAX_QUEUE, 20
+    capacity, flooding = 2 * 8 + MAX_QUEUE, 40
     pool = ray_generator.servicer.worker
 
     async def flood_while_full() -> list[object]:
@@ -198,10 +198,14 @@ def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[n
                 )
                 for i, tensor in enumerate(tensors[:16])
             ]
-            await asyncio.wait_for(running.wait(), 120)
+            try:
+                await asyncio.wait_for(running.wait(), 120)
+            except TimeoutError:
+                raise AssertionError("no long request reported a step within 120 s") from None
             deadline = time.monotonic() + 60
             while pool.outstanding < 16 and time.monotonic() < deadline:  # all 16 are in, none refused
                 await asyncio.sleep(0.05)
+            held = pool.outstanding
             flood = [
                 asyncio.ensure_future(
                     client.generate(embeddings=tensor, seed=i, width=64, height=64, steps=2)
@@ -217,11 +221,12 @@ def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[n
                 for holder in holders:
                     holder.cancel()
                 await asyncio.gather(*holders, return_exceptions=True)
-            return await asyncio.gather(*flood, return_exceptions=True)
+            return held, await asyncio.gather(*flood, return_exceptions=True)
 
-    outcomes = asyncio.run(flood_while_full())
+    held, outcomes = asyncio.run(flood_while_full())
     refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
-    assert refused, f"past the queue bound requests are refused: {outcomes}"
+    kinds = sorted({type(o).__name__ for o in outcomes})
+    assert refused, f"past the queue bound requests are refused; {held} long requests held, outcomes {kinds}"
     assert all(o.retry_after_seconds and o.retry_after_seconds > 0 for o in refused)
     assert all(isinstance(o, Image.Image | ResourceExhausted) for o in outcomes), outcomes
     wait_for(lambda: pool.outstanding == 0, 60, "the cancelled long requests to leave the replicas")
@@ -237,9 +242,8 @@ def test_backpressure_and_busy_retries(ray_generator) -> None:  # type: ignore[n
             )
 
     outcomes = asyncio.run(flood_with_retries())
-    assert all(isinstance(o, Image.Image) for o in outcomes), [
-        o for o in outcomes if not isinstance(o, Image.Image)
-    ]
+    failed = [o for o in outcomes if not isinstance(o, Image.Image)]
+    assert not failed, f"{len(failed)} of {len(outcomes)} failed with busy retries: {failed[:3]}"
 
 
 def test_cancellation_reaches_the_replica(ray_generator) -> None:  # type: ignore[no-untyped-def]

@@ -365,6 +365,18 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
         "guidance_scale": draw(optional(floats32)),
         "cfg_truncation": draw(optional(floats32)),
         "shift": draw(optional(floats32)),
+        "passes": draw(
+            st.lists(
+                st.builds(
+                    generator_pb2.Pass,
+                    scale=floats32,
+                    steps=optional(st.integers(0, 200)),
+                    strength=optional(floats32),
+                ),
+                max_size=5,
+            )
+        ),
+        "return_intermediate": draw(st.booleans()),
         "skip_layer_guidance": draw(
             optional(
                 st.builds(
@@ -414,6 +426,12 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
     assert math.isfinite(params.guidance_scale) and 0 <= params.cfg_truncation <= 1
     # A request's shift or the model's own (3.0), never unset once validated.
     assert params.shift is not None and (0.1 <= params.shift <= 20 or params.shift == 3.0)
+    if job.passes:
+        assert 2 <= len(job.passes) <= 4 and (job.passes[-1].width, job.passes[-1].height) == (
+            params.width,
+            params.height,
+        )
+        assert all(64 <= plan.width <= params.width and 1 <= plan.steps <= 100 for plan in job.passes)
     slg = params.skip_layer_guidance
     assert slg is None or (
         0 < slg.scale <= 20

@@ -107,6 +107,20 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--slg-stop", type=float, default=None, help="SLG until this fraction of the steps (0.5)"
     )
     generate.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        type=pass_flag,
+        default=None,
+        metavar="SCALE[:STEPS[:STRENGTH]]",
+        help="multi-pass: one per pass, e.g. --pass 0.5 --pass 1:8:0.5 (later passes refine an upscale)",
+    )
+    generate.add_argument(
+        "--save-passes",
+        action="store_true",
+        help="with --pass, also write each earlier pass's image (-o stem-pass0.png, ...)",
+    )
+    generate.add_argument(
         "--lora",
         action="append",
         default=None,
@@ -224,6 +238,24 @@ def output_file(output: str | None, output_format: str | None) -> tuple[str, Pat
     return chosen, Path(output or f"out{FORMAT_SUFFIXES[chosen]}")
 
 
+def pass_flag(value: str) -> dict[str, float]:
+    """--pass SCALE, SCALE:STEPS or SCALE:STEPS:STRENGTH (STEPS may be empty: 1::0.5)."""
+    parts = value.split(":")
+    try:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError
+        spec: dict[str, float] = {"scale": float(parts[0])}
+        if len(parts) > 1 and parts[1]:
+            spec["steps"] = int(parts[1])
+        if len(parts) > 2 and parts[2]:
+            spec["strength"] = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not SCALE[:STEPS[:STRENGTH]]; use e.g. 0.5 or 1:8:0.5"
+        ) from None
+    return spec
+
+
 def slg_layers_flag(value: str) -> tuple[int, ...]:
     """--slg-layers 7-12, 7,9,11 or 3,7-9: DiT block numbers."""
     layers: list[int] = []
@@ -301,6 +333,8 @@ async def _generate(args: argparse.Namespace) -> int:
                 slg_layers=args.slg_layers,
                 slg_start=args.slg_start,
                 slg_stop=args.slg_stop,
+                passes=args.passes or (),
+                return_intermediate=args.save_passes,
                 num_images=args.num_images,
                 max_sequence_length=args.max_sequence_length,
                 long_prompt_mode=args.long_prompt_mode,
@@ -319,6 +353,13 @@ async def _generate(args: argparse.Namespace) -> int:
                 output if len(images) == 1 else output.with_stem(f"{output.stem}-{image.info['image_index']}")
             )
             write_output(path, image.info["file_bytes"])
+            for earlier in image.info.get("intermediate", ()):
+                # Earlier passes are PNG, whatever the last pass's format.
+                pass_path = path.with_name(f"{path.stem}-pass{earlier.info['pass_index']}.png")
+                write_output(pass_path, earlier.info["file_bytes"])
+                print(
+                    f"wrote {pass_path} (pass {earlier.info['pass_index']}, {earlier.width}x{earlier.height})"
+                )
             shortened = image.info.get("prompt_shortened_by")
             if shortened:
                 print(
@@ -386,6 +427,8 @@ async def _generate_batch(args: argparse.Namespace) -> int:
             ("--max-sequence-length", args.max_sequence_length),
             ("--long-prompt-mode", args.long_prompt_mode),
             ("--negative-prompt", args.negative_prompt),
+            ("--pass", args.passes),
+            ("--save-passes", args.save_passes or None),
             ("--cfg-truncation", args.cfg_truncation),
             ("--cfg-normalization", args.cfg_normalization or None),
         )

@@ -96,6 +96,35 @@ def _fields_in_range() -> Iterator[None]:
         ) from None
 
 
+PassLike: TypeAlias = "dict[str, float] | generator_pb2.Pass"
+
+
+def _pass(spec: PassLike) -> generator_pb2.Pass:
+    """A pass as the request carries it, from ``{"scale": 0.5, "steps": 8, "strength": 0.6}``."""
+    if isinstance(spec, generator_pb2.Pass):
+        return spec
+    unknown = set(spec) - {"scale", "steps", "strength"}
+    if unknown or "scale" not in spec:
+        raise InvalidArgument(
+            f"A pass is a dict with 'scale' and, if wanted, 'steps' and 'strength' (got {spec!r})."
+        )
+    return generator_pb2.Pass(**spec)
+
+
+def _with_intermediate(images: list[Image.Image | Latents]) -> list[Image.Image | Latents]:
+    """The final images, each with the images of its earlier passes in info["intermediate"]."""
+    finals: list[Image.Image | Latents] = []
+    earlier: list[Image.Image | Latents] = []
+    for image in images:
+        if image.info["pass_index"] < image.info["pass_count"] - 1:
+            earlier.append(image)
+            continue
+        image.info["intermediate"] = earlier
+        finals.append(image)
+        earlier = []
+    return finals
+
+
 def _skip_layer_guidance(
     scale: float, layers: Sequence[int], start: float | None, stop: float | None
 ) -> generator_pb2.SkipLayerGuidance | None:
@@ -334,6 +363,8 @@ class AsyncClient:
         slg_layers: Sequence[int] = (),
         slg_start: float | None = None,
         slg_stop: float | None = None,
+        passes: Sequence[PassLike] = (),
+        return_intermediate: bool = False,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -365,6 +396,10 @@ class AsyncClient:
         - `slg_scale` (0 = off; 2 to 4 is usual) turns on Skip Layer Guidance: on the steps from `slg_start`
           (0.05) to `slg_stop` (0.5) of the way through, the DiT runs again with blocks `slg_layers` (7-12)
           skipped and the prediction moves away from that one. Each active step costs one more DiT pass.
+        - `passes`: multi-pass ("hires"), e.g. ``[{"scale": 0.5}, {"scale": 1, "strength": 0.5}]``: the first
+          pass makes the image at half the size, each later one upscales it (Lanczos) and refines it with
+          img2img (`strength`, default 0.6; `steps`, default `steps`). With `return_intermediate`,
+          `image.info["intermediate"]` holds the images of the passes before the last.
         - `long_prompt_mode`: "truncate" (default), "interpolate" or "pool" for prompts over
           `max_sequence_length` tokens.
         - `output_format`: "png" (default), "jpeg" or "webp" (with `quality`), or "latent", which returns
@@ -387,6 +422,8 @@ class AsyncClient:
             slg_layers=slg_layers,
             slg_start=slg_start,
             slg_stop=slg_stop,
+            passes=passes,
+            return_intermediate=return_intermediate,
             max_sequence_length=max_sequence_length,
             long_prompt_mode=long_prompt_mode,
             loras=loras,
@@ -422,6 +459,8 @@ class AsyncClient:
         slg_layers: Sequence[int] = (),
         slg_start: float | None = None,
         slg_stop: float | None = None,
+        passes: Sequence[PassLike] = (),
+        return_intermediate: bool = False,
         max_sequence_length: int | None = None,
         long_prompt_mode: str | None = None,
         loras: Sequence[LoraLike] = (),
@@ -459,6 +498,8 @@ class AsyncClient:
                 cfg_truncation=cfg_truncation,
                 shift=shift,
                 skip_layer_guidance=_skip_layer_guidance(slg_scale, slg_layers, slg_start, slg_stop),
+                passes=[_pass(spec) for spec in passes],
+                return_intermediate=return_intermediate,
                 model=model,
                 max_sequence_length=max_sequence_length,
                 num_images=None if num_images == 1 else num_images,
@@ -680,6 +721,8 @@ class AsyncClient:
                 elif kind == "image_chunk" and received:
                     received[-1][1].extend(response.image_chunk)
         expected = request.num_images if request.HasField("num_images") else 1
+        if request.return_intermediate:
+            expected *= len(request.passes)
         if len(received) != expected or any(len(data) != header.byte_length for header, data in received):
             raise DataLoss(
                 f"The image stream from {self.generator_address} ended early ({len(received)} of {expected} "
@@ -714,7 +757,7 @@ class AsyncClient:
             image.load()
             image.info.update(info)
             images.append(image)
-        return images
+        return _with_intermediate(images) if request.return_intermediate else images
 
 
 @dataclass(frozen=True)
@@ -775,6 +818,8 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         "steps": header.steps,
         "guidance_scale": header.guidance_scale,
         "shift": header.shift,
+        "pass_index": header.pass_index,
+        "pass_count": header.pass_count,
         "skip_layer_guidance": (
             MessageToDict(header.skip_layer_guidance, preserving_proto_field_name=True)
             if header.HasField("skip_layer_guidance")

@@ -40,6 +40,7 @@ STANDARD_KEYS = (
     "strength",
     "shift",
     "slg",
+    "passes",
     "model",
     "loras",
     "parameters",
@@ -115,6 +116,7 @@ def generation_metadata(
     strength: float | None = None,
     shift: float | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    passes: Sequence[tuple[float, int, float | None]] = (),
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> Metadata:
@@ -152,6 +154,14 @@ def generation_metadata(
                 "start": _float(slg.start),
                 "stop": _float(slg.stop),
             }
+        )
+    if passes:
+        items["passes"] = json.dumps(
+            [
+                {"scale": _float(scale), "steps": steps}
+                | ({} if strength is None else {"strength": _float(strength)})
+                for scale, steps, strength in passes
+            ]
         )
     items["model"] = model
     items["loras"] = json.dumps(
@@ -193,6 +203,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Denoising strength", items.get("strength")),
         ("Shift", items.get("shift")),
         *_slg_settings(items.get("slg")),
+        ("Passes", _passes_setting(items.get("passes"))),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
     ]
@@ -283,6 +294,19 @@ def read_metadata(data: bytes) -> dict[str, str]:
         if isinstance(header, dict):
             return dict(header.get("__metadata__") or {})
     raise InvalidArgument("Not a PNG, JPEG, WebP or safetensors file; pass the bytes of a generated result.")
+
+
+def _passes_setting(recorded: str | None) -> str | None:
+    """ "0.5:8, 1:8:0.6": each pass's scale, steps and (after the first) strength, as `zsplit --pass` takes them."""
+    if not recorded:
+        return None
+    return ", ".join(
+        ":".join(
+            [f"{spec['scale']:g}", str(spec["steps"])]
+            + ([f"{spec['strength']:g}"] if "strength" in spec else [])
+        )
+        for spec in json.loads(recorded)
+    )
 
 
 def _slg_settings(recorded: str | None) -> list[tuple[str, str | None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 import math
 import random
 import threading
@@ -46,6 +47,8 @@ from zimage_split.dit_service.worker import Worker, WorkerResult
 _DONE = object()
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
 DEFAULT_STRENGTH = 0.6
+# Multi-pass requests: at most this many passes.
+MAX_PASSES = 4
 DEFAULT_INPAINT_STRENGTH = 1.0
 
 
@@ -65,6 +68,17 @@ class StartImages:
 
 
 @dataclass(frozen=True)
+class PassPlan:
+    """One pass of a multi-pass image: its size, its steps and, after the first, its img2img strength."""
+
+    scale: float
+    width: int
+    height: int
+    steps: int
+    strength: float | None
+
+
+@dataclass(frozen=True)
 class GenerateJob:
     """A GenerateRequest once validated, in plain values: everything Generate runs."""
 
@@ -79,6 +93,22 @@ class GenerateJob:
     output: OutputOptions
     image_count: int
     strip_metadata: bool
+    # Multi-pass: every pass, the last at the request's size; empty for a one-pass request.
+    passes: tuple[PassPlan, ...] = ()
+    return_intermediate: bool = False
+
+    def pass_params(self, params: GenerationParams) -> list[GenerationParams]:
+        """An image's parameters for each of its passes (one for a one-pass request)."""
+        return [
+            dataclasses.replace(
+                params, width=plan.width, height=plan.height, steps=plan.steps, strength=plan.strength
+            )
+            for plan in self.passes
+        ] or [params]
+
+    @property
+    def steps_per_image(self) -> int:
+        return sum(params.steps_run for params in self.pass_params(self.params))
 
 
 @dataclass(frozen=True)
@@ -131,28 +161,50 @@ def _prompt(message: generator_pb2.Conditioning, what: str, limits: Limits) -> P
 class _ImageRuns:
     """One Generate's images running on the worker, and their step reports merged into one stream.
 
-    Each image is a worker job of its own, so replicas (and Ray's batching) share them out.
+    Each image is a worker job of its own, so replicas (and Ray's batching) share them out. An image of a
+    multi-pass request is one job per pass, in turn: each pass after the first starts from the one before,
+    decoded from its PNG and resized (Lanczos) as an uploaded start image is, so it equals the same calls
+    made by hand.
     """
 
-    def __init__(self, worker: Worker, jobs: Sequence[GenerationJob], request_id: str) -> None:
+    def __init__(self, worker: Worker, jobs: Sequence[Sequence[GenerationJob]], request_id: str) -> None:
         self._loop = asyncio.get_running_loop()
+        self._worker = worker
         self._events: asyncio.Queue[tuple[int, int, str] | object] = asyncio.Queue()
         self.cancelled = threading.Event()
         self._steps_done = [0] * len(jobs)
-        self._tasks: list[asyncio.Future[WorkerResult]] = []
-        for index, job in enumerate(jobs):
+        self._tasks: list[asyncio.Future[list[WorkerResult]]] = []
+        for index, passes in enumerate(jobs):
             job_id = f"{request_id}#{index}" if request_id and len(jobs) > 1 else request_id
-            run = dataclasses.replace(
-                job, on_step=self._step_reporter(index), is_cancelled=self.cancelled.is_set
-            )
-            task = asyncio.ensure_future(worker.run(run, request_id=job_id))
+            task = asyncio.ensure_future(self._run_passes(index, passes, job_id))
             task.add_done_callback(lambda _: self._events.put_nowait(_DONE))
             self._tasks.append(task)
 
-    def _step_reporter(self, index: int) -> Callable[..., None]:
+    async def _run_passes(
+        self, index: int, passes: Sequence[GenerationJob], job_id: str
+    ) -> list[WorkerResult]:
+        results: list[WorkerResult] = []
+        done_steps = 0
+        for number, job in enumerate(passes):
+            start = None
+            if results:
+                with Image.open(io.BytesIO(results[-1].image.data)) as previous:
+                    start = _fit(previous.convert("RGB"), job.params.width, job.params.height)
+            run = dataclasses.replace(
+                job,
+                init_image=start if results else job.init_image,
+                on_step=self._step_reporter(index, done_steps),
+                is_cancelled=self.cancelled.is_set,
+            )
+            pass_id = f"{job_id}/pass{number}" if job_id and len(passes) > 1 else job_id
+            results.append(await self._worker.run(run, request_id=pass_id))
+            done_steps += job.params.steps_run
+        return results
+
+    def _step_reporter(self, index: int, steps_before: int) -> Callable[..., None]:
         # Called on the worker's thread (or by the Ray pool) after each step of image `index`.
         def on_step(step: int, total: int, replica: str = "") -> None:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, (index, step, replica))
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (index, steps_before + step, replica))
 
         return on_step
 
@@ -173,7 +225,8 @@ class _ImageRuns:
             self._steps_done[index] = step
             yield sum(self._steps_done), replica
 
-    async def results(self) -> list[WorkerResult]:
+    async def results(self) -> list[list[WorkerResult]]:
+        """Per image, the result of each pass."""
         return [await task for task in self._tasks]
 
     def stop(self) -> None:
@@ -247,7 +300,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             runs.stop()
             self._active.discard(runs.cancelled)
         images = [
-            self._image(job, index, result, conditioning, received) for index, result in enumerate(results)
+            self._image(job, index, number, result, params, conditioning, received)
+            for index, passes in enumerate(results)
+            for number, (result, params) in enumerate(
+                zip(passes, job.pass_params(self._image_params(job, index)), strict=True)
+            )
+            if job.return_intermediate or number == len(passes) - 1
         ]
         if job.request_id:
             self.completed.put(job.request_id, CompletedImages(fingerprint, tuple(images)))
@@ -287,6 +345,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             )
         output = self._output(request)
         image_count = self._image_count(request, params.seed)
+        passes = self._passes(request, params, start)
+        if passes:  # the request's own parameters are its last pass's
+            params = dataclasses.replace(params, steps=passes[-1].steps, strength=passes[-1].strength)
         return GenerateJob(
             request_id=request.request_id,
             params=params,
@@ -297,7 +358,67 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             output=output,
             image_count=image_count,
             strip_metadata=request.strip_metadata,
+            passes=passes,
+            return_intermediate=request.return_intermediate,
         )
+
+    def _passes(
+        self, request: generator_pb2.GenerateRequest, params: GenerationParams, start: StartImages
+    ) -> tuple[PassPlan, ...]:
+        if not request.passes:
+            if request.return_intermediate:
+                raise InvalidArgument("return_intermediate needs passes: a one-pass request has no others.")
+            return ()
+        if start.image is not None:
+            raise InvalidArgument(
+                "passes start from the prompt, not from init_image: send the img2img request without passes."
+            )
+        if not 2 <= len(request.passes) <= MAX_PASSES:
+            raise InvalidArgument(
+                f"passes takes 2 to {MAX_PASSES} passes (got {len(request.passes)}); one pass is a plain request."
+            )
+        plans: list[PassPlan] = []
+        multiple = self.limits.size_multiple
+        for index, spec in enumerate(request.passes):
+            before = request.passes[index - 1].scale if index else 0.0
+            if not (math.isfinite(spec.scale) and before < spec.scale <= 1):
+                raise InvalidArgument(
+                    f"passes[{index}].scale must be above {before:g} and at most 1 (got {spec.scale:g}): each "
+                    "pass is larger than the one before, and the last is the request's size (scale 1)."
+                )
+            width, height = (
+                max(multiple, int(side * spec.scale) // multiple * multiple)
+                for side in (params.width, params.height)
+            )
+            if min(width, height) < self.limits.min_side:
+                raise InvalidArgument(
+                    f"passes[{index}] at scale {spec.scale:g} makes {width}x{height}, under the "
+                    f"{self.limits.min_side}-pixel smallest side; raise its scale."
+                )
+            steps = spec.steps if spec.HasField("steps") else params.steps
+            if not 1 <= steps <= self.limits.max_steps:
+                raise InvalidArgument(
+                    f"passes[{index}].steps must be between 1 and {self.limits.max_steps} (got {steps})."
+                )
+            strength = None
+            if index == 0 and spec.HasField("strength"):
+                raise InvalidArgument(
+                    "passes[0].strength has nothing to act on: the first pass starts from noise. Leave it unset."
+                )
+            if index > 0:
+                strength = spec.strength if spec.HasField("strength") else DEFAULT_STRENGTH
+                if not (math.isfinite(strength) and 0 < strength <= 1):
+                    raise InvalidArgument(
+                        f"passes[{index}].strength must be above 0 and at most 1 (got {strength:g})."
+                    )
+            plans.append(
+                PassPlan(scale=spec.scale, width=width, height=height, steps=steps, strength=strength)
+            )
+        if request.passes[-1].scale != 1:
+            raise InvalidArgument(
+                f"The last pass makes the request's size: give it scale 1 (got {request.passes[-1].scale:g})."
+            )
+        return tuple(plans)
 
     def _params(self, request: generator_pb2.GenerateRequest, start: StartImages) -> GenerationParams:
         width = request.width if request.HasField("width") else None
@@ -405,22 +526,38 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self._observe_fetches(positive, negative)
         return Conditioning(positive, negative)
 
-    def _worker_jobs(self, job: GenerateJob, conditioning: Conditioning) -> list[GenerationJob]:
-        """One job per image; image i has seed + i."""
+    @staticmethod
+    def _image_params(job: GenerateJob, index: int) -> GenerationParams:
+        """Image `index`'s parameters: the job's, with seed + index."""
+        return dataclasses.replace(job.params, seed=job.params.seed + index)
+
+    def _worker_jobs(self, job: GenerateJob, conditioning: Conditioning) -> list[list[GenerationJob]]:
+        """Per image, one job per pass; image i has seed + i. Passes before the last are PNG, the file
+        the same calls made by hand would hand on."""
         jobs = []
         for index in range(job.image_count):
-            params = dataclasses.replace(job.params, seed=job.params.seed + index)
-            metadata = () if job.strip_metadata else self._metadata(params, job.prompt, job.negative)
-            jobs.append(
-                GenerationJob(
-                    params=params,
-                    prompt_embeds=conditioning.positive.tensor,
-                    negative_prompt_embeds=conditioning.negative.tensor if conditioning.negative else None,
-                    init_image=job.start.image,
-                    mask_image=job.start.mask,
-                    output=dataclasses.replace(job.output, metadata=metadata),
+            passes = job.pass_params(self._image_params(job, index))
+            image_jobs = []
+            for number, params in enumerate(passes):
+                metadata = (
+                    ()
+                    if job.strip_metadata
+                    else self._metadata(params, job.prompt, job.negative, job.passes[: number + 1])
                 )
-            )
+                output = job.output if number == len(passes) - 1 else OutputOptions(format="png")
+                image_jobs.append(
+                    GenerationJob(
+                        params=params,
+                        prompt_embeds=conditioning.positive.tensor,
+                        negative_prompt_embeds=conditioning.negative.tensor
+                        if conditioning.negative
+                        else None,
+                        init_image=job.start.image,
+                        mask_image=job.start.mask,
+                        output=dataclasses.replace(output, metadata=metadata),
+                    )
+                )
+            jobs.append(image_jobs)
         return jobs
 
     def _progress(
@@ -429,7 +566,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return generator_pb2.GenerateResponse(
             progress=generator_pb2.Progress(
                 step=steps_done,
-                total_steps=job.params.steps_run * job.image_count,
+                total_steps=job.steps_per_image * job.image_count,
                 elapsed_seconds=time.perf_counter() - received,
                 replica=replica,
             )
@@ -439,20 +576,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self,
         job: GenerateJob,
         index: int,
+        pass_index: int,
         result: WorkerResult,
+        params: GenerationParams,
         conditioning: Conditioning,
         received: float,
     ) -> tuple[generator_pb2.ImageHeader, bytes]:
-        """Image `index` of the job: its header and file bytes."""
-        image, params, positive, negative = (
-            result.image,
-            job.params,
-            conditioning.positive,
-            conditioning.negative,
-        )
+        """Image `index` of the job (made with `params`, its pass `pass_index`): its header and file bytes."""
+        image, positive, negative = result.image, conditioning.positive, conditioning.negative
         header = generator_pb2.ImageHeader(
             request_id=job.request_id,
-            seed=params.seed + index,
+            seed=params.seed,
+            pass_index=pass_index,
+            pass_count=len(job.passes),
             width=image.width,
             height=image.height,
             steps=params.steps,
@@ -500,7 +636,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             self.metrics.count_bytes("received", "embedding", tensor.numel() * tensor.element_size())
 
     def _metadata(
-        self, params: GenerationParams, prompt: Prompt, negative: Prompt | None
+        self,
+        params: GenerationParams,
+        prompt: Prompt,
+        negative: Prompt | None,
+        passes: Sequence[PassPlan] = (),
     ) -> tuple[tuple[str, str], ...]:
         """What the result file records about how it was made (PNG text chunks, EXIF, safetensors header)."""
         return generation_metadata(
@@ -517,6 +657,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Only a shift other than the model's own, so that files made with the defaults stay as they were.
             shift=None if params.shift == self.info.default_shift else params.shift,
             skip_layer_guidance=params.skip_layer_guidance,
+            passes=[(plan.scale, plan.steps, plan.strength) for plan in passes],
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
 

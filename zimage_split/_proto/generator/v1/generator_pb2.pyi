@@ -41,7 +41,7 @@ class Conditioning(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance", "passes", "return_intermediate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class GenerateRequest(_message.Message):
     STRIP_METADATA_FIELD_NUMBER: _ClassVar[int]
     SHIFT_FIELD_NUMBER: _ClassVar[int]
     SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_INTERMEDIATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Conditioning
     negative_prompt: Conditioning
@@ -84,7 +86,19 @@ class GenerateRequest(_message.Message):
     strip_metadata: bool
     shift: float
     skip_layer_guidance: SkipLayerGuidance
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ...) -> None: ...
+    passes: _containers.RepeatedCompositeFieldContainer[Pass]
+    return_intermediate: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., passes: _Optional[_Iterable[_Union[Pass, _Mapping]]] = ..., return_intermediate: _Optional[bool] = ...) -> None: ...
+
+class Pass(_message.Message):
+    __slots__ = ("scale", "steps", "strength")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    steps: int
+    strength: float
+    def __init__(self, scale: _Optional[float] = ..., steps: _Optional[int] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class SkipLayerGuidance(_message.Message):
     __slots__ = ("scale", "layers", "start", "stop")
@@ -143,7 +157,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance")
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance", "pass_index", "pass_count")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +183,8 @@ class ImageHeader(_message.Message):
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     SHIFT_FIELD_NUMBER: _ClassVar[int]
     SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    PASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PASS_COUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seed: int
     width: int
@@ -194,7 +210,9 @@ class ImageHeader(_message.Message):
     steps_run: int
     shift: float
     skip_layer_guidance: SkipLayerGuidance
-    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ...) -> None: ...
+    pass_index: int
+    pass_count: int
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., pass_index: _Optional[int] = ..., pass_count: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "image", "image_chunk")
