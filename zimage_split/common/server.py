@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Chunks are 1 MiB; the headroom covers the other fields of a message.
 MAX_MESSAGE_BYTES = 8 << 20
+# After a drain, how long calls whose handlers have returned get to send their last messages and status.
+FLUSH_SECONDS = 5.0
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -111,7 +113,10 @@ class RunningServer:
                 self.gate.in_flight,
                 grace or 0,
             )
-        await self.server.stop(0)
+        # The gate counts a call until its handler returns, which can be before gRPC has sent the call's
+        # last messages and status: a drained server still gives those a moment (gRPC's stop returns as soon
+        # as every call is done) instead of cancelling them. Calls still running past the grace are cancelled.
+        await self.server.stop(FLUSH_SECONDS if drained else 0)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         return drained
