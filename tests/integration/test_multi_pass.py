@@ -19,15 +19,15 @@ def embedding(tokens: int, seed: int) -> torch.Tensor:
 
 def test_two_passes_equal_the_calls_made_by_hand(client: Any) -> None:
     prompt = embedding(9, 4)
-    final = client.generate(
-        embeddings=prompt,
-        seed=5,
-        width=256,
-        height=192,
-        steps=4,
-        passes=[{"scale": 0.5}, {"scale": 1.0, "strength": 0.5, "steps": 6}],
-        return_intermediate=True,
-    )
+    request = {
+        "embeddings": prompt,
+        "seed": 5,
+        "width": 256,
+        "height": 192,
+        "steps": 4,
+        "passes": [{"scale": 0.5}, {"scale": 1.0, "strength": 0.5, "steps": 6}],
+    }
+    final = client.generate(**request, return_intermediate=True)
     [intermediate] = final.info["intermediate"]
     by_hand_first = client.generate(embeddings=prompt, seed=5, width=128, height=96, steps=4)
     assert intermediate.size == (128, 96)
@@ -40,14 +40,7 @@ def test_two_passes_equal_the_calls_made_by_hand(client: Any) -> None:
     assert (final.info["pass_index"], final.info["pass_count"]) == (1, 2)
     assert (intermediate.info["pass_index"], intermediate.info["pass_count"]) == (0, 2)
     # Without return_intermediate only the final image comes back, the same one.
-    again = client.generate(
-        embeddings=prompt,
-        seed=5,
-        width=256,
-        height=192,
-        steps=4,
-        passes=[{"scale": 0.5}, {"scale": 1.0, "strength": 0.5, "steps": 6}],
-    )
+    again = client.generate(**request)
     assert np.array_equal(np.asarray(again), np.asarray(final)) and "intermediate" not in again.info
 
 

@@ -124,8 +124,8 @@ def generation_metadata(
 
     Pass prompt=None when the prompt was an uploaded embedding (its text is unknown) and give its
     `prompt_key`; negative_prompt=None, strength=None (text-to-image) and shift=None (the model's own schedule
-    shift) leave those keys out. `extra` adds
-    keys of 1-79 letters, digits or underscores that are not among STANDARD_KEYS.
+    shift) leave those keys out. `extra` adds keys of 1-79 letters, digits or underscores that are not among
+    STANDARD_KEYS.
     """
     items: dict[str, str] = {}
     if prompt is not None:
@@ -159,13 +159,13 @@ def generation_metadata(
         items["passes"] = json.dumps(
             [
                 {"scale": _float(scale), "steps": steps}
-                | ({} if strength is None else {"strength": _float(strength)})
-                for scale, steps, strength in passes
+                | ({} if pass_strength is None else {"strength": _float(pass_strength)})
+                for scale, steps, pass_strength in passes
             ]
         )
     items["model"] = model
     items["loras"] = json.dumps(
-        [{"name": name, "scale": float(_number(scale))} for name, scale in loras], ensure_ascii=False
+        [{"name": name, "scale": _float(scale)} for name, scale in loras], ensure_ascii=False
     )
     for key, value in (extra or {}).items():
         if key in STANDARD_KEYS or not _EXTRA_KEY.fullmatch(key):

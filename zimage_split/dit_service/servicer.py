@@ -47,9 +47,9 @@ from zimage_split.dit_service.worker import Worker, WorkerResult
 _DONE = object()
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
 DEFAULT_STRENGTH = 0.6
+DEFAULT_INPAINT_STRENGTH = 1.0
 # Multi-pass requests: at most this many passes.
 MAX_PASSES = 4
-DEFAULT_INPAINT_STRENGTH = 1.0
 
 
 def slg_to_proto(slg: SkipLayerGuidance | None) -> generator_pb2.SkipLayerGuidance | None:
@@ -186,13 +186,13 @@ class _ImageRuns:
         results: list[WorkerResult] = []
         done_steps = 0
         for number, job in enumerate(passes):
-            start = None
+            init_image = job.init_image
             if results:
                 with Image.open(io.BytesIO(results[-1].image.data)) as previous:
-                    start = _fit(previous.convert("RGB"), job.params.width, job.params.height)
+                    init_image = _fit(previous.convert("RGB"), job.params.width, job.params.height)
             run = dataclasses.replace(
                 job,
-                init_image=start if results else job.init_image,
+                init_image=init_image,
                 on_step=self._step_reporter(index, done_steps),
                 is_cancelled=self.cancelled.is_set,
             )
@@ -290,7 +290,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         job = self.validate(request)
         # The caller's deadline also bounds the call to the encoder.
         conditioning = await self._conditioning(job, timeout=context.time_remaining())
-        runs = _ImageRuns(self.worker, self._worker_jobs(job, conditioning), job.request_id)
+        jobs = self._worker_jobs(job, conditioning)
+        runs = _ImageRuns(self.worker, jobs, job.request_id)
         self._active.add(runs.cancelled)
         try:
             async for steps_done, replica in runs.steps():
@@ -300,11 +301,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             runs.stop()
             self._active.discard(runs.cancelled)
         images = [
-            self._image(job, index, number, result, params, conditioning, received)
-            for index, passes in enumerate(results)
-            for number, (result, params) in enumerate(
-                zip(passes, job.pass_params(self._image_params(job, index)), strict=True)
-            )
+            self._image(job, index, number, result, run.params, conditioning, received)
+            for index, (passes, image_jobs) in enumerate(zip(results, jobs, strict=True))
+            for number, (result, run) in enumerate(zip(passes, image_jobs, strict=True))
             if job.return_intermediate or number == len(passes) - 1
         ]
         if job.request_id:
@@ -406,11 +405,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     "passes[0].strength has nothing to act on: the first pass starts from noise. Leave it unset."
                 )
             if index > 0:
-                strength = spec.strength if spec.HasField("strength") else DEFAULT_STRENGTH
-                if not (math.isfinite(strength) and 0 < strength <= 1):
-                    raise InvalidArgument(
-                        f"passes[{index}].strength must be above 0 and at most 1 (got {strength:g})."
-                    )
+                strength = _checked_strength(
+                    spec.strength if spec.HasField("strength") else DEFAULT_STRENGTH,
+                    f"passes[{index}].strength",
+                )
             plans.append(
                 PassPlan(scale=spec.scale, width=width, height=height, steps=steps, strength=strength)
             )
@@ -496,13 +494,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         image = self.images.get(start.image_key, mask=False)
         mask = self.images.get(start.mask_key, mask=True) if start.mask_key else None
         default = DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH
-        strength = start.strength if start.HasField("strength") else default
-        if not (math.isfinite(strength) and 0 < strength <= 1):
-            raise InvalidArgument(
-                f"init_image.strength must be above 0 and at most 1 (got {strength}); 0.6 keeps the "
-                "composition, 1 repaints everything."
-            )
-        return StartImages(image=image, mask=mask, strength=float(strength))
+        strength = _checked_strength(
+            start.strength if start.HasField("strength") else default, "init_image.strength"
+        )
+        return StartImages(image=image, mask=mask, strength=strength)
 
     def _output(self, request: generator_pb2.GenerateRequest) -> OutputOptions:
         output_format = OUTPUT_FORMAT.name(request.output_format, DEFAULT_OUTPUT_FORMAT)
@@ -526,17 +521,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self._observe_fetches(positive, negative)
         return Conditioning(positive, negative)
 
-    @staticmethod
-    def _image_params(job: GenerateJob, index: int) -> GenerationParams:
-        """Image `index`'s parameters: the job's, with seed + index."""
-        return dataclasses.replace(job.params, seed=job.params.seed + index)
-
     def _worker_jobs(self, job: GenerateJob, conditioning: Conditioning) -> list[list[GenerationJob]]:
         """Per image, one job per pass; image i has seed + i. Passes before the last are PNG, the file
         the same calls made by hand would hand on."""
         jobs = []
         for index in range(job.image_count):
-            passes = job.pass_params(self._image_params(job, index))
+            passes = job.pass_params(dataclasses.replace(job.params, seed=job.params.seed + index))
             image_jobs = []
             for number, params in enumerate(passes):
                 metadata = (
@@ -782,6 +772,16 @@ def _image_responses(
     yield generator_pb2.GenerateResponse(image=header)
     for chunk in wire.iter_chunks(memoryview(data)):
         yield generator_pb2.GenerateResponse(image_chunk=chunk)
+
+
+def _checked_strength(strength: float, what: str) -> float:
+    """An img2img strength (a start image's, or a later pass's), or InvalidArgument naming `what`."""
+    if not (math.isfinite(strength) and 0 < strength <= 1):
+        raise InvalidArgument(
+            f"{what} must be above 0 and at most 1 (got {strength:g}); 0.6 keeps the composition, 1 repaints "
+            "everything."
+        )
+    return float(strength)
 
 
 def _fit(image: Image.Image | None, width: int, height: int) -> Image.Image | None:
