@@ -9,8 +9,12 @@ size, steps and seed everywhere; every round times each variant once, in a new o
   blocks: one more DiT pass, with those blocks skipped, per active step;
 - two_passes: multi-pass as the generator runs it, a first pass at half the size and then img2img of its
   PNG, upscaled (Lanczos), at the full size with strength 0.6 (the default), both with the same steps.
+- dype: DyPE (vision_yarn, the defaults) against `large_plain`, the same image without it, both at
+  `--dype-size` (1280: DyPE changes nothing at 1024 pixels a side or less, so it cannot be timed at 256) and
+  denoising only (latents out, no VAE decode, the same on both sides).
 
-The ratio is variant / plain per round (same embedding, seed, size and steps; only the option differs).
+The ratio is variant / plain per round (same embedding, seed, size and steps; only the option differs); for
+dype it is dype / large_plain.
 
     python -m benchmarks.bench_features --rounds 10
 """
@@ -41,15 +45,23 @@ from benchmarks.report import (
 )
 
 STEPS = 8
-DEFAULTS = {"rounds": 10, "size": 256}
-QUICK = {"size": 64}
-VARIANTS = ("plain", "shift", "slg", "two_passes")
+DEFAULTS = {"rounds": 10, "size": 256, "dype_size": 1280}
+QUICK = {"size": 64, "dype_size": 1088}
+VARIANTS = ("plain", "shift", "slg", "two_passes", "large_plain", "dype")
+# What each variant's ratio is taken against.
+BASELINES = {"dype": "large_plain"}
 SECOND_PASS_STRENGTH = 0.6
 
 
-def variant_params(name: str, side: int, dit_layers: int):  # type: ignore[no-untyped-def]
+def variant_params(name: str, side: int, dit_layers: int, dype_side: int):  # type: ignore[no-untyped-def]
+    from zimage_split.dit_service.dype import Dype
     from zimage_split.dit_service.engine import GenerationParams
     from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
+
+    if name == "large_plain":
+        return GenerationParams(width=dype_side, height=dype_side, steps=STEPS, seed=0)
+    if name == "dype":
+        return GenerationParams(width=dype_side, height=dype_side, steps=STEPS, seed=0, dype=Dype())
 
     if name == "shift":
         return GenerationParams(width=side, height=side, steps=STEPS, seed=0, shift=6.0)
@@ -67,6 +79,9 @@ NOTES = {
     "without those blocks per active step",
     "two_passes": "half the size, then img2img at the full size with strength 0.6: the second pass runs 5 of "
     "its {steps} steps; two VAE decodes and one encode",
+    "large_plain": "the plain image at {dype_side}x{dype_side}, denoising only: the baseline of dype",
+    "dype": "DyPE vision_yarn (scale 2, exponent 2) against the same {dype_side}x{dype_side} image without it, "
+    "denoising only (latents out on both sides): the per-step RoPE table",
 }
 
 
@@ -74,6 +89,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
     import torch
 
     from zimage_split.dit_service.engine import DiTEngine, GenerationJob
+    from zimage_split.dit_service.outputs import OutputOptions
     from zimage_split.model_source import resolve_model
 
     args = options(settings, DEFAULTS, QUICK, overrides)
@@ -88,10 +104,16 @@ def measure(settings: Settings, **overrides: object) -> dict:
         ).result()
         dit_layers = engine.info.dit_layers
         embedding = torch.randn(48, engine.caption_dim, generator=torch.Generator().manual_seed(0))
-        params = {name: variant_params(name, args.size, dit_layers) for name in VARIANTS}
+        params = {name: variant_params(name, args.size, dit_layers, args.dype_size) for name in VARIANTS}
+        latents_only = OutputOptions(format="latent")
 
         def one_image(name: str) -> float:
             started = time.perf_counter()
+            if name in ("large_plain", "dype"):
+                engine.render(
+                    [GenerationJob(params=params[name], prompt_embeds=embedding, output=latents_only)]
+                )
+                return time.perf_counter() - started
             if name != "two_passes":
                 engine.generate([GenerationJob(params=params[name], prompt_embeds=embedding)])
                 return time.perf_counter() - started
@@ -119,7 +141,9 @@ def measure(settings: Settings, **overrides: object) -> dict:
         worker.shutdown()
     stats = {name: summary(values) for name, values in seconds.items()}
     ratios = {
-        name: summary([v / p for v, p in zip(seconds[name], seconds["plain"], strict=True)])
+        name: summary(
+            [v / p for v, p in zip(seconds[name], seconds[BASELINES.get(name, "plain")], strict=True)]
+        )
         for name in VARIANTS
     }
     slg = params["slg"].skip_layer_guidance
@@ -138,6 +162,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
             "device": settings.device,
             "rounds": args.rounds,
             "quick": settings.quick,
+            "dype_size": args.dype_size,
             "slg": {
                 "scale": slg.scale,
                 "layers": list(slg.layers),
@@ -156,20 +181,25 @@ def measure(settings: Settings, **overrides: object) -> dict:
     result["headline"] = [
         headline_row(
             "features",
-            f"DiT image with {name}, {args.size}x{args.size}, {STEPS} steps, float32",
+            f"DiT image with {name}, {side}x{side}, {STEPS} steps, float32",
             unit="s",
             ours=stats[name]["median_s"],
-            baseline=stats["plain"]["median_s"],
-            baseline_name="the plain image",
+            baseline=stats[BASELINES.get(name, "plain")]["median_s"],
+            baseline_name=f"the plain image at {side}x{side}",
             ratio=ratios[name]["median_s"],
-            ratio_meaning=f"{name} / plain, per round (lower is cheaper)",
+            ratio_meaning=f"{name} / {BASELINES.get(name, 'plain')}, per round (lower is cheaper)",
             note=NOTES[name].format(
-                active=slg.active_steps(STEPS), steps=STEPS, layers=list(slg.layers), dit_layers=dit_layers
+                active=slg.active_steps(STEPS),
+                steps=STEPS,
+                layers=list(slg.layers),
+                dit_layers=dit_layers,
+                dype_side=args.dype_size,
             )
             + f"; {args.rounds} rounds",
         )
         for name in VARIANTS
-        if name != "plain"
+        if name not in ("plain", "large_plain")
+        for side in [args.dype_size if name == "dype" else args.size]
     ]
     return result
 
@@ -179,18 +209,21 @@ def print_table(result: dict) -> None:
     print()
     print(
         f"DiT engine in-process, {settings['width']}x{settings['height']}, {settings['steps']} steps, float32; "
-        "seconds per image: median (IQR, 95% CI of the median); ratio to plain per round"
+        "seconds per image: median (IQR, 95% CI of the median); ratio per round to plain (dype: to large_plain)"
     )
     for name in VARIANTS:
         ratio = result["ratio_to_plain"][name]
         print(
-            f"  {name:<6} {spread_text(result['variants'][name])}  x{ratio['median_s']:.3f} (IQR {ratio['q1_s']:.3f}-{ratio['q3_s']:.3f})"
+            f"  {name:<11} {spread_text(result['variants'][name])}  x{ratio['median_s']:.3f} (IQR {ratio['q1_s']:.3f}-{ratio['q3_s']:.3f})"
         )
 
 
 def main() -> None:
     def flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--size", type=int, default=None, help="image width and height (256)")
+        parser.add_argument(
+            "--dype-size", type=int, default=None, help="width and height of the DyPE pair (1280)"
+        )
 
     settings, overrides, out = standalone(__doc__, "features", flags)
     result = measure(settings, **overrides)

@@ -173,6 +173,38 @@ class SkipLayerGuidanceRequest:
 
 
 @dataclass(frozen=True)
+class DypeRequest:
+    """A batch's DyPE as asked for (unset values take the generator's defaults)."""
+
+    on: bool = False
+    method: str | None = None
+    scale: float | None = None
+    exponent: float | None = None
+
+    def matches(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether an image made with `recorded` (ImageHeader.dype as a dict) is one of these."""
+        if not self.on:
+            return not recorded
+        if not recorded:
+            return False
+        if self.method is not None and recorded.get("method") != self.method:
+            return False
+        numbers = {"scale": self.scale, "exponent": self.exponent}
+        return all(
+            value is None or round(float(recorded.get(name, -1)), 5) == round(value, 5)
+            for name, value in numbers.items()
+        )
+
+    def as_options(self) -> dict[str, Any]:
+        return {
+            "dype": self.on,
+            "dype_method": self.method,
+            "dype_scale": self.scale,
+            "dype_exponent": self.exponent,
+        }
+
+
+@dataclass(frozen=True)
 class BatchSettings:
     steps: int | None
     guidance_scale: float | None
@@ -181,6 +213,7 @@ class BatchSettings:
     # The schedule shift; None is the model's own.
     shift: float | None = None
     slg: SkipLayerGuidanceRequest = SkipLayerGuidanceRequest()
+    dype: DypeRequest = DypeRequest()
 
     def matches(self, entry: dict[str, Any]) -> bool:
         # Scales come back as float32 (0.7 as 0.699999988): compare them rounded.
@@ -191,6 +224,8 @@ class BatchSettings:
         if self.shift is not None and round(float(entry.get("shift") or 0.0), 5) != round(self.shift, 5):
             return False
         if not self.slg.matches(entry.get("skip_layer_guidance")):
+            return False
+        if not self.dype.matches(entry.get("dype")):
             return False
         return recorded == wanted and all(
             value is None or entry.get(name) == value
@@ -255,6 +290,7 @@ class Manifest:
             "guidance_scale": info.get("guidance_scale"),
             "shift": info.get("shift"),
             "skip_layer_guidance": info.get("skip_layer_guidance"),
+            "dype": info.get("dype"),
             "loras": info.get("loras") or [],
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
@@ -413,6 +449,7 @@ async def run_batch(
                 shift=settings.shift,
                 loras=settings.loras,
                 **settings.slg.as_options(),
+                **settings.dype.as_options(),
             )
             # aclosing: a failed write must cancel the requests in flight now, not when the generator is collected.
             async with contextlib.aclosing(results):

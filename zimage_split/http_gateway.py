@@ -62,8 +62,8 @@ class PassBody(BaseModel):
 
 class ImagesRequest(BaseModel):
     """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
-    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`) and
-    multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back)."""
+    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`), DyPE
+    (`dype`, `dype_method`, `dype_scale`, `dype_exponent`) and multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back)."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -83,6 +83,10 @@ class ImagesRequest(BaseModel):
     slg_layers: list[int] = Field(default_factory=list)
     slg_start: float | None = None
     slg_stop: float | None = None
+    dype: bool = False
+    dype_method: str | None = None
+    dype_scale: float | None = None
+    dype_exponent: float | None = None
     passes: list[PassBody] = Field(default_factory=list)
 
 
@@ -124,6 +128,10 @@ async def generate(
         slg_layers=body.slg_layers,
         slg_start=body.slg_start,
         slg_stop=body.slg_stop,
+        dype=body.dype,
+        dype_method=body.dype_method,
+        dype_scale=body.dype_scale,
+        dype_exponent=body.dype_exponent,
         passes=[spec.model_dump(exclude_none=True) for spec in body.passes],
         model=body.model if body.model and body.model != "z-image-turbo" else "",
         num_images=body.n,

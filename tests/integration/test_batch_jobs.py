@@ -179,3 +179,34 @@ def test_a_batch_with_skip_layer_guidance_records_it_and_a_resume_without_it_mak
     asyncio.run(run(SkipLayerGuidanceRequest()))  # without SLG: made again, without it
     [again] = entries()
     assert again["skip_layer_guidance"] is None and again["sha256"] != first["sha256"]
+
+
+def test_a_batch_with_dype_records_it_and_a_resume_without_it_makes_the_images_again(
+    generator, encoder_fp32, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from zimage_split.batch_jobs import BatchSettings, DypeRequest, run_batch
+    from zimage_split.client import AsyncClient
+
+    async def run(dype: DypeRequest) -> None:
+        addresses = {"generator": f"127.0.0.1:{generator.port}", "encoder": f"127.0.0.1:{encoder_fp32.port}"}
+        async with AsyncClient(**addresses, timeout=60) as client:
+            embeddings = await client.encode(PROMPTS[:1])
+            settings = BatchSettings(steps=2, guidance_scale=None, dype=dype)
+            await run_batch(
+                client, embeddings, tmp_path, seeds=[0], sizes=[(64, 64)], settings=settings, concurrency=1
+            )
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+
+    extrapolated = DypeRequest(on=True, method="pi", scale=3.0)
+    asyncio.run(run(extrapolated))
+    [first] = entries()
+    assert first["dype"] == {"method": "pi", "scale": 3.0, "exponent": 2.0}
+    with Image.open(tmp_path / first["file"]) as image:
+        assert "DyPE: pi scale 3 exponent 2" in image.text["parameters"]  # type: ignore[attr-defined]
+    asyncio.run(run(extrapolated))  # the same settings: nothing is made again
+    assert entries()[0]["finished_at"] == first["finished_at"]
+    asyncio.run(run(DypeRequest()))  # without DyPE: made again, without it
+    [again] = entries()
+    assert again["dype"] is None and again["finished_at"] != first["finished_at"]

@@ -109,6 +109,35 @@ def test_the_shift_extension_reaches_the_generator(gateway, client) -> None:  # 
         )
 
 
+def test_the_dype_extension_reaches_the_generator(gateway, client) -> None:  # type: ignore[no-untyped-def]
+    result = openai_api(gateway).images.generate(
+        prompt="a lighthouse at dusk",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 5, "steps": 2, "dype": True, "dype_method": "ntk", "dype_exponent": 1.5},
+    )
+    image = decode(result.data[0])
+    direct = client.generate(
+        "a lighthouse at dusk",
+        seed=5,
+        width=64,
+        height=64,
+        steps=2,
+        dype=True,
+        dype_method="ntk",
+        dype_exponent=1.5,
+    )
+    assert np.array_equal(np.asarray(image), np.asarray(direct))
+    assert json.loads(image.text["dype"]) == {"method": "ntk", "scale": 2.0, "exponent": 1.5}
+    with pytest.raises(openai.BadRequestError, match="Unknown dype method 'yarn'"):
+        openai_api(gateway).images.generate(
+            prompt="a cat",
+            size="64x64",
+            response_format="b64_json",
+            extra_body={"dype": True, "dype_method": "yarn"},
+        )
+
+
 def test_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyped-def]
     api = openai_api(gateway)
     with pytest.raises(openai.BadRequestError, match="WIDTHxHEIGHT"):

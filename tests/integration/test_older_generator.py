@@ -13,7 +13,7 @@ from zimage_split.client import Client, FailedPrecondition
 
 
 class OlderGenerator(generator_pb2_grpc.GeneratorServiceServicer):
-    """A generator from before GenerateRequest.shift: it skips the unknown field and reports no shift."""
+    """A generator from before GenerateRequest.shift and .dype: it skips those fields and reports neither."""
 
     def __init__(self, generator_address: str) -> None:
         self.channel = aio.insecure_channel(generator_address)
@@ -23,9 +23,11 @@ class OlderGenerator(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
         request.ClearField("shift")
+        request.ClearField("dype")
         async for response in self.generator.Generate(request, timeout=60):
             if response.WhichOneof("event") == "image":
                 response.image.ClearField("shift")
+                response.image.ClearField("dype")
             yield response
 
 
@@ -57,3 +59,11 @@ def test_a_shift_an_older_generator_would_ignore_is_an_error(older_generator, ge
     with Client(generator=f"127.0.0.1:{generator.port}", timeout=60) as client:
         direct = client.generate("a cat", seed=1, width=64, height=64, steps=2)
     assert np.array_equal(np.asarray(plain), np.asarray(direct))
+
+
+def test_dype_an_older_generator_would_ignore_is_an_error(older_generator) -> None:  # type: ignore[no-untyped-def]
+    with (
+        Client(generator=older_generator, timeout=60) as client,
+        pytest.raises(FailedPrecondition, match="ignored DyPE: it is older than per-request position"),
+    ):
+        client.generate("a cat", seed=1, width=64, height=64, steps=1, dype=True)

@@ -388,6 +388,16 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
                 )
             )
         ),
+        "dype": draw(
+            optional(
+                st.builds(
+                    generator_pb2.Dype,
+                    method=st.one_of(st.sampled_from(["", "vision_yarn", "ntk", "pi"]), st.text(max_size=12)),
+                    scale=optional(floats32),
+                    exponent=optional(floats32),
+                )
+            )
+        ),
         "max_sequence_length": draw(optional(st.one_of(st.integers(0, 4097), UINT32))),
         "prompt": draw(conditionings),
         "negative_prompt": draw(conditionings),
@@ -437,6 +447,10 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
         0 < slg.scale <= 20
         and all(0 <= layer < servicer.info.dit_layers for layer in slg.layers)
         and 0 <= slg.start < slg.stop <= 1
+    )
+    dype = params.dype
+    assert dype is None or (
+        dype.method in ("vision_yarn", "ntk", "pi") and 0 <= dype.scale <= 10 and 0 <= dype.exponent <= 10
     )
     limit = servicer.info.max_caption_tokens
     max_length = encoding.max_sequence_length

@@ -115,6 +115,7 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
         "2 Ray replicas",
         "tokens/s",
         "DiT image with slg",
+        "DiT image with dype",
     ):
         assert expected in metrics, expected
 

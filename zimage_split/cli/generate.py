@@ -26,6 +26,7 @@ from zimage_split.common.vocabulary import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_TIMEOUT_SECONDS,
     DTYPES,
+    DYPE_METHODS,
     FORMAT_SUFFIXES,
     OUTPUT_FORMATS,
     SUFFIX_FORMATS,
@@ -105,6 +106,26 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--slg-stop", type=float, default=None, help="SLG until this fraction of the steps (0.5)"
+    )
+    generate.add_argument(
+        "--dype",
+        action="store_true",
+        help="DyPE position extrapolation, for images over 1024 pixels a side (off)",
+    )
+    generate.add_argument(
+        "--dype-method",
+        choices=DYPE_METHODS,
+        default=None,
+        help="with --dype: how positions are extrapolated (vision_yarn)",
+    )
+    generate.add_argument(
+        "--dype-scale", type=float, default=None, help="with --dype: how far it reaches at first, 0-10 (2)"
+    )
+    generate.add_argument(
+        "--dype-exponent",
+        type=float,
+        default=None,
+        help="with --dype: how fast it fades as the noise falls, 0-10 (2)",
     )
     generate.add_argument(
         "--pass",
@@ -333,6 +354,10 @@ async def _generate(args: argparse.Namespace) -> int:
                 slg_layers=args.slg_layers,
                 slg_start=args.slg_start,
                 slg_stop=args.slg_stop,
+                dype=args.dype,
+                dype_method=args.dype_method,
+                dype_scale=args.dype_scale,
+                dype_exponent=args.dype_exponent,
                 passes=args.passes or (),
                 return_intermediate=args.save_passes,
                 num_images=args.num_images,
@@ -394,7 +419,13 @@ async def _generate_batch(args: argparse.Namespace) -> int:
     """Every prompt of an embeddings file x seeds x sizes into --out-dir; a re-run resumes."""
     from tqdm import tqdm
 
-    from zimage_split.batch_jobs import BatchSettings, SkipLayerGuidanceRequest, check_out_dir, run_batch
+    from zimage_split.batch_jobs import (
+        BatchSettings,
+        DypeRequest,
+        SkipLayerGuidanceRequest,
+        check_out_dir,
+        run_batch,
+    )
     from zimage_split.client.aio import AsyncClient
     from zimage_split.client.batch import parse_seeds, parse_sizes
     from zimage_split.client.embeddings import Embeddings, check_for_generator
@@ -449,6 +480,7 @@ async def _generate_batch(args: argparse.Namespace) -> int:
         loras=tuple(lora_flag(value) for value in args.lora or ()),
         shift=args.shift,
         slg=SkipLayerGuidanceRequest(args.slg_scale, args.slg_layers, args.slg_start, args.slg_stop),
+        dype=DypeRequest(args.dype, args.dype_method, args.dype_scale, args.dype_exponent),
     )
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)  # a folder we cannot write fails now, not after loading the model

@@ -135,6 +135,17 @@ def _skip_layer_guidance(
     return generator_pb2.SkipLayerGuidance(scale=scale, layers=list(layers), start=start, stop=stop)
 
 
+def _dype(
+    on: bool, method: str | None, scale: float | None, exponent: float | None
+) -> generator_pb2.Dype | None:
+    """The request's Dype; None when off. The generator checks the values and says what to fix."""
+    if not on:
+        if method is not None or scale is not None or exponent is not None:
+            raise InvalidArgument("dype_method, dype_scale and dype_exponent need dype=True.")
+        return None
+    return generator_pb2.Dype(method=method or "", scale=scale, exponent=exponent)
+
+
 def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
     if isinstance(value, Embeddings):
         if len(value) != 1:
@@ -363,6 +374,10 @@ class AsyncClient:
         slg_layers: Sequence[int] = (),
         slg_start: float | None = None,
         slg_stop: float | None = None,
+        dype: bool = False,
+        dype_method: str | None = None,
+        dype_scale: float | None = None,
+        dype_exponent: float | None = None,
         passes: Sequence[PassLike] = (),
         return_intermediate: bool = False,
         max_sequence_length: int | None = None,
@@ -396,6 +411,10 @@ class AsyncClient:
         - `slg_scale` (0 = off; 2 to 4 is usual) turns on Skip Layer Guidance: on the steps from `slg_start`
           (0.05) to `slg_stop` (0.5) of the way through, the DiT runs again with blocks `slg_layers` (7-12)
           skipped and the prediction moves away from that one. Each active step costs one more DiT pass.
+        - `dype=True`: DyPE position extrapolation for images over 1024 pixels a side (2048², or 4096² where
+          the generator's --max-pixels allows it): `dype_method` "vision_yarn" (default), "ntk" or "pi",
+          `dype_scale` and `dype_exponent` (2 and 2) shape how far and how long it extrapolates. Changes
+          nothing at 1024² or below.
         - `passes`: multi-pass ("hires"), e.g. ``[{"scale": 0.5}, {"scale": 1, "strength": 0.5}]``: the first
           pass makes the image at half the size, each later one upscales it (Lanczos) and refines it with
           img2img (`strength`, default 0.6; `steps`, default `steps`). With `return_intermediate`,
@@ -422,6 +441,10 @@ class AsyncClient:
             slg_layers=slg_layers,
             slg_start=slg_start,
             slg_stop=slg_stop,
+            dype=dype,
+            dype_method=dype_method,
+            dype_scale=dype_scale,
+            dype_exponent=dype_exponent,
             passes=passes,
             return_intermediate=return_intermediate,
             max_sequence_length=max_sequence_length,
@@ -459,6 +482,10 @@ class AsyncClient:
         slg_layers: Sequence[int] = (),
         slg_start: float | None = None,
         slg_stop: float | None = None,
+        dype: bool = False,
+        dype_method: str | None = None,
+        dype_scale: float | None = None,
+        dype_exponent: float | None = None,
         passes: Sequence[PassLike] = (),
         return_intermediate: bool = False,
         max_sequence_length: int | None = None,
@@ -498,6 +525,7 @@ class AsyncClient:
                 cfg_truncation=cfg_truncation,
                 shift=shift,
                 skip_layer_guidance=_skip_layer_guidance(slg_scale, slg_layers, slg_start, slg_stop),
+                dype=_dype(dype, dype_method, dype_scale, dype_exponent),
                 passes=[_pass(spec) for spec in passes],
                 return_intermediate=return_intermediate,
                 model=model,
@@ -586,6 +614,10 @@ class AsyncClient:
         slg_layers: Sequence[int] = (),
         slg_start: float | None = None,
         slg_stop: float | None = None,
+        dype: bool = False,
+        dype_method: str | None = None,
+        dype_scale: float | None = None,
+        dype_exponent: float | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[JobResult, None]:
         """Generates every prompt x size x seed from embeddings encoded once; yields results as they finish.
@@ -610,6 +642,9 @@ class AsyncClient:
         slg = _skip_layer_guidance(slg_scale, slg_layers, slg_start, slg_stop)
         if slg is not None:
             options["skip_layer_guidance"] = MessageToDict(slg)
+        dype_settings = _dype(dype, dype_method, dype_scale, dype_exponent)
+        if dype_settings is not None:
+            options["dype"] = MessageToDict(dype_settings)
         queue: asyncio.Queue[JobResult | BaseException] = asyncio.Queue()
         waiting = iter(planned)
 
@@ -633,6 +668,10 @@ class AsyncClient:
                         slg_layers=slg_layers,
                         slg_start=slg_start,
                         slg_stop=slg_stop,
+                        dype=dype,
+                        dype_method=dype_method,
+                        dype_scale=dype_scale,
+                        dype_exponent=dype_exponent,
                     )
                 except Exception as error:  # handed to the consumer, which stops the batch
                     await queue.put(error)
@@ -741,6 +780,11 @@ class AsyncClient:
                 f"The generator at {self.generator_address} ignored Skip Layer Guidance: it is older than "
                 "slg_scale. Upgrade it, or leave slg_scale at 0."
             )
+        if request.HasField("dype") and any(not header.HasField("dype") for header, _ in received):
+            raise FailedPrecondition(
+                f"The generator at {self.generator_address} ignored DyPE: it is older than per-request "
+                "position extrapolation. Upgrade it, or leave dype off."
+            )
         images: list[Image.Image | Latents] = []
         for header, data in received:
             if hashlib.sha256(data).hexdigest() != header.sha256:
@@ -824,6 +868,9 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
             MessageToDict(header.skip_layer_guidance, preserving_proto_field_name=True)
             if header.HasField("skip_layer_guidance")
             else None
+        ),
+        "dype": (
+            MessageToDict(header.dype, preserving_proto_field_name=True) if header.HasField("dype") else None
         ),
         "model_id": header.model_id,
         "replica": header.replica,

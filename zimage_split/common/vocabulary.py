@@ -27,6 +27,9 @@ QUANTIZATIONS = ("none", "int8")
 LONG_PROMPT_MODES = ("truncate", "interpolate", "pool")
 DEFAULT_LONG_PROMPT_MODE = "truncate"
 
+# How DyPE extrapolates the DiT's image positions (`dype_method`): see zimage_split/dit_service/dype.py.
+DYPE_METHODS = ("vision_yarn", "ntk", "pi")
+
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "latent")
 DEFAULT_OUTPUT_FORMAT = "png"
 QUALITY_FORMATS = ("jpeg", "webp")

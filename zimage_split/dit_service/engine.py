@@ -20,6 +20,7 @@ from zimage_split.common.errors import OUT_OF_MEMORY, Cancelled, InvalidArgument
 from zimage_split.devices import release_cached_memory, synchronized_clock
 from zimage_split.dit_service.attention import check_backend, choose_attention
 from zimage_split.dit_service.config import VAE_TILING_MODES
+from zimage_split.dit_service.dype import Dype, extrapolating
 from zimage_split.dit_service.lora.adapters import LoraAdapters
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
 from zimage_split.dit_service.outputs import OutputOptions, encode_image, encode_latents
@@ -58,6 +59,8 @@ class GenerationParams:
     shift: float | None = None
     # Skip Layer Guidance; None: off.
     skip_layer_guidance: SkipLayerGuidance | None = None
+    # DyPE position extrapolation for images over 1024 pixels a side; None: the model's own RoPE.
+    dype: Dype | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -73,6 +76,7 @@ class GenerationParams:
             self.loras,
             self.shift,
             self.skip_layer_guidance,
+            self.dype,
         )
 
     @property
@@ -514,6 +518,15 @@ class DiTEngine:
             self.attention.applied(len(embeds) for embeds in [*prompts, *negatives]),  # type: ignore[arg-type]
             guiding(self.pipe.transformer, slg, batch_size=len(jobs), steps=params.steps_run)
             if slg is not None
+            else contextlib.nullcontext(),
+            extrapolating(
+                self.pipe.transformer,
+                params.dype,
+                width=params.width,
+                height=params.height,
+                patch=self.size_multiple,
+            )
+            if params.dype is not None
             else contextlib.nullcontext(),
         ):
             return pipe(

@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import FORMAT_SUFFIXES, OUTPUT_FORMATS, QUALITY_FORMATS
+from zimage_split.dit_service.dype import Dype
 from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ STANDARD_KEYS = (
     "strength",
     "shift",
     "slg",
+    "dype",
     "passes",
     "model",
     "loras",
@@ -116,6 +118,7 @@ def generation_metadata(
     strength: float | None = None,
     shift: float | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    dype: Dype | None = None,
     passes: Sequence[tuple[float, int, float | None]] = (),
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
@@ -154,6 +157,10 @@ def generation_metadata(
                 "start": _float(slg.start),
                 "stop": _float(slg.stop),
             }
+        )
+    if dype is not None:
+        items["dype"] = json.dumps(
+            {"method": dype.method, "scale": _float(dype.scale), "exponent": _float(dype.exponent)}
         )
     if passes:
         items["passes"] = json.dumps(
@@ -203,6 +210,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Denoising strength", items.get("strength")),
         ("Shift", items.get("shift")),
         *_slg_settings(items.get("slg")),
+        ("DyPE", _dype_setting(items.get("dype"))),
         ("Passes", _passes_setting(items.get("passes"))),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
@@ -307,6 +315,13 @@ def _passes_setting(recorded: str | None) -> str | None:
         )
         for spec in json.loads(recorded)
     )
+
+
+def _dype_setting(recorded: str | None) -> str | None:
+    if not recorded:
+        return None
+    dype = json.loads(recorded)
+    return f"{dype['method']} scale {dype['scale']:g} exponent {dype['exponent']:g}"
 
 
 def _slg_settings(recorded: str | None) -> list[tuple[str, str | None]]:

@@ -28,6 +28,7 @@ from zimage_split.common.vocabulary import (
     GENERATOR_LONG_PROMPT_MODE,
     OUTPUT_FORMAT,
 )
+from zimage_split.dit_service.dype import Dype
 from zimage_split.dit_service.embedding_store import (
     Embedding,
     EmbeddingStore,
@@ -41,7 +42,12 @@ from zimage_split.dit_service.init_images import ImageStore
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec, check_specs
 from zimage_split.dit_service.outputs import OutputOptions, check_output, generation_metadata
 from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
-from zimage_split.dit_service.validation import Limits, validate_params, validate_skip_layer_guidance
+from zimage_split.dit_service.validation import (
+    Limits,
+    validate_dype,
+    validate_params,
+    validate_skip_layer_guidance,
+)
 from zimage_split.dit_service.worker import Worker, WorkerResult
 
 _DONE = object()
@@ -50,6 +56,12 @@ DEFAULT_STRENGTH = 0.6
 DEFAULT_INPAINT_STRENGTH = 1.0
 # Multi-pass requests: at most this many passes.
 MAX_PASSES = 4
+
+
+def dype_to_proto(dype: Dype | None) -> generator_pb2.Dype | None:
+    if dype is None:
+        return None
+    return generator_pb2.Dype(method=dype.method, scale=dype.scale, exponent=dype.exponent)
 
 
 def slg_to_proto(slg: SkipLayerGuidance | None) -> generator_pb2.SkipLayerGuidance | None:
@@ -442,6 +454,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # image's settings record it.
             shift=self.info.default_shift if params.shift is None else params.shift,
             skip_layer_guidance=self._skip_layer_guidance(request),
+            dype=self._dype(request),
             strength=start.strength,
             inpaint=start.mask is not None,
             loras=self._loras(request),
@@ -455,6 +468,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             start=slg.start if slg.HasField("start") else None,
             stop=slg.stop if slg.HasField("stop") else None,
             dit_layers=self.info.dit_layers,
+        )
+
+    @staticmethod
+    def _dype(request: generator_pb2.GenerateRequest) -> Dype | None:
+        if not request.HasField("dype"):
+            return None
+        dype = request.dype
+        return validate_dype(
+            method=dype.method,
+            scale=dype.scale if dype.HasField("scale") else None,
+            exponent=dype.exponent if dype.HasField("exponent") else None,
         )
 
     def _encoding(self, request: generator_pb2.GenerateRequest) -> TextEncoding:
@@ -585,6 +609,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             guidance_scale=params.guidance_scale,
             shift=params.shift,
             skip_layer_guidance=slg_to_proto(params.skip_layer_guidance),
+            dype=dype_to_proto(params.dype),
             format=image.format,
             byte_length=len(image.data),
             sha256=hashlib.sha256(image.data).hexdigest(),
@@ -647,6 +672,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # Only a shift other than the model's own, so that files made with the defaults stay as they were.
             shift=None if params.shift == self.info.default_shift else params.shift,
             skip_layer_guidance=params.skip_layer_guidance,
+            dype=params.dype,
             passes=[(plan.scale, plan.steps, plan.strength) for plan in passes],
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )

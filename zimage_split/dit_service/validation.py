@@ -8,7 +8,10 @@ from collections.abc import Sequence
 import torch
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.vocabulary import DYPE_METHODS
+from zimage_split.dit_service import dype as dype_defaults
 from zimage_split.dit_service.config import Limits
+from zimage_split.dit_service.dype import Dype
 from zimage_split.dit_service.engine import GenerationParams
 from zimage_split.dit_service.skip_layer_guidance import (
     DEFAULT_LAYERS,
@@ -188,3 +191,26 @@ def validate_skip_layer_guidance(
     return SkipLayerGuidance(
         scale=float(scale), layers=tuple(sorted(chosen)), start=float(start), stop=float(stop)
     )
+
+
+# DyPE's scale and exponent: ComfyUI-DyPE offers 0 to 8 for the scale; past 10 either one makes the schedule a
+# step function.
+MAX_DYPE_SETTING = 10.0
+
+
+def validate_dype(*, method: str, scale: float | None, exponent: float | None) -> Dype:
+    """A request's DyPE settings with defaults filled in; raises InvalidArgument saying the fix."""
+    method = method or dype_defaults.DEFAULT_METHOD
+    if method not in DYPE_METHODS:
+        raise InvalidArgument(f"Unknown dype method {method!r}; use one of {', '.join(DYPE_METHODS)}.")
+    scale = dype_defaults.DEFAULT_SCALE if scale is None else scale
+    exponent = dype_defaults.DEFAULT_EXPONENT if exponent is None else exponent
+    for name, value, default in (
+        ("dype_scale", scale, dype_defaults.DEFAULT_SCALE),
+        ("dype_exponent", exponent, dype_defaults.DEFAULT_EXPONENT),
+    ):
+        if not (math.isfinite(value) and 0 <= value <= MAX_DYPE_SETTING):
+            raise InvalidArgument(
+                f"{name} must be between 0 and {MAX_DYPE_SETTING:g} (got {value}); the default is {default:g}."
+            )
+    return Dype(method=method, scale=float(scale), exponent=float(exponent))

@@ -41,7 +41,7 @@ class Conditioning(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance", "passes", "return_intermediate")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance", "passes", "return_intermediate", "dype")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class GenerateRequest(_message.Message):
     SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     RETURN_INTERMEDIATE_FIELD_NUMBER: _ClassVar[int]
+    DYPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Conditioning
     negative_prompt: Conditioning
@@ -88,7 +89,18 @@ class GenerateRequest(_message.Message):
     skip_layer_guidance: SkipLayerGuidance
     passes: _containers.RepeatedCompositeFieldContainer[Pass]
     return_intermediate: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., passes: _Optional[_Iterable[_Union[Pass, _Mapping]]] = ..., return_intermediate: _Optional[bool] = ...) -> None: ...
+    dype: Dype
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., passes: _Optional[_Iterable[_Union[Pass, _Mapping]]] = ..., return_intermediate: _Optional[bool] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ...) -> None: ...
+
+class Dype(_message.Message):
+    __slots__ = ("method", "scale", "exponent")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    scale: float
+    exponent: float
+    def __init__(self, method: _Optional[str] = ..., scale: _Optional[float] = ..., exponent: _Optional[float] = ...) -> None: ...
 
 class Pass(_message.Message):
     __slots__ = ("scale", "steps", "strength")
@@ -157,7 +169,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance", "pass_index", "pass_count")
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance", "pass_index", "pass_count", "dype")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +197,7 @@ class ImageHeader(_message.Message):
     SKIP_LAYER_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     PASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     PASS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DYPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seed: int
     width: int
@@ -212,7 +225,8 @@ class ImageHeader(_message.Message):
     skip_layer_guidance: SkipLayerGuidance
     pass_index: int
     pass_count: int
-    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., pass_index: _Optional[int] = ..., pass_count: _Optional[int] = ...) -> None: ...
+    dype: Dype
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., pass_index: _Optional[int] = ..., pass_count: _Optional[int] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "image", "image_chunk")
