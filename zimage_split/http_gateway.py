@@ -1,5 +1,6 @@
-"""An OpenAI-compatible HTTP face for a generator: `POST /v1/images/generations`, `GET /healthz`, plus a
-web page (`GET /`) and the progress stream it uses (`POST /v1/zsplit/images/stream`, NDJSON).
+"""An OpenAI-compatible HTTP face for a generator: `POST /v1/images/generations`, `POST /v1/images/edits`
+(img2img and inpainting), `GET /healthz`, plus a web page (`GET /`) and the progress stream it uses
+(`POST /v1/zsplit/images/stream`, NDJSON).
 
 A thin FastAPI app over the SDK's AsyncClient; no model runs here. Errors keep the OpenAI shape
 (`{"error": {"message", "type", "code"}}`) with the HTTP status that matches the gRPC code.
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import io
 import json
 import logging
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Literal
@@ -24,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.routing import Match
 
 from zimage_split.client.aio import AsyncClient, Latents, ProgressCallback
@@ -60,15 +62,14 @@ class PassBody(BaseModel):
     strength: float | None = None
 
 
-class ImagesRequest(BaseModel):
-    """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
-    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`), DyPE
-    (`dype`, `dype_method`, `dype_scale`, `dype_exponent`) and multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back)."""
+class Extensions(BaseModel):
+    """zimage-split's settings beyond OpenAI's, on every images route: `seed`, `steps`, `negative_prompt`,
+    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`) and
+    DyPE (`dype`, `dype_method`, `dype_scale`, `dype_exponent`)."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(default=1, ge=1)
-    size: str = "1024x1024"
     response_format: Literal["b64_json", "url"] = "b64_json"
     # Accepted for compatibility and ignored: Z-Image has no such settings.
     quality: str | None = None
@@ -87,7 +88,48 @@ class ImagesRequest(BaseModel):
     dype_method: str | None = None
     dype_scale: float | None = None
     dype_exponent: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of AsyncClient.generate_images these fields stand for."""
+        if self.response_format != "b64_json":
+            raise InvalidArgument(
+                "response_format 'url' is not served: this gateway keeps no files. Ask for b64_json."
+            )
+        return {
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "shift": self.shift,
+            "slg_scale": self.slg_scale,
+            "slg_layers": self.slg_layers,
+            "slg_start": self.slg_start,
+            "slg_stop": self.slg_stop,
+            "dype": self.dype,
+            "dype_method": self.dype_method,
+            "dype_scale": self.dype_scale,
+            "dype_exponent": self.dype_exponent,
+            "model": self.model if self.model and self.model != "z-image-turbo" else "",
+            "num_images": self.n,
+        }
+
+
+class ImagesRequest(Extensions):
+    """OpenAI's images.generate body, plus the Extensions and multi-pass `passes` (each {"scale", "steps",
+    "strength"}; the final image comes back)."""
+
+    size: str = "1024x1024"
     passes: list[PassBody] = Field(default_factory=list)
+
+
+class EditsRequest(Extensions):
+    """The fields of OpenAI's images.edit form besides its files, plus the Extensions and `strength`.
+
+    `size` unset (or "auto") keeps the image's own size, rounded down to a multiple of 16.
+    """
+
+    size: str | None = None
+    strength: float | None = None
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -110,33 +152,98 @@ async def generate(
     client: AsyncClient, body: ImagesRequest, on_progress: ProgressCallback | None = None
 ) -> list[Image.Image | Latents]:
     """Runs one images request on the generator; the JSON and the streaming routes both come here."""
-    if body.response_format != "b64_json":
-        raise InvalidArgument(
-            "response_format 'url' is not served: this gateway keeps no files. Ask for b64_json."
-        )
+    settings = body.settings()
     width, height = parse_size(body.size)
     return await client.generate_images(
         body.prompt,
-        negative_prompt=body.negative_prompt,
-        seed=body.seed,
         width=width,
         height=height,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        shift=body.shift,
-        slg_scale=body.slg_scale,
-        slg_layers=body.slg_layers,
-        slg_start=body.slg_start,
-        slg_stop=body.slg_stop,
-        dype=body.dype,
-        dype_method=body.dype_method,
-        dype_scale=body.dype_scale,
-        dype_exponent=body.dype_exponent,
         passes=[spec.model_dump(exclude_none=True) for spec in body.passes],
-        model=body.model if body.model and body.model != "z-image-turbo" else "",
-        num_images=body.n,
         on_progress=on_progress,
+        **settings,
     )
+
+
+# The form fields of /v1/images/edits that may come more than once (OpenAI's client sends a list as name[]).
+LIST_FIELDS = ("slg_layers",)
+
+
+async def edit(client: AsyncClient, request: Request) -> list[Image.Image | Latents]:
+    """Runs one /v1/images/edits form: its `image` is the img2img start image, its `mask` (if any) turns it
+    into inpainting. A mask with an alpha channel follows OpenAI (fully transparent = edit there); one without
+    follows diffusers (white = repaint)."""
+    form = await request.form()
+    files = {key: [value for value in form.getlist(key) if not isinstance(value, str)] for key in form}
+    fields: dict[str, Any] = {}
+    for key in {key for key in form if not files[key]}:
+        name = key.removesuffix("[]")
+        values = [value for value in form.getlist(key) if isinstance(value, str)]
+        fields[name] = values if name in LIST_FIELDS else values[-1]
+    try:
+        body = EditsRequest.model_validate(fields)
+    except ValidationError as error:
+        raise InvalidArgument(validation_message(error.errors())) from None
+    images = files.get("image", []) + files.get("image[]", [])
+    if len(images) != 1:
+        raise InvalidArgument(
+            f"/v1/images/edits takes one `image` file (got {len(images)}): the picture to start from."
+        )
+    masks = files.get("mask", [])
+    if len(masks) > 1:
+        raise InvalidArgument(f"/v1/images/edits takes at most one `mask` file (got {len(masks)}).")
+    settings = body.settings()
+    width = height = None
+    if body.size not in (None, "auto"):
+        width, height = parse_size(body.size)
+    mask = repaint_mask(await masks[0].read()) if masks else None
+    return await client.generate_images(
+        body.prompt,
+        init_image=await images[0].read(),
+        mask=mask,
+        strength=body.strength,
+        width=width,
+        height=height,
+        **settings,
+    )
+
+
+def repaint_mask(data: bytes) -> bytes:
+    """An uploaded mask as the generator takes it (white = repaint). OpenAI's masks mark the area to edit
+    as fully transparent; a mask without an alpha channel is passed on as it is (diffusers' convention)."""
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            mask.load()
+            if "A" not in mask.getbands() and not (mask.mode == "P" and "transparency" in mask.info):
+                return data
+            alpha = mask.convert("RGBA").getchannel("A")
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(f"The mask is not a PNG, JPEG or WebP image ({error}).") from None
+    repaint = alpha.point(lambda value: 255 if value == 0 else 0)
+    out = io.BytesIO()
+    repaint.save(out, format="PNG")
+    return out.getvalue()
+
+
+def validation_message(details: Sequence[Any]) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item.get('loc', ()) if part != 'body') or 'body'}: {item.get('msg')}"
+        for item in details
+    )
+
+
+def images_response(images: Sequence[Image.Image | Latents]) -> dict[str, Any]:
+    """OpenAI's images response: each image's file (the generator's PNG) in base64, plus its seed."""
+    return {
+        "created": int(time.time()),
+        "data": [
+            {
+                "b64_json": base64.b64encode(image.info["file_bytes"]).decode("ascii"),
+                "revised_prompt": None,
+                "seed": image.info["seed"],
+            }
+            for image in images
+        ],
+    }
 
 
 def ndjson(event: dict[str, Any]) -> bytes:
@@ -284,11 +391,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        details = error.errors()
-        message = "; ".join(
-            f"{'.'.join(str(part) for part in item.get('loc', ())[1:]) or 'body'}: {item.get('msg')}"
-            for item in details
-        )
+        message = validation_message(error.errors())
         return openai_error(
             400, message or "The request body is not valid JSON for this route.", "invalid_request"
         )
@@ -308,17 +411,14 @@ def create_app(
     @app.post("/v1/images/generations")
     async def images_generations(body: ImagesRequest) -> dict[str, Any]:
         images = await generate(app.state.client, body)
-        return {
-            "created": int(time.time()),
-            "data": [
-                {
-                    "b64_json": base64.b64encode(image.info["file_bytes"]).decode("ascii"),
-                    "revised_prompt": None,
-                    "seed": image.info["seed"],
-                }
-                for image in images
-            ],
-        }
+        return images_response(images)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request) -> dict[str, Any]:
+        """OpenAI's images.edit (multipart form): `image`, optional `mask`, `prompt`, `n`, `size` (unset or
+        "auto": the image's own), `response_format` b64_json, plus `strength` and the generation extensions."""
+        images = await edit(app.state.client, request)
+        return images_response(images)
 
     @app.post("/v1/zsplit/images/stream")
     async def images_stream(body: ImagesRequest) -> GenerationStream:

@@ -232,3 +232,96 @@ def test_the_gateway_reads_a_rotated_token_file_again(generator, tmp_path) -> No
         token_file.write_text("new-token\n")
         assert http(f"{url}/v1/nothing", token="old-token")[0] == 401
         assert http(f"{url}/v1/nothing", token="new-token")[0] == 404
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def start_picture() -> Image.Image:
+    gradient = np.linspace(0, 255, 80 * 96, dtype=np.uint8).reshape(80, 96)
+    return Image.fromarray(np.stack([gradient, 255 - gradient, gradient // 2], -1))
+
+
+def test_edits_is_img2img_through_the_openai_client(gateway, client) -> None:  # type: ignore[no-untyped-def]
+    """`images.edit` with an image and no mask: img2img, the same bytes as the SDK's request over gRPC; the
+    image's own size is kept (80x96 rounded down to multiples of 16) unless `size` says otherwise."""
+    picture = png_bytes(start_picture())
+    result = openai_api(gateway).images.edit(
+        image=("start.png", picture, "image/png"),
+        prompt="a lighthouse at dusk",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 4, "steps": 4, "strength": 0.75},
+    )
+    direct = client.generate_images(
+        "a lighthouse at dusk", init_image=picture, strength=0.75, seed=4, steps=4, num_images=2
+    )
+    assert len(result.data) == 2
+    for item, expected in zip(result.data, direct, strict=True):
+        assert base64.b64decode(item.b64_json) == expected.info["file_bytes"]
+    assert decode(result.data[0]).size == (96, 80)
+    sized = openai_api(gateway).images.edit(
+        image=("start.png", picture, "image/png"),
+        prompt="a lighthouse at dusk",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 4, "steps": 2},
+    )
+    assert decode(sized.data[0]).size == (64, 64)
+
+
+def test_edits_with_a_mask_is_inpainting(gateway, client) -> None:  # type: ignore[no-untyped-def]
+    """An OpenAI mask (RGBA, fully transparent where to edit) is the generator's white-means-repaint mask;
+    a mask without alpha is taken as the generator's own."""
+    picture = png_bytes(start_picture())
+    alpha = np.full((80, 96), 255, dtype=np.uint8)
+    alpha[20:60, 30:70] = 0  # edit here
+    openai_mask = Image.fromarray(np.dstack([np.zeros((80, 96, 3), np.uint8), alpha]), mode="RGBA")
+    repaint = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")
+    settings = {"seed": 9, "steps": 4}
+    result = openai_api(gateway).images.edit(
+        image=("start.png", picture, "image/png"),
+        mask=("mask.png", png_bytes(openai_mask), "image/png"),
+        prompt="a red door",
+        response_format="b64_json",
+        extra_body=settings,
+    )
+    direct = client.generate("a red door", init_image=picture, mask=repaint, **settings)
+    assert base64.b64decode(result.data[0].b64_json) == direct.info["file_bytes"]
+    plain_mask = openai_api(gateway).images.edit(
+        image=("start.png", picture, "image/png"),
+        mask=("mask.png", png_bytes(repaint), "image/png"),
+        prompt="a red door",
+        response_format="b64_json",
+        extra_body=settings,
+    )
+    assert base64.b64decode(plain_mask.data[0].b64_json) == direct.info["file_bytes"]
+
+
+def test_edits_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyped-def]
+    api = openai_api(gateway)
+    picture = png_bytes(start_picture())
+    with pytest.raises(openai.BadRequestError, match="strength"):
+        api.images.edit(
+            image=("start.png", picture, "image/png"),
+            prompt="a cat",
+            response_format="b64_json",
+            extra_body={"strength": 1.5, "steps": 2},
+        )
+    with pytest.raises(openai.BadRequestError, match="takes one `image` file \\(got 2\\)"):
+        api.images.edit(
+            image=[("a.png", picture, "image/png"), ("b.png", picture, "image/png")],
+            prompt="a cat",
+            response_format="b64_json",
+        )
+    with pytest.raises(openai.BadRequestError, match="not a PNG, JPEG or WebP|not an image|cannot identify"):
+        api.images.edit(image=("start.png", b"not a picture", "image/png"), prompt="a cat")
+    with pytest.raises(openai.BadRequestError, match="response_format 'url' is not served"):
+        api.images.edit(image=("start.png", picture, "image/png"), prompt="a cat", response_format="url")
+    with pytest.raises(openai.BadRequestError, match="steps: Input should be a valid integer"):
+        api.images.edit(
+            image=("start.png", picture, "image/png"), prompt="a cat", extra_body={"steps": "many"}
+        )
