@@ -40,6 +40,7 @@ STANDARD_KEYS = (
     "strength",
     "shift",
     "slg",
+    "controlnet",
     "passes",
     "model",
     "loras",
@@ -116,6 +117,7 @@ def generation_metadata(
     strength: float | None = None,
     shift: float | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    controlnet: tuple[str, float] | None = None,
     passes: Sequence[tuple[float, int, float | None]] = (),
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
@@ -123,8 +125,8 @@ def generation_metadata(
     """The (key, value) settings an image file carries, ending with an AUTOMATIC1111-style `parameters`.
 
     Pass prompt=None when the prompt was an uploaded embedding (its text is unknown) and give its
-    `prompt_key`; negative_prompt=None, strength=None (text-to-image) and shift=None (the model's own schedule
-    shift) leave those keys out. `extra` adds keys of 1-79 letters, digits or underscores that are not among
+    `prompt_key`; negative_prompt=None, strength=None (text-to-image), shift=None (the model's own schedule
+    shift) and controlnet=None (else its name and conditioning scale) leave those keys out. `extra` adds keys of 1-79 letters, digits or underscores that are not among
     STANDARD_KEYS.
     """
     items: dict[str, str] = {}
@@ -154,6 +156,10 @@ def generation_metadata(
                 "start": _float(slg.start),
                 "stop": _float(slg.stop),
             }
+        )
+    if controlnet is not None:
+        items["controlnet"] = json.dumps(
+            {"name": controlnet[0], "scale": _float(controlnet[1])}, ensure_ascii=False
         )
     if passes:
         items["passes"] = json.dumps(
@@ -203,6 +209,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Denoising strength", items.get("strength")),
         ("Shift", items.get("shift")),
         *_slg_settings(items.get("slg")),
+        *_controlnet_settings(items.get("controlnet")),
         ("Passes", _passes_setting(items.get("passes"))),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
@@ -318,6 +325,13 @@ def _slg_settings(recorded: str | None) -> list[tuple[str, str | None]]:
         ("SLG layers", ",".join(map(str, slg["layers"]))),
         ("SLG steps", f"{slg['start']:g}-{slg['stop']:g}"),
     ]
+
+
+def _controlnet_settings(recorded: str | None) -> list[tuple[str, str | None]]:
+    if not recorded:
+        return []
+    controlnet = json.loads(recorded)
+    return [("ControlNet", controlnet["name"]), ("ControlNet scale", f"{controlnet['scale']:g}")]
 
 
 def _float(value: float) -> float:

@@ -7,8 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.dit_service.config import Limits
+from zimage_split.dit_service.controlnets import (
+    DEFAULT_CONTROLNET_SCALE,
+    MAX_CONTROLNET_SCALE,
+    ControlNetInfo,
+)
 from zimage_split.dit_service.engine import GenerationParams
 from zimage_split.dit_service.skip_layer_guidance import (
     DEFAULT_LAYERS,
@@ -187,4 +192,43 @@ def validate_skip_layer_guidance(
         )
     return SkipLayerGuidance(
         scale=float(scale), layers=tuple(sorted(chosen)), start=float(start), stop=float(stop)
+    )
+
+
+def validate_controlnet(name: str, scale: float | None, loaded: Sequence[ControlNetInfo]) -> ControlNetInfo:
+    """The loaded ControlNet a request names (NotFound listing the loaded ones), with a scale from 0 to
+    MAX_CONTROLNET_SCALE (InvalidArgument); returns its description."""
+    if scale is not None and not (math.isfinite(scale) and 0 <= scale <= MAX_CONTROLNET_SCALE):
+        raise InvalidArgument(
+            f"controlnet.conditioning_scale must be between 0 and {MAX_CONTROLNET_SCALE:g} (got {scale}); 0.6 to "
+            f"1 is usual, unset is {DEFAULT_CONTROLNET_SCALE:g}."
+        )
+    for described in loaded:
+        if described.name == name:
+            return described
+    names = ", ".join(repr(described.name) for described in loaded)
+    raise NotFound(
+        f"No ControlNet {name!r} on this generator. "
+        + (
+            f"Loaded: {names}."
+            if loaded
+            else "It loaded none: start it with --controlnet NAME=PATH (a diffusers folder or .safetensors file)."
+        )
+    )
+
+
+def check_control_image_size(size: tuple[int, int], width: int, height: int, multiple: int) -> None:
+    """A control image is resized to the output's width x height (as a start image is), so its aspect ratio must
+    be the output's, within what rounding the output to multiples of `multiple` pixels can change: a pose or
+    depth map stretched to another shape would steer the image wrongly. Raises InvalidArgument saying the fix."""
+    image_width, image_height = size
+    if (
+        abs(image_height * width / image_width - height) < multiple
+        and abs(image_width * height / image_height - width) < multiple
+    ):
+        return
+    raise InvalidArgument(
+        f"The control image is {image_width}x{image_height}, another shape than the {width}x{height} requested; "
+        f"crop it to that aspect ratio, or ask for a size of its own shape (leave width and height unset to get "
+        "its size)."
     )
