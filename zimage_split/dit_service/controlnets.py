@@ -166,11 +166,10 @@ def single_file_config(state_dict: dict[str, torch.Tensor], dit: dict[str, Any])
         mode, refiner_places = "control_layers", list(range(dit_refiners))
     else:
         mode, refiner_places = None, []
-    count, dit_layers = len(blocks), int(dit["n_layers"])
-    if count > dit_layers:
-        raise ValueError(f"it has {count} control blocks, more than the DiT's {dit_layers}")
+    # More control blocks than the DiT has: one per block, which check_fits then refuses.
+    count, step = len(blocks), max(1, int(dit["n_layers"]) // len(blocks))
     return {
-        "control_layers_places": [index * (dit_layers // count) for index in range(count)],
+        "control_layers_places": [index * step for index in range(count)],
         "control_refiner_layers_places": refiner_places,
         "control_in_dim": control_in_dim,
         "add_control_noise_refiner": mode,
