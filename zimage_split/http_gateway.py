@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hmac
 import json
 import logging
@@ -62,8 +63,10 @@ class PassBody(BaseModel):
 
 class ImagesRequest(BaseModel):
     """OpenAI's images.generate body, plus zimage-split's `seed`, `steps`, `negative_prompt`,
-    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`) and
-    multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back)."""
+    `guidance_scale`, `shift`, Skip Layer Guidance (`slg_scale`, `slg_layers`, `slg_start`, `slg_stop`),
+    multi-pass `passes` (each {"scale", "steps", "strength"}; the final image comes back) and a ControlNet
+    (`controlnet`, its name on the generator; `control_image`, a PNG, JPEG or WebP file in base64, optionally
+    as a data: URL; `controlnet_scale`)."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -84,6 +87,9 @@ class ImagesRequest(BaseModel):
     slg_start: float | None = None
     slg_stop: float | None = None
     passes: list[PassBody] = Field(default_factory=list)
+    controlnet: str | None = None
+    control_image: str | None = None
+    controlnet_scale: float | None = None
 
 
 def openai_error(status: int, message: str, code: str) -> JSONResponse:
@@ -125,10 +131,25 @@ async def generate(
         slg_start=body.slg_start,
         slg_stop=body.slg_stop,
         passes=[spec.model_dump(exclude_none=True) for spec in body.passes],
+        controlnet=body.controlnet,
+        control_image=None if body.control_image is None else _base64_file(body.control_image),
+        controlnet_scale=body.controlnet_scale,
         model=body.model if body.model and body.model != "z-image-turbo" else "",
         num_images=body.n,
         on_progress=on_progress,
     )
+
+
+def _base64_file(value: str) -> bytes:
+    """The file bytes of a base64 string or a base64 data: URL ("data:image/png;base64,...")."""
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(
+            "control_image must be a PNG, JPEG or WebP file in base64 (or a base64 data: URL)."
+        ) from None
 
 
 def ndjson(event: dict[str, Any]) -> bytes:
