@@ -64,9 +64,9 @@ def controlnet_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 @pytest.fixture(scope="module")
-def controlnet_generator(loop_thread, tiny_model_dir, controlnet_paths):  # type: ignore[no-untyped-def]
+def controlnet_generator(loop_thread, tiny_model_dir, controlnet_paths, encoder_fp32):  # type: ignore[no-untyped-def]
     specs = tuple(ControlNetSpec(name, str(path)) for name, path in controlnet_paths.items())
-    server = start_generator(loop_thread, tiny_model_dir, None, controlnets=specs)
+    server = start_generator(loop_thread, tiny_model_dir, encoder_fp32.port, controlnets=specs)
     yield server
     loop_thread.run(server.stop(grace=0))
 
@@ -271,3 +271,47 @@ def test_bad_controlnets_fail_at_start(tmp_path: Path, loop_thread, tiny_model_d
     ]:
         with pytest.raises(ServerInvalidArgument, match=message):
             start_generator(loop_thread, tiny_model_dir, None, controlnets=(ControlNetSpec("cn", str(path)),))
+
+
+def test_the_http_gateway_takes_a_controlnet(controlnet_generator, client) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    import openai
+
+    from tests.integration.test_http_gateway import decode, openai_api, serve
+    from zimage_split.http_gateway import create_app
+
+    control = png(noise_image(seed=13))
+    extra = {"seed": 3, "steps": 2, "controlnet": "union", "controlnet_scale": 0.5}
+    for url in serve(create_app(f"127.0.0.1:{controlnet_generator.port}", tokens=("t",), timeout=60)):
+        api = openai_api(url, token="t")
+        encoded = "data:image/png;base64," + base64.b64encode(control).decode()
+        result = api.images.generate(
+            prompt="a lighthouse", size="64x64", extra_body=extra | {"control_image": encoded}
+        )
+        image = decode(result.data[0])
+        direct = client.generate(
+            "a lighthouse",
+            width=64,
+            height=64,
+            seed=3,
+            steps=2,
+            controlnet="union",
+            control_image=control,
+            controlnet_scale=0.5,
+        )
+        assert np.array_equal(pixels(image), pixels(direct))
+        assert image.text["controlnet"] == '{"name": "union", "scale": 0.5}'
+        with pytest.raises(
+            openai.BadRequestError, match="control_image must be a PNG, JPEG or WebP file in base64"
+        ):
+            api.images.generate(
+                prompt="a cat", size="64x64", extra_body=extra | {"control_image": "not base64!"}
+            )
+        with pytest.raises(openai.NotFoundError, match="No ControlNet 'pose'"):
+            api.images.generate(
+                prompt="a cat",
+                size="64x64",
+                extra_body=extra
+                | {"controlnet": "pose", "control_image": base64.b64encode(control).decode()},
+            )
