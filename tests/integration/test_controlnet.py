@@ -186,7 +186,7 @@ def test_batched_controlnet_images_equal_single_ones(controlnet_generator, inpai
     jobs = [
         GenerationJob(
             dataclasses.replace(params, seed=seed),
-            embedding(5 + 3 * seed, seed),
+            embedding(7, seed),  # one length: captions of other lengths pad, see test_ray's tolerance
             control_image=noise_image(seed=20 + seed),
             init_image=noise_image(seed=30 + seed) if inpaint else None,
             mask_image=mask_image() if inpaint else None,
