@@ -186,17 +186,22 @@ def test_batched_controlnet_images_equal_single_ones(controlnet_generator, inpai
     jobs = [
         GenerationJob(
             dataclasses.replace(params, seed=seed),
-            embedding(7, seed),  # one length: captions of other lengths pad, see test_ray's tolerance
+            embedding(5 + 3 * seed, seed),
             control_image=noise_image(seed=20 + seed),
             init_image=noise_image(seed=30 + seed) if inpaint else None,
             mask_image=mask_image() if inpaint else None,
         )
         for seed in range(3)
     ]
-    batched = [image.data for image in engine.generate(jobs)]  # type: ignore[union-attr]
-    alone = [engine.generate([job])[0].data for job in jobs]  # type: ignore[union-attr]
-    assert batched == alone
-    assert len(set(batched)) == 3
+    batched = [pixels(Image.open(io.BytesIO(image.data))) for image in engine.generate(jobs)]  # type: ignore[union-attr]
+    alone = [pixels(Image.open(io.BytesIO(engine.generate([job])[0].data))) for job in jobs]  # type: ignore[union-attr]
+    # As for every batch on the CPU (docs/ARCHITECTURE.md, Batching): the batched DiT forward takes other
+    # kernel paths, so a pixel may move by 1/255; most are byte-identical.
+    differences = [
+        int(np.abs(b.astype(int) - a.astype(int)).max()) for b, a in zip(batched, alone, strict=True)
+    ]
+    assert max(differences) <= 1, differences
+    assert len({image.tobytes() for image in alone}) == 3
 
 
 def test_bad_controlnet_requests(client) -> None:  # type: ignore[no-untyped-def]
