@@ -33,8 +33,8 @@ def generators(loop_thread, tiny_model_dir, tmp_path_factory):  # type: ignore[n
     controlnet = build_tiny_controlnet(tmp_path_factory.mktemp("ray-controlnet") / "union", seed=5)
     specs = (ControlNetSpec("union", str(controlnet)),)
     local = start_generator(loop_thread, tiny_model_dir, None, controlnets=specs)
-    # The replicas compute with as many torch threads as this process: vectorised kernels split their work by
-    # thread, and img2img's latent sampling (exp) differs in the last bit between 1 and 2 threads.
+    # The replicas compute with as many torch threads as this process: with 1 thread against 2, img2img (the
+    # second pass) moved by 1/255 while everything else stayed byte-identical (docs/ARCHITECTURE.md).
     options = RayOptions(
         address="local",
         replicas=2,
