@@ -84,7 +84,7 @@ def start_encoder(loop_thread: LoopThread, model: Path, **overrides: Any):  # ty
 
 
 # Keywords of start_generator that go to the generator's EngineOptions.
-ENGINE_FIELDS = ("attention", "compile", "vae_tiling", "lora_dir", "lora_cache")
+ENGINE_FIELDS = ("attention", "compile", "vae_tiling", "lora_dir", "lora_cache", "controlnets")
 
 
 def start_generator(loop_thread: LoopThread, model: Path, encoder_port: int | None, **overrides: Any):  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hmac
 import io
 import json
@@ -115,11 +116,15 @@ class Extensions(BaseModel):
 
 
 class ImagesRequest(Extensions):
-    """OpenAI's images.generate body, plus the Extensions and multi-pass `passes` (each {"scale", "steps",
-    "strength"}; the final image comes back)."""
+    """OpenAI's images.generate body, plus the Extensions, multi-pass `passes` (each {"scale", "steps",
+    "strength"}; the final image comes back) and a ControlNet (`controlnet`, its name on the generator;
+    `control_image`, a PNG, JPEG or WebP file in base64, optionally as a data: URL; `controlnet_scale`)."""
 
     size: str = "1024x1024"
     passes: list[PassBody] = Field(default_factory=list)
+    controlnet: str | None = None
+    control_image: str | None = None
+    controlnet_scale: float | None = None
 
 
 class EditsRequest(Extensions):
@@ -159,6 +164,9 @@ async def generate(
         width=width,
         height=height,
         passes=[spec.model_dump(exclude_none=True) for spec in body.passes],
+        controlnet=body.controlnet,
+        control_image=None if body.control_image is None else _base64_file(body.control_image),
+        controlnet_scale=body.controlnet_scale,
         on_progress=on_progress,
         **settings,
     )
@@ -244,6 +252,18 @@ def images_response(images: Sequence[Image.Image | Latents]) -> dict[str, Any]:
             for image in images
         ],
     }
+
+
+def _base64_file(value: str) -> bytes:
+    """The file bytes of a base64 string or a base64 data: URL ("data:image/png;base64,...")."""
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(
+            "control_image must be a PNG, JPEG or WebP file in base64 (or a base64 data: URL)."
+        ) from None
 
 
 def ndjson(event: dict[str, Any]) -> bytes:

@@ -345,3 +345,69 @@ def _build_unless_another_did(path: Path, size: str) -> None:
         # onto its folder. Its model is the same as ours.
         if not (path / "model_index.json").exists():
             raise
+
+
+# The ControlNet layouts build_tiny_controlnet writes, as alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union
+# releases have them: 1.0 (control image only), 2.0 and 2.1 (also mask and masked image: inpainting; 2.1 with
+# hints into the refiner blocks too).
+CONTROLNET_LAYOUTS = ("1.0", "2.0", "2.1")
+
+
+def controlnet_kwargs(spec: TinyModelSpec, layout: str = "2.1") -> dict[str, Any]:
+    """`ZImageControlNetModel(**kwargs)` for `spec`'s DiT: control blocks on every other DiT block (both of the
+    tiny DiT's two), placed as the published configs place theirs (0, 2, ..., 28 of the real 30)."""
+    if layout not in CONTROLNET_LAYOUTS:
+        raise ValueError(
+            f"Unknown ControlNet layout {layout!r}; choose one of {', '.join(CONTROLNET_LAYOUTS)}."
+        )
+    count = spec.dit_layers if spec.dit_layers <= 2 else spec.dit_layers // 2
+    latent_channels = transformer_kwargs(spec)["in_channels"]
+    refiners = list(range(spec.dit_refiner_layers))
+    mode = {"1.0": None, "2.0": "control_layers", "2.1": "control_noise_refiner"}[layout]
+    return {
+        "control_layers_places": [index * (spec.dit_layers // count) for index in range(count)],
+        "control_refiner_layers_places": [] if mode is None else refiners,
+        "control_in_dim": latent_channels if layout == "1.0" else 2 * latent_channels + 1,
+        "add_control_noise_refiner": mode,
+        "all_patch_size": (2,),
+        "all_f_patch_size": (1,),
+        "dim": spec.dit_dim,
+        "n_refiner_layers": spec.dit_refiner_layers,
+        "n_heads": spec.dit_heads,
+        "n_kv_heads": spec.dit_heads,
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+    }
+
+
+def build_tiny_controlnet(
+    path: str | os.PathLike[str], *, size: str = "tiny", seed: int = 0, layout: str = "2.1"
+) -> Path:
+    """Writes a random-weight Z-Image ControlNet for the `size` model to `path` and returns it.
+
+    A path ending in .safetensors gets one file in the Union release layout (`--controlnet NAME=FILE` reads
+    its config off the tensors); any other path a diffusers folder (config.json and safetensors). Deterministic
+    for a seed. The projections a real ControlNet starts at zero (before_proj, after_proj) are drawn at random
+    too, so that the control image changes the result.
+    """
+    import torch
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    if size not in SPECS or not SPECS[size].store_weights:
+        raise ValueError(f"A random ControlNet is written for the tiny or bench model, not {size!r}.")
+    target = Path(path).expanduser().resolve()
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; remove it or pick another path.")
+    torch.manual_seed(seed)
+    model = ZImageControlNetModel(**controlnet_kwargs(SPECS[size], layout))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+    if target.suffix == ".safetensors":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(target))
+    else:
+        model.save_pretrained(str(target))
+    return target

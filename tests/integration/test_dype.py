@@ -195,3 +195,40 @@ def test_bad_settings_are_refused(client) -> None:  # type: ignore[no-untyped-de
         client.generate("a cat", width=64, height=64, steps=1, dype=True, dype_scale=-2.0)
     with pytest.raises(InvalidArgument, match="need dype=True"):
         client.generate("a cat", width=64, height=64, steps=1, dype_exponent=1.0)
+
+
+def test_a_controlnet_embeds_positions_with_the_same_dype(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A ControlNet shares the DiT's RoPE embedder (diffusers' from_transformer): with DyPE both call the
+    same DypeRope at every step, each at the step's sigma, and both get the model's own back afterwards."""
+    from zimage_split.dit_service.controlnets import ControlNetSpec
+    from zimage_split.tiny_model import build_tiny_controlnet
+
+    path = build_tiny_controlnet(tmp_path / "union", seed=5)
+    engine = DiTEngine(
+        resolve_model(str(tiny_model_dir)),
+        device=CPU,
+        dtype=torch.float32,
+        controlnets=(ControlNetSpec("edges", str(path)),),
+    )
+    params = GenerationParams(
+        width=1280, height=1280, steps=3, seed=1, dype=Dype(), controlnet="edges", controlnet_scale=0.8
+    )
+    controlnet = engine._controlnet_pipe(params).controlnet
+    seen: dict[str, list[float]] = {"transformer": [], "controlnet": []}
+    hooks = [
+        module.register_forward_hook(
+            lambda module, args, output, name=name: seen[name].append(module.rope_embedder.sigma)
+        )
+        for name, module in (("transformer", engine.pipe.transformer), ("controlnet", controlnet))
+    ]
+    control = Image.new("RGB", (1280, 1280), (128, 64, 32))
+    try:
+        engine.render([GenerationJob(params, embedding(5, 0), control_image=control, output=_latent())])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert (
+        seen["controlnet"] == seen["transformer"] == pytest.approx(engine.pipe.scheduler.sigmas[:-1].tolist())
+    )
+    assert controlnet.rope_embedder is engine.pipe.transformer.rope_embedder
+    assert not isinstance(controlnet.rope_embedder, DypeRope)

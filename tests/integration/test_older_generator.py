@@ -13,7 +13,8 @@ from zimage_split.client import Client, FailedPrecondition
 
 
 class OlderGenerator(generator_pb2_grpc.GeneratorServiceServicer):
-    """A generator from before GenerateRequest.shift and .dype: it skips those fields and reports neither."""
+    """A generator from before GenerateRequest.shift, .dype and .controlnet: it skips the unknown fields and
+    reports none of them; image uploads it knew, and passes them on."""
 
     def __init__(self, generator_address: str) -> None:
         self.channel = aio.insecure_channel(generator_address)
@@ -22,13 +23,18 @@ class OlderGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     async def Generate(  # noqa: N802 - the gRPC method name
         self, request: generator_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
-        request.ClearField("shift")
-        request.ClearField("dype")
+        for name in ("shift", "dype", "controlnet"):
+            request.ClearField(name)
         async for response in self.generator.Generate(request, timeout=60):
             if response.WhichOneof("event") == "image":
-                response.image.ClearField("shift")
-                response.image.ClearField("dype")
+                for name in ("shift", "dype", "controlnet"):
+                    response.image.ClearField(name)
             yield response
+
+    async def UploadImage(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[generator_pb2.UploadImageRequest], context: aio.ServicerContext
+    ) -> generator_pb2.UploadImageResponse:
+        return await self.generator.UploadImage(request_iterator, timeout=60)
 
 
 @pytest.fixture
@@ -67,3 +73,21 @@ def test_dype_an_older_generator_would_ignore_is_an_error(older_generator) -> No
         pytest.raises(FailedPrecondition, match="ignored DyPE: it is older than per-request position"),
     ):
         client.generate("a cat", seed=1, width=64, height=64, steps=1, dype=True)
+
+
+def test_a_controlnet_an_older_generator_would_ignore_is_an_error(older_generator) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    with (
+        Client(generator=older_generator, timeout=60) as client,
+        pytest.raises(FailedPrecondition, match="ignored `controlnet`: it is older than ControlNet requests"),
+    ):
+        client.generate(
+            "a cat",
+            seed=1,
+            width=64,
+            height=64,
+            steps=2,
+            controlnet="pose",
+            control_image=Image.new("RGB", (64, 64)),
+        )

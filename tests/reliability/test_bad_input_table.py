@@ -61,6 +61,8 @@ GENERATOR_FLAGS += ["--max-message-mb", "2"]
 GENERATOR_SERVICE = "zimage.generator.v1.GeneratorService"
 ENCODER_SERVICE = "zimage.encoder.v1.EncoderService"
 REUSED_ID = "bad-input-table-reused-id"
+# The ControlNet the generator loads (a tiny random one).
+CONTROLNET = "cn"
 
 # What each case aims at, in the order of the figures.
 TARGETS = (
@@ -126,7 +128,12 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir: Path, token_file: Path) -> Iterator[Servers]:
+def servers(
+    tiny_model_dir: Path, token_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Servers]:
+    from zimage_split.tiny_model import build_tiny_controlnet
+
+    controlnet = build_tiny_controlnet(tmp_path_factory.mktemp("bad-input-controlnet") / "cn.safetensors")
     with ExitStack() as stack:
         token = ("--auth-token-file", str(token_file))
         encoder = stack.enter_context(ServiceProcess("encoder", tiny_model_dir, *ENCODER_FLAGS, *token))
@@ -142,6 +149,8 @@ def servers(tiny_model_dir: Path, token_file: Path) -> Iterator[Servers]:
                 "--encoder-auth-token-file",
                 str(token_file),
                 *GENERATOR_FLAGS,
+                "--controlnet",
+                f"{CONTROLNET}={controlnet}",
                 *token,
             )
         )
@@ -319,6 +328,35 @@ def generate(
                 getattr(request, name).CopyFrom(conditioning)
         auth = servers.auth if metadata is None else metadata
         return status_of(lambda: list(servers.gen.Generate(request, timeout=RPC_TIMEOUT, metadata=auth)))
+
+    return action
+
+
+def controlnet_generate(name: str = CONTROLNET, **fields: Any) -> Action:
+    """A Generate with a ControlNet whose control image (64x64 PNG) is uploaded first; `fields` of the
+    ControlNetRequest (image_key=None leaves the key empty) and, prefixed request_, of the request."""
+
+    def action(bench: Bench) -> Outcome:
+        servers = bench.servers
+        data = png_file()
+        key = servers.gen.UploadImage(
+            iter(
+                [
+                    generator_pb2.UploadImageRequest(header=image_header(data)),
+                    generator_pb2.UploadImageRequest(chunk=data),
+                ]
+            ),
+            timeout=RPC_TIMEOUT,
+            metadata=servers.auth,
+        ).image_key
+        controlnet = {"name": name, "image_key": key} | {
+            k: v for k, v in fields.items() if not k.startswith("request_")
+        }
+        request = {k.removeprefix("request_"): v for k, v in fields.items() if k.startswith("request_")}
+        controlnet = {k: v for k, v in controlnet.items() if v is not None}
+        return generate(prompt=HELD, controlnet=generator_pb2.ControlNetRequest(**controlnet), **request)(
+            bench
+        )
 
     return action
 
@@ -658,6 +696,13 @@ TABLE: list[Case] = [
     Case("generate-quality-with-png", "Generate", generate(quality=90), "INVALID_ARGUMENT", "quality applies only to jpeg and webp output"),
     Case("generate-quality-0", "Generate", generate(output_format=generator_pb2.OUTPUT_FORMAT_JPEG, quality=0), "INVALID_ARGUMENT", "quality must be between 1 and 100 (got 0)"),
     Case("generate-long-prompt-mode-unknown", "Generate", generate(long_prompt_mode=9), "INVALID_ARGUMENT", "Unknown long_prompt_mode 9; use TRUNCATE, INTERPOLATE or POOL"),
+    Case("generate-controlnet-unknown", "Generate", controlnet_generate("pose"), "NOT_FOUND", "No ControlNet 'pose' on this generator. Loaded: 'cn'."),
+    Case("generate-controlnet-control-image-wrong-size", "Generate", controlnet_generate(request_width=128), "INVALID_ARGUMENT", "The control image is 64x64, another shape than the 128x64 requested; crop it to that aspect ratio"),
+    Case("generate-controlnet-negative-scale", "Generate", controlnet_generate(conditioning_scale=-1.0), "INVALID_ARGUMENT", "controlnet.conditioning_scale must be between 0 and 10 (got -1.0)"),
+    Case("generate-controlnet-scale-nan", "Generate", controlnet_generate(conditioning_scale=math.nan), "INVALID_ARGUMENT", "controlnet.conditioning_scale must be between 0 and 10 (got nan)"),
+    Case("generate-controlnet-no-image-key", "Generate", controlnet_generate(image_key=None), "INVALID_ARGUMENT", "controlnet.image_key is empty; upload the control image with UploadImage"),
+    Case("generate-controlnet-image-key-unknown", "Generate", controlnet_generate(image_key="img-" + "0" * 64), "NOT_FOUND", "no longer holds the upload"),
+    Case("generate-controlnet-with-slg", "Generate", controlnet_generate(request_skip_layer_guidance=generator_pb2.SkipLayerGuidance(scale=2.0, layers=[1])), "INVALID_ARGUMENT", "Skip Layer Guidance does not combine with a ControlNet yet"),
     Case("generate-init-image-no-key", "Generate", generate(init_image=generator_pb2.InitImage()), "INVALID_ARGUMENT", "init_image.image_key is empty; upload the start image with UploadImage"),
     Case("generate-init-image-unknown-key", "Generate", generate(init_image=generator_pb2.InitImage(image_key="img-" + "0" * 64)), "NOT_FOUND", "UploadImage"),
     Case("upload-image-not-an-image", "UploadImage", upload_image(image_header(b"hello"), b"hello"), "INVALID_ARGUMENT", "PNG, JPEG or WebP"),
@@ -837,6 +882,13 @@ TABLE: list[Case] = [
     Case("cli-log-format-not-a-choice", "CLI flags", zsplit("--log-format", "yaml", "templates"), "usage", "argument --log-format: invalid choice: 'yaml'"),
     Case("batch-with-init-image", "CLI flags", zsplit("generate", "--embeddings", "{tmp}/e.safetensors", "--init-image", "{tmp}/a.png"), "INVALID_ARGUMENT", "A batch from --embeddings takes no --init-image"),
     Case("generate-lora-scale-not-a-number", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--lora", "style:strong"), "INVALID_ARGUMENT", "the scale after ':' must be a number"),
+    Case("cli-generate-controlnet-without-control-image", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--controlnet", "cn"), "INVALID_ARGUMENT", "--controlnet NAME and --control-image PATH go together"),
+    Case("cli-generate-control-image-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--controlnet", "cn", "--control-image", "{tmp}/c.png"), "INVALID_ARGUMENT", "c.png: no such file"),
+    Case("cli-generate-controlnet-unknown", "CLI flags", zsplit("generate", "a cat", "--generator", "{gen}", "--auth-token-file", "{token}", "--controlnet", "pose", "--control-image", "{tmp}/c.png", "-o", "{tmp}/x.png", files={"c.png": png_file()}), "NOT_FOUND", "No ControlNet 'pose' on this generator. Loaded: 'cn'."),
+    Case("cli-batch-controlnet", "CLI flags", zsplit("generate", "--embeddings", "{emb}", "--generator", "{dead}", "--controlnet", "cn", "--control-image", "{tmp}/c.png", "--out-dir", "{tmp}/out", files={"c.png": png_file()}), "INVALID_ARGUMENT", "takes no --controlnet, --control-image"),
+    Case("cli-serve-controlnet-not-name-path", "CLI flags", zsplit(*SERVE_GENERATOR, "--controlnet", "{tmp}/cn"), "INVALID_ARGUMENT", "give NAME=PATH"),
+    Case("cli-serve-controlnet-missing", "CLI flags", zsplit(*SERVE_GENERATOR, "--controlnet", "cn={tmp}/cn"), "INVALID_ARGUMENT", "/cn: no such file or folder"),
+    Case("cli-serve-controlnet-pickle", "CLI flags", zsplit(*SERVE_GENERATOR, "--controlnet", "cn={tmp}/cn.bin", files={"cn.bin": b"not safetensors"}), "INVALID_ARGUMENT", "only .safetensors files are loaded (never pickled"),
     Case("generate-mask-file-missing", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--mask", "{tmp}/m.png"), "INVALID_ARGUMENT", "no such file"),
     Case("generate-unknown-template", "CLI flags", zsplit("generate", "a cat", "--generator", "{dead}", "--template", "nope"), "INVALID_ARGUMENT", "nope"),
     Case("output-unknown-suffix", "output path", zsplit("generate", "a cat", "--generator", "{dead}", "--output", "{tmp}/x.gif"), "INVALID_ARGUMENT", "the suffix says the file format"),

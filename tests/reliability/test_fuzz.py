@@ -41,6 +41,7 @@ from zimage_split.client.embeddings import FILE_FORMAT, Embeddings, PromptEmbedd
 from zimage_split.common import wire
 from zimage_split.common.errors import ZSplitError
 from zimage_split.dit_service.config import Limits
+from zimage_split.dit_service.controlnets import ControlNetInfo
 from zimage_split.dit_service.embedding_store import EmbeddingStore, TextPrompt, UploadedPrompt
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.servicer import GeneratorServicer, request_fingerprint
@@ -312,6 +313,7 @@ class InfoOnlyWorker:
             components=("transformer", "vae", "scheduler"),
             default_shift=3.0,
             dit_layers=30,
+            controlnets=(ControlNetInfo(CONTROLNET, takes_mask=True, control_layers=15),),
         )
 
     outstanding = 0
@@ -326,10 +328,31 @@ class InfoOnlyWorker:
         pass
 
 
+# The servicer loads one ControlNet and holds one uploaded control image, 96x64 (3:2), so ControlNet requests
+# reach the checks of name, scale, shape and size.
+CONTROLNET = "cn"
+
+
+def _control_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), (10, 200, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+CONTROL_PNG = _control_png()
+CONTROL_KEY = "img-" + hashlib.sha256(CONTROL_PNG).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def generator_servicer() -> GeneratorServicer:
     store = EmbeddingStore(None, caption_dim=CAPTION_DIM, max_tokens=512, cache_bytes=1 << 20)
-    return GeneratorServicer(InfoOnlyWorker(), store, Limits())
+    servicer = GeneratorServicer(InfoOnlyWorker(), store, Limits())
+    assert servicer.images.add(CONTROL_PNG, mask=False, max_pixels=1 << 20)[0] == CONTROL_KEY
+    return servicer
 
 
 def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -417,6 +440,16 @@ def generate_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
                 )
             )
         ),
+        "controlnet": draw(
+            optional(
+                st.builds(
+                    generator_pb2.ControlNetRequest,
+                    name=st.one_of(st.just(CONTROLNET), st.text(max_size=20)),
+                    image_key=st.one_of(st.just(CONTROL_KEY), st.text(max_size=70)),
+                    conditioning_scale=optional(floats32),
+                )
+            )
+        ),
         "long_prompt_mode": draw(st.one_of(st.integers(0, 4), st.integers(-(2**31), 2**31 - 1))),
         "output_format": draw(st.one_of(st.integers(0, 5), st.integers(-(2**31), 2**31 - 1))),
         "quality": draw(optional(st.one_of(st.integers(0, 101), UINT32))),
@@ -459,7 +492,18 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
     )
     assert encoding.long_prompt_mode in ("truncate", "interpolate", "pool")
     assert not params.loras  # this servicer has no --lora-dir: every LoRA is refused
-    assert start.image is None and params.strength is None  # nothing was uploaded: every key is unknown
+    assert (
+        start.image is None and params.strength is None
+    )  # no start image was uploaded: every key is unknown
+    if (
+        params.controlnet is not None
+    ):  # the one loaded, with the one control image, at the output's size and shape
+        assert params.controlnet == CONTROLNET and 0 <= params.controlnet_scale <= 10
+        assert start.control is not None and start.control.size == (params.width, params.height)
+        assert abs(params.width / params.height - 1.5) < 0.3 and not job.passes
+        assert params.skip_layer_guidance is None
+    else:
+        assert start.control is None and params.controlnet_scale == 0
     assert output.format in ("png", "jpeg", "webp", "latent")
     assert output.quality is None or 1 <= output.quality <= 100
 
@@ -468,6 +512,48 @@ def check_generate_request(servicer: GeneratorServicer, request: generator_pb2.G
 @given(request=generate_requests())
 def test_generate_requests_are_validated_cleanly(fuzz, generator_servicer, request) -> None:  # type: ignore[no-untyped-def]
     target = fuzz("GeneratorServicer.validate on arbitrary GenerateRequests")
+    target.run(lambda: check_generate_request(generator_servicer, request))
+
+
+@st.composite
+def controlnet_requests(draw: st.DrawFn) -> generator_pb2.GenerateRequest:
+    """Requests that name a ControlNet, most of them well-formed but for one field, so that they reach the
+    checks of the ControlNet's name, scale, combinations and the control image's shape."""
+    width, height = draw(
+        st.one_of(
+            st.just((None, None)),
+            st.sampled_from([(96, 64), (192, 128), (384, 256), (480, 320), (64, 64), (128, 64), (100, 64)]),
+            st.tuples(optional(sides), optional(sides)),
+        )
+    )
+    # The valid value five times in six.
+    mostly = lambda valid, *others: st.sampled_from([valid] * 5 * len(others) + list(others))  # noqa: E731
+    fields: dict[str, Any] = {
+        "prompt": generator_pb2.Conditioning(embedding_key="a-key"),
+        "width": width,
+        "height": height,
+        "controlnet": generator_pb2.ControlNetRequest(
+            name=draw(mostly(CONTROLNET, "other", "")),
+            image_key=draw(mostly(CONTROL_KEY, "", "mask-" + "0" * 64, "img-" + "0" * 64)),
+            conditioning_scale=draw(
+                optional(
+                    st.integers(0, 5).flatmap(lambda n: floats32 if n == 0 else st.floats(0, 10, width=32))
+                )
+            ),
+        ),
+        "guidance_scale": draw(optional(st.sampled_from([0.0, 3.0]))),
+        "skip_layer_guidance": draw(mostly(None, generator_pb2.SkipLayerGuidance(scale=2.0, layers=[1]))),
+        "passes": draw(mostly((), (generator_pb2.Pass(scale=0.5), generator_pb2.Pass(scale=1)))),
+    }
+    return generator_pb2.GenerateRequest(
+        **{name: value for name, value in fields.items() if value is not None}
+    )
+
+
+@fuzz_settings(max_examples=300)
+@given(request=controlnet_requests())
+def test_controlnet_requests_are_validated_cleanly(fuzz, generator_servicer, request) -> None:  # type: ignore[no-untyped-def]
+    target = fuzz("GeneratorServicer.validate on ControlNet requests")
     target.run(lambda: check_generate_request(generator_servicer, request))
 
 

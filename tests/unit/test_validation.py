@@ -3,9 +3,16 @@ import math
 import pytest
 import torch
 
-from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.dit_service.config import Limits
-from zimage_split.dit_service.validation import all_finite, validate_embedding, validate_params
+from zimage_split.dit_service.controlnets import ControlNetInfo
+from zimage_split.dit_service.validation import (
+    all_finite,
+    check_control_image_size,
+    validate_controlnet,
+    validate_embedding,
+    validate_params,
+)
 
 LIMITS = Limits()
 
@@ -143,3 +150,35 @@ def test_finite_check_of_float32_sign_exponent_and_mantissa_edges() -> None:
     for bits in edges:
         value = torch.tensor([bits], dtype=torch.int64).to(torch.uint32).view(torch.float32)
         assert all_finite(value) is bool(torch.isfinite(value).all()), hex(bits)
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "height", "fits"),
+    [
+        ((64, 64), 64, 64, True),
+        ((512, 512), 64, 64, True),  # larger, same shape: resized
+        ((1000, 667), 1024, 688, True),  # 3:2 rounded to multiples of 16
+        ((1000, 667), 1024, 704, False),
+        ((64, 64), 128, 64, False),
+        ((96, 64), 64, 96, False),  # turned
+    ],
+)
+def test_a_control_image_fits_when_it_has_the_requests_shape(size, width, height, fits) -> None:  # type: ignore[no-untyped-def]
+    if fits:
+        check_control_image_size(size, width, height, 16)
+    else:
+        with pytest.raises(InvalidArgument, match=f"another shape than the {width}x{height} requested"):
+            check_control_image_size(size, width, height, 16)
+
+
+def test_controlnet_names_and_scales() -> None:
+    loaded = (ControlNetInfo("union", takes_mask=True, control_layers=15),)
+    assert validate_controlnet("union", None, loaded) is loaded[0]
+    assert validate_controlnet("union", 0.0, loaded) is loaded[0]
+    with pytest.raises(NotFound, match=r"No ControlNet 'pose' on this generator. Loaded: 'union'."):
+        validate_controlnet("pose", 1.0, loaded)
+    with pytest.raises(NotFound, match=r"It loaded none: start it with --controlnet NAME=PATH"):
+        validate_controlnet("pose", 1.0, ())
+    for scale in (-0.1, 10.5, math.nan, math.inf):
+        with pytest.raises(InvalidArgument, match=r"controlnet.conditioning_scale must be between 0 and 10"):
+            validate_controlnet("union", scale, loaded)

@@ -156,6 +156,21 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--mask", metavar="PATH", default=None, help="inpainting mask for --init-image (white = repaint)"
     )
     generate.add_argument(
+        "--controlnet",
+        metavar="NAME",
+        default=None,
+        help="a ControlNet the generator loaded (serve generator --controlnet NAME=PATH); needs --control-image",
+    )
+    generate.add_argument(
+        "--control-image",
+        metavar="PATH",
+        default=None,
+        help="the ControlNet's control image (pose, depth, edges...), resized to the output if of its shape",
+    )
+    generate.add_argument(
+        "--controlnet-scale", type=float, default=None, help="ControlNet conditioning scale, 0-10 (0.75)"
+    )
+    generate.add_argument(
         "--format",
         dest="output_format",
         default=None,
@@ -315,7 +330,11 @@ async def _generate(args: argparse.Namespace) -> int:
     check_output_folder(output)
     prompt = templated(args.template, args.prompt)
     loras = [lora_flag(value) for value in args.lora or ()]
-    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+    for flag, path in (
+        ("--init-image", args.init_image),
+        ("--mask", args.mask),
+        ("--control-image", args.control_image),
+    ):
         if path is not None and not Path(path).is_file():
             raise InvalidArgument(f"{flag} {path}: no such file.")
     if args.mask and not args.init_image:
@@ -324,6 +343,12 @@ async def _generate(args: argparse.Namespace) -> int:
         )
     if args.strength is not None and not args.init_image:
         raise InvalidArgument("--strength needs --init-image (img2img); drop it for text-to-image.")
+    if (args.controlnet is None) != (args.control_image is None):
+        raise InvalidArgument(
+            "--controlnet NAME and --control-image PATH go together: the ControlNet steers by that image."
+        )
+    if args.controlnet_scale is not None and not args.controlnet:
+        raise InvalidArgument("--controlnet-scale needs --controlnet and --control-image.")
     bars: list[tqdm] = []  # created on the first step, after any local services have loaded
 
     def on_progress(step: int, total: int) -> None:
@@ -367,6 +392,9 @@ async def _generate(args: argparse.Namespace) -> int:
                 init_image=Path(args.init_image) if args.init_image else None,
                 strength=args.strength,
                 mask=Path(args.mask) if args.mask else None,
+                controlnet=args.controlnet,
+                control_image=Path(args.control_image) if args.control_image else None,
+                controlnet_scale=args.controlnet_scale,
                 output_format=output_format,
                 quality=args.quality,
                 strip_metadata=args.strip_metadata,
@@ -451,6 +479,9 @@ async def _generate_batch(args: argparse.Namespace) -> int:
             ("--init-image", args.init_image),
             ("--mask", args.mask),
             ("--strength", args.strength),
+            ("--controlnet", args.controlnet),
+            ("--control-image", args.control_image),
+            ("--controlnet-scale", args.controlnet_scale),
             ("--format", args.output_format if args.output_format != DEFAULT_OUTPUT_FORMAT else None),
             ("--quality", args.quality),
             ("--strip-metadata", args.strip_metadata or None),

@@ -23,6 +23,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write configs only: the services build the random weights on their device (always so for full)",
     )
+    tiny.add_argument(
+        "--controlnet",
+        metavar="PATH",
+        default=None,
+        help="also write a random ControlNet for the model to PATH: a diffusers folder, or with a .safetensors "
+        "suffix one file in the Union layout (serve generator --controlnet NAME=PATH); tiny and bench only",
+    )
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
@@ -37,6 +44,14 @@ def make_tiny_model(args: argparse.Namespace) -> int:
         )
     except FileExistsError as error:
         raise InvalidArgument(str(error)) from None
+    if args.controlnet:
+        from zimage_split.tiny_model import build_tiny_controlnet
+
+        try:
+            controlnet = build_tiny_controlnet(args.controlnet, size=args.size, seed=args.seed)
+        except (FileExistsError, ValueError) as error:
+            raise InvalidArgument(str(error)) from None
+        print(f"wrote a random ControlNet for it to {controlnet}")
     configs_only = (path / "random_weights.json").exists()
     what = " (configs only: weights are drawn on the device at load time)" if configs_only else ""
     print(f"wrote the {args.size} random Z-Image model to {path}{what}")

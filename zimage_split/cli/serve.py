@@ -34,6 +34,7 @@ from zimage_split.dit_service.config import (
     Limits,
     RayOptions,
 )
+from zimage_split.dit_service.controlnets import parse_controlnet_flag
 from zimage_split.encoder_service.config import ENCODE_BATCHING, EncoderConfig
 
 
@@ -220,6 +221,15 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         help=f"LoRA adapters each replica keeps loaded ({EngineOptions.lora_cache})",
     )
     generator.add_argument(
+        "--controlnet",
+        dest="controlnets",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a ControlNet requests may name: a diffusers folder or a Union-layout .safetensors file; repeat for "
+        "several; with Ray, the same path on every replica host",
+    )
+    generator.add_argument(
         "--image-cache-mb",
         type=int,
         default=GeneratorConfig.image_cache_bytes >> 20,
@@ -367,6 +377,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
             vae_tiling=args.vae_tiling,
             lora_dir=args.lora_dir,
             lora_cache=args.lora_cache,
+            controlnets=tuple(parse_controlnet_flag(value) for value in args.controlnets or ()),
         ),
         max_queue=args.max_queue,
         cache_bytes=args.cache_mb << 20,

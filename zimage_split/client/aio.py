@@ -386,6 +386,9 @@ class AsyncClient:
         init_image: ImageInput | None = None,
         strength: float | None = None,
         mask: ImageInput | None = None,
+        controlnet: str | None = None,
+        control_image: ImageInput | None = None,
+        controlnet_scale: float | None = None,
         output_format: str | None = None,
         quality: int | None = None,
         strip_metadata: bool = False,
@@ -406,6 +409,11 @@ class AsyncClient:
         - `init_image` (a path, PIL image or file bytes) with `strength` (0.6): img2img, as diffusers'
           ZImageImg2ImgPipeline; with `mask` (white = repaint) inpainting, as ZImageInpaintPipeline.
           Without width and height the image's own size is kept.
+        - `controlnet` (a name the generator loaded with --controlnet; `generator_info()["controlnets"]`) with
+          `control_image` (a path, PIL image or file bytes: a pose, depth or edge map) and `controlnet_scale`
+          (0.75): diffusers' ZImageControlNetPipeline; with `init_image` and `mask` (no `strength`) its
+          ZImageControlNetInpaintPipeline. The control image is resized to the request's size if it has its
+          shape; without width and height its own size is kept.
         - `shift`: the flow-matching schedule's shift (0.1 to 20); unset is the model's own, 3 for Turbo.
           Higher spends more steps at high noise (composition), lower more at low noise (detail).
         - `slg_scale` (0 = off; 2 to 4 is usual) turns on Skip Layer Guidance: on the steps from `slg_start`
@@ -453,6 +461,9 @@ class AsyncClient:
             init_image=init_image,
             strength=strength,
             mask=mask,
+            controlnet=controlnet,
+            control_image=control_image,
+            controlnet_scale=controlnet_scale,
             output_format=output_format,
             quality=quality,
             strip_metadata=strip_metadata,
@@ -494,6 +505,9 @@ class AsyncClient:
         init_image: ImageInput | None = None,
         strength: float | None = None,
         mask: ImageInput | None = None,
+        controlnet: str | None = None,
+        control_image: ImageInput | None = None,
+        controlnet_scale: float | None = None,
         output_format: str | None = None,
         quality: int | None = None,
         strip_metadata: bool = False,
@@ -513,6 +527,10 @@ class AsyncClient:
             raise InvalidArgument("Pass at most one of `negative_prompt` or `negative_embeddings`.")
         if init_image is None and (mask is not None or strength is not None):
             raise InvalidArgument("`mask` and `strength` need an `init_image` (img2img / inpainting).")
+        if (controlnet is None) != (control_image is None):
+            raise InvalidArgument("Pass `controlnet` (its name) and `control_image` together, or neither.")
+        if controlnet_scale is not None and controlnet is None:
+            raise InvalidArgument("`controlnet_scale` needs a `controlnet` and its `control_image`.")
         with _fields_in_range():
             request = generator_pb2.GenerateRequest(
                 request_id=request_id or uuid.uuid4().hex,
@@ -536,16 +554,22 @@ class AsyncClient:
                 quality=quality,
                 strip_metadata=strip_metadata,
                 loras=[_lora_request(lora) for lora in loras],
+                controlnet=(
+                    generator_pb2.ControlNetRequest(name=controlnet, conditioning_scale=controlnet_scale)
+                    if controlnet is not None
+                    else None
+                ),
             )
         if negative_prompt is not None:
             request.negative_prompt.text = negative_prompt
         if prompt is not None:
             request.prompt.text = prompt
         start = _StartImages(init_image, mask, strength) if init_image is not None else None
+        control = _image_file_bytes(control_image) if control_image is not None else None
         # An uploaded embedding or image may be evicted before Generate runs: upload again once and retry.
         return await self._with_busy_retries(
             lambda: self._generate_uploading(
-                request, embeddings, negative_embeddings, start, on_progress, timeout
+                request, embeddings, negative_embeddings, start, control, on_progress, timeout
             )
         )
 
@@ -709,10 +733,15 @@ class AsyncClient:
         embeddings: EmbeddingLike | None,
         negative_embeddings: EmbeddingLike | None,
         start: _StartImages | None,
+        control: bytes | None,
         on_progress: ProgressCallback | None,
         timeout: float | None,
     ) -> list[Image.Image | Latents]:
         for attempt in range(2):
+            if control is not None:
+                request.controlnet.image_key = await self._upload_image(
+                    control, mask=False, timeout=timeout, again=attempt > 0
+                )
             if start is not None:
                 request.init_image.image_key = await self._upload_image(
                     start.image_bytes, mask=False, timeout=timeout, again=attempt > 0
@@ -734,7 +763,12 @@ class AsyncClient:
             try:
                 return await self._generate_once(request, on_progress, timeout)
             except NotFound as error:
-                uploaded = embeddings is not None or negative_embeddings is not None or start is not None
+                uploaded = (
+                    embeddings is not None
+                    or negative_embeddings is not None
+                    or start is not None
+                    or control is not None
+                )
                 lost = error.reason in (EMBEDDING_UNKNOWN, IMAGE_UNKNOWN)
                 if attempt or not uploaded or not lost:
                     raise
@@ -784,6 +818,13 @@ class AsyncClient:
             raise FailedPrecondition(
                 f"The generator at {self.generator_address} ignored DyPE: it is older than per-request "
                 "position extrapolation. Upgrade it, or leave dype off."
+            )
+        if request.HasField("controlnet") and any(
+            not header.HasField("controlnet") for header, _ in received
+        ):
+            raise FailedPrecondition(
+                f"The generator at {self.generator_address} ignored `controlnet`: it is older than ControlNet "
+                "requests. Upgrade it, or leave controlnet unset."
             )
         images: list[Image.Image | Latents] = []
         for header, data in received:
@@ -871,6 +912,11 @@ def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
         ),
         "dype": (
             MessageToDict(header.dype, preserving_proto_field_name=True) if header.HasField("dype") else None
+        ),
+        "controlnet": (
+            {"name": header.controlnet.name, "scale": header.controlnet.conditioning_scale}
+            if header.HasField("controlnet")
+            else None
         ),
         "model_id": header.model_id,
         "replica": header.replica,

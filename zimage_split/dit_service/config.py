@@ -11,6 +11,7 @@ from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity, ServerSecurity
 from zimage_split.common.server import TransportLimits, check_bounds, check_metrics_port
 from zimage_split.common.vocabulary import ENCODER_PORT, GENERATOR_PORT
+from zimage_split.dit_service.controlnets import ControlNetSpec
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,7 @@ VAE_TILING_MODES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How a generator runs its engine (--attention, --compile, --vae-tiling, LoRA) and warms it up.
+    """How a generator runs its engine (--attention, --compile, --vae-tiling, LoRA, ControlNets) and warms it up.
 
     One value for the in-process worker and every Ray replica. The engine module, and torch with it, is
     imported only by the methods that use it, so the CLI can read these defaults without loading torch.
@@ -64,6 +65,8 @@ class EngineOptions:
     # Folder of LoRA files requests may name (--lora-dir; None turns LoRA off), and adapters kept loaded.
     lora_dir: str | None = None
     lora_cache: int = 8
+    # ControlNets requests may name (--controlnet NAME=PATH), loaded by every replica.
+    controlnets: tuple[ControlNetSpec, ...] = ()
     # The square side compiled graphs are warmed up at, and whether guided batches are warmed up too.
     warm_up_side: int = 1024
     warm_up_guidance: bool = True
@@ -100,6 +103,7 @@ class EngineOptions:
             lora_dir=self.lora_dir or None,
             lora_cache=self.lora_cache,
             dtype_reason=dtype_reason,
+            controlnets=self.controlnets,
         )
         engine.warm_up(self.warm_up_side, guidance=self.warm_up_guidance)
         return engine

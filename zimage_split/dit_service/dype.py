@@ -152,12 +152,20 @@ class DypeRope:
 
 @contextlib.contextmanager
 def extrapolating(
-    transformer: nn.Module, dype: Dype, *, width: int, height: int, patch: int
+    transformer: nn.Module,
+    dype: Dype,
+    *,
+    width: int,
+    height: int,
+    patch: int,
+    sharing: tuple[nn.Module, ...] = (),
 ) -> Iterator[DypeRope]:
     """The transformer embeds positions with DyPE for a `width` x `height` image until the block exits.
 
     `patch` is the pixels per token along a side (16 for Z-Image: the VAE's 8 times the DiT's patch of 2).
-    A hook reads each call's noise level: diffusers' Z-Image pipelines pass the transformer 1 - sigma.
+    `sharing` are modules that hold the transformer's RoPE embedder too (a ControlNet, by `from_transformer`):
+    they get the same one. A hook reads each call's noise level: diffusers' Z-Image pipelines pass the
+    transformer (and a ControlNet) 1 - sigma.
     """
     rope = DypeRope(
         transformer.rope_embedder,
@@ -171,11 +179,15 @@ def extrapolating(
         timesteps = args[1] if len(args) > 1 else kwargs["t"]
         rope.sigma = min(max(1.0 - float(timesteps.flatten()[0]), 0.0), 1.0)
 
-    handle = transformer.register_forward_pre_hook(read_sigma, with_kwargs=True)
+    modules = (transformer, *sharing)
+    handles = [module.register_forward_pre_hook(read_sigma, with_kwargs=True) for module in modules]
     # The RopeEmbedder is a plain object, not a module, so it can be swapped for the batch.
-    setattr(transformer, "rope_embedder", rope)  # noqa: B010
+    for module in modules:
+        setattr(module, "rope_embedder", rope)  # noqa: B010
     try:
         yield rope
     finally:
-        transformer.rope_embedder = rope.original
-        handle.remove()
+        for module in modules:
+            setattr(module, "rope_embedder", rope.original)  # noqa: B010
+        for handle in handles:
+            handle.remove()

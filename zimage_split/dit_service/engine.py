@@ -1,8 +1,8 @@
 """The unit of work of a generator: load the DiT, VAE and scheduler once, then turn embeddings into images.
 
-Runs diffusers' own ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline (built with
-text_encoder=None, sharing one transformer and VAE), so an image equals the reference for the same embeddings,
-seed and start image. No gRPC here: the servicer and the Ray workers both drive this class.
+Runs diffusers' own ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline, and per loaded ControlNet
+ZImageControlNetPipeline and ZImageControlNetInpaintPipeline (built with text_encoder=None, sharing one
+transformer, VAE and scheduler), so an image equals the reference for the same embeddings, seed and images. No gRPC here: the servicer and the Ray workers both drive this class.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,6 +21,7 @@ from zimage_split.common.errors import OUT_OF_MEMORY, Cancelled, InvalidArgument
 from zimage_split.devices import release_cached_memory, synchronized_clock
 from zimage_split.dit_service.attention import check_backend, choose_attention
 from zimage_split.dit_service.config import VAE_TILING_MODES
+from zimage_split.dit_service.controlnets import ControlNetInfo, ControlNetSpec, load_controlnet
 from zimage_split.dit_service.dype import Dype, extrapolating
 from zimage_split.dit_service.lora.adapters import LoraAdapters
 from zimage_split.dit_service.lora.library import LoraLibrary, LoraSpec
@@ -61,6 +63,10 @@ class GenerationParams:
     skip_layer_guidance: SkipLayerGuidance | None = None
     # DyPE position extrapolation for images over 1024 pixels a side; None: the model's own RoPE.
     dype: Dype | None = None
+    # The loaded ControlNet to run (its --controlnet name) and its conditioning scale; None: no ControlNet.
+    # With `inpaint` (and no strength: that pipeline always runs every step) the ControlNet inpaint pipeline.
+    controlnet: str | None = None
+    controlnet_scale: float = 0.0
 
     @property
     def batch_key(self) -> tuple:
@@ -77,6 +83,8 @@ class GenerationParams:
             self.shift,
             self.skip_layer_guidance,
             self.dype,
+            self.controlnet,
+            self.controlnet_scale,
         )
 
     @property
@@ -104,6 +112,8 @@ class GenerationJob:
     # img2img / inpainting start image (RGB, already width x height) and mask ("L", white = repaint).
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None
+    # The ControlNet's control image (RGB, already width x height); with `params.controlnet` only.
+    control_image: Image.Image | None = None
     # The file to make of the result; does not affect batching.
     output: OutputOptions = OutputOptions()
 
@@ -238,6 +248,8 @@ class EngineInfo:
     lora_cache_size: int = 0
     # Why the DiT computes in `dtype` (`--dtype auto` decides by device and CPU features).
     dtype_reason: str = ""
+    # The ControlNets loaded at start (--controlnet), in the order given.
+    controlnets: tuple[ControlNetInfo, ...] = ()
 
 
 class _AllCancelled(Exception):
@@ -259,7 +271,8 @@ class DiTEngine:
     `attention` is --attention (auto, native, flash, _flash_3, sage), `compile` turns on regional
     torch.compile of the transformer blocks (compiled by `warm_up`), `vae_tiling` is --vae-tiling (auto, on,
     off), `lora_dir` the folder of LoRA files requests may name (None: no LoRA), of which `lora_cache` stay
-    loaded. Options that cannot work on `device` raise InvalidArgument before any weights load.
+    loaded, and `controlnets` the ControlNets requests may name. Options that cannot work on `device` raise
+    InvalidArgument before any weights load.
     """
 
     def __init__(
@@ -274,10 +287,13 @@ class DiTEngine:
         lora_dir: str | None = None,
         lora_cache: int = 8,
         dtype_reason: str = "",
+        controlnets: Sequence[ControlNetSpec] = (),
     ) -> None:
         from diffusers import (
             AutoencoderKL,
             FlowMatchEulerDiscreteScheduler,
+            ZImageControlNetInpaintPipeline,
+            ZImageControlNetPipeline,
             ZImageImg2ImgPipeline,
             ZImageInpaintPipeline,
             ZImagePipeline,
@@ -310,6 +326,22 @@ class DiTEngine:
         self.inpaint_pipe = ZImageInpaintPipeline(**self.pipe.components)
         for pipe in (self.img2img_pipe, self.inpaint_pipe):
             pipe.set_progress_bar_config(disable=True)
+        # Per ControlNet, its pipeline and (for one that takes a mask) its inpainting pipeline, both on the same
+        # modules; the ControlNet itself borrows the DiT's embedders and refiners (from_transformer).
+        self.controlnets: dict[str, tuple[ControlNetInfo, Any, Any]] = {}
+        for spec in controlnets:
+            model, described = load_controlnet(spec, transformer, device=device, dtype=dtype)
+            plain = ZImageControlNetPipeline(**self.pipe.components, controlnet=model)
+            inpaint = (
+                ZImageControlNetInpaintPipeline(**self.pipe.components, controlnet=model)
+                if described.takes_mask
+                else None
+            )
+            for pipe in (plain, inpaint):
+                if pipe is not None:
+                    pipe.set_progress_bar_config(disable=True)
+            self.controlnets[spec.name] = (described, plain, inpaint)
+            logger.info("ControlNet %s loaded from %s", spec.name, spec.path)
         self.lora_library = LoraLibrary(lora_dir)
         self.loras = LoraAdapters(self.pipe, self.lora_library, capacity=lora_cache)
         self.lora_cache = lora_cache
@@ -345,6 +377,7 @@ class DiTEngine:
             loras_enabled=self.lora_library.enabled,
             lora_cache_size=self.lora_cache if self.lora_library.enabled else 0,
             dtype_reason=self.dtype_reason,
+            controlnets=tuple(described for described, _, _ in self.controlnets.values()),
         )
 
     def _compile(self) -> None:
@@ -427,10 +460,14 @@ class DiTEngine:
                 raise InvalidArgument(
                     "Guidance is on but a job has no negative embedding; pass one ('' encoded)."
                 )
-            if (params.strength is not None) != (job.init_image is not None) or params.inpaint != (
-                job.mask_image is not None
-            ):
+            # The ControlNet inpaint pipeline takes a start image but no strength.
+            starts = params.strength is not None or (params.controlnet is not None and params.inpaint)
+            if starts != (job.init_image is not None) or params.inpaint != (job.mask_image is not None):
                 raise InvalidArgument("A job's start image and mask do not match its strength and inpaint.")
+            if (params.controlnet is not None) != (job.control_image is not None):
+                raise InvalidArgument("A job's control image does not match its ControlNet.")
+        if params.controlnet is not None:
+            self._controlnet_pipe(params)  # an unknown name fails before any work
         if all(job.is_cancelled() for job in jobs):
             raise Cancelled("The request was cancelled before it started.")
         try:
@@ -498,7 +535,16 @@ class DiTEngine:
         self.loras.activate(params.loras)
         # The three pipelines share this scheduler; every batch sets its shift, as it sets its adapters.
         self.pipe.scheduler.set_shift(self.default_shift if params.shift is None else params.shift)
-        if params.strength is None:
+        if params.controlnet is not None:
+            pipe = self._controlnet_pipe(params)
+            start = {
+                "control_image": [job.control_image for job in jobs],
+                "controlnet_conditioning_scale": params.controlnet_scale,
+            }
+            if params.inpaint:
+                start["image"] = [job.init_image for job in jobs]
+                start["mask_image"] = [job.mask_image for job in jobs]
+        elif params.strength is None:
             pipe, start = self.pipe, {}
         elif not params.inpaint:
             start = {"image": [job.init_image for job in jobs], "strength": params.strength}
@@ -510,8 +556,8 @@ class DiTEngine:
                 "strength": params.strength,
             }
             pipe = self.inpaint_pipe
-        if params.strength is not None:
-            # The start image is VAE-encoded tiled exactly when the result will be decoded tiled.
+        if params.strength is not None or params.controlnet is not None:
+            # Start and control images are VAE-encoded tiled exactly when the result will be decoded tiled.
             self._set_vae_tiling(params.width, params.height)
         slg = params.skip_layer_guidance
         with (
@@ -525,6 +571,7 @@ class DiTEngine:
                 width=params.width,
                 height=params.height,
                 patch=self.size_multiple,
+                sharing=(pipe.controlnet,) if params.controlnet is not None else (),
             )
             if params.dype is not None
             else contextlib.nullcontext(),
@@ -547,6 +594,21 @@ class DiTEngine:
                 output_type="latent",
                 callback_on_step_end=on_step_end,
             ).images
+
+    def _controlnet_pipe(self, params: GenerationParams) -> Any:
+        """The pipeline of the job's ControlNet: its inpainting one with a mask."""
+        name = str(params.controlnet)
+        if name not in self.controlnets:
+            loaded = ", ".join(repr(known) for known in self.controlnets) or "none"
+            raise InvalidArgument(f"No ControlNet {name!r} is loaded here (loaded: {loaded}).")
+        described, plain, inpaint = self.controlnets[name]
+        if not params.inpaint:
+            return plain
+        if inpaint is None:
+            raise InvalidArgument(
+                f"ControlNet {name!r} takes no inpainting mask (a Union 1.0 layout); use a 2.x one for inpainting."
+            )
+        return inpaint
 
     def _set_vae_tiling(self, width: int, height: int) -> None:
         if self.decodes_tiled(width, height):

@@ -42,6 +42,7 @@ STANDARD_KEYS = (
     "shift",
     "slg",
     "dype",
+    "controlnet",
     "passes",
     "model",
     "loras",
@@ -119,6 +120,7 @@ def generation_metadata(
     shift: float | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
     dype: Dype | None = None,
+    controlnet: tuple[str, float] | None = None,
     passes: Sequence[tuple[float, int, float | None]] = (),
     prompt_key: str = "",
     extra: Mapping[str, str] | None = None,
@@ -126,8 +128,8 @@ def generation_metadata(
     """The (key, value) settings an image file carries, ending with an AUTOMATIC1111-style `parameters`.
 
     Pass prompt=None when the prompt was an uploaded embedding (its text is unknown) and give its
-    `prompt_key`; negative_prompt=None, strength=None (text-to-image) and shift=None (the model's own schedule
-    shift) leave those keys out. `extra` adds keys of 1-79 letters, digits or underscores that are not among
+    `prompt_key`; negative_prompt=None, strength=None (text-to-image), shift=None (the model's own schedule
+    shift) and controlnet=None (else its name and conditioning scale) leave those keys out. `extra` adds keys of 1-79 letters, digits or underscores that are not among
     STANDARD_KEYS.
     """
     items: dict[str, str] = {}
@@ -161,6 +163,10 @@ def generation_metadata(
     if dype is not None:
         items["dype"] = json.dumps(
             {"method": dype.method, "scale": _float(dype.scale), "exponent": _float(dype.exponent)}
+        )
+    if controlnet is not None:
+        items["controlnet"] = json.dumps(
+            {"name": controlnet[0], "scale": _float(controlnet[1])}, ensure_ascii=False
         )
     if passes:
         items["passes"] = json.dumps(
@@ -211,6 +217,7 @@ def parameters_text(items: Mapping[str, str]) -> str:
         ("Shift", items.get("shift")),
         *_slg_settings(items.get("slg")),
         ("DyPE", _dype_setting(items.get("dype"))),
+        *_controlnet_settings(items.get("controlnet")),
         ("Passes", _passes_setting(items.get("passes"))),
         ("Lora", ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in loras)),
         ("Prompt key", items.get("prompt_key")),
@@ -333,6 +340,13 @@ def _slg_settings(recorded: str | None) -> list[tuple[str, str | None]]:
         ("SLG layers", ",".join(map(str, slg["layers"]))),
         ("SLG steps", f"{slg['start']:g}-{slg['stop']:g}"),
     ]
+
+
+def _controlnet_settings(recorded: str | None) -> list[tuple[str, str | None]]:
+    if not recorded:
+        return []
+    controlnet = json.loads(recorded)
+    return [("ControlNet", controlnet["name"]), ("ControlNet scale", f"{controlnet['scale']:g}")]
 
 
 def _float(value: float) -> float:

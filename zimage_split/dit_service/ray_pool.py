@@ -299,6 +299,7 @@ class RayWorkerPool:
             negative_prompt_embeds=self._object_ref(job.negative_prompt_embeds),
             init_image=job.init_image,
             mask_image=job.mask_image,
+            control_image=job.control_image,
             output=job.output,
         )
         last_step = 0

@@ -42,9 +42,11 @@ class ReplicaJob:
     params: GenerationParams
     prompt_embeds: Any  # ray.ObjectRef[torch.Tensor] or a tensor
     negative_prompt_embeds: Any = None
-    # img2img / inpainting images and the result file's options (see GenerationJob).
+    # img2img / inpainting images, the ControlNet's control image and the result file's options (see
+    # GenerationJob).
     init_image: Any = None
     mask_image: Any = None
+    control_image: Any = None
     output: OutputOptions = OutputOptions()
 
 
@@ -218,6 +220,7 @@ class DiTReplica:
                 is_cancelled=flags[i].is_set,
                 init_image=jobs[i].init_image,
                 mask_image=jobs[i].mask_image,
+                control_image=jobs[i].control_image,
                 output=jobs[i].output,
             )
             for i in indices

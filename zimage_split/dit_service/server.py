@@ -19,6 +19,7 @@ from zimage_split.common.server import (
 )
 from zimage_split.devices import choose_dtype, parse_dtype, pick_device
 from zimage_split.dit_service.config import GeneratorConfig, Limits
+from zimage_split.dit_service.controlnets import check_controlnet_specs
 from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
 from zimage_split.dit_service.init_images import ImageStore
@@ -67,6 +68,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     )
     if options.lora_dir:
         check_lora_dir(options.lora_dir)
+    check_controlnet_specs(options.controlnets)  # names and paths; their layout is checked as they load
     # A folder it cannot use fails now, before the model loads.
     disk = (
         DiskEmbeddingStore(config.embedding_store, config.embedding_store_max_bytes)

@@ -28,6 +28,7 @@ from zimage_split.common.vocabulary import (
     GENERATOR_LONG_PROMPT_MODE,
     OUTPUT_FORMAT,
 )
+from zimage_split.dit_service.controlnets import DEFAULT_CONTROLNET_SCALE
 from zimage_split.dit_service.dype import Dype
 from zimage_split.dit_service.embedding_store import (
     Embedding,
@@ -44,6 +45,8 @@ from zimage_split.dit_service.outputs import OutputOptions, check_output, genera
 from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
 from zimage_split.dit_service.validation import (
     Limits,
+    check_control_image_size,
+    validate_controlnet,
     validate_dype,
     validate_params,
     validate_skip_layer_guidance,
@@ -72,11 +75,15 @@ def slg_to_proto(slg: SkipLayerGuidance | None) -> generator_pb2.SkipLayerGuidan
 
 @dataclass(frozen=True)
 class StartImages:
-    """A request's img2img start image (at the output size once validated) and inpainting mask, if any."""
+    """A request's img2img start image (at the output size once validated) and inpainting mask, if any, and
+    its ControlNet's control image (also at the output size once validated) with its key."""
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float | None = None
+    control: Image.Image | None = None
+    control_key: str = ""
+    controlnet_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -343,7 +350,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"This generator serves {self.info.model_id!r}, not {request.model!r}. "
                 "Send the request to a generator started with that --model, or leave `model` empty."
             )
-        start = self._start_images(request)
+        start = self._control_image(request, self._start_images(request))
         params = self._params(request, start)
         encoding = self._encoding(request)
         prompt = _prompt(request.prompt, "GenerateRequest.prompt", self.limits)
@@ -359,13 +366,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         passes = self._passes(request, params, start)
         if passes:  # the request's own parameters are its last pass's
             params = dataclasses.replace(params, steps=passes[-1].steps, strength=passes[-1].strength)
+        if start.control is not None:
+            check_control_image_size(
+                start.control.size, params.width, params.height, self.limits.size_multiple
+            )
         return GenerateJob(
             request_id=request.request_id,
             params=params,
             prompt=prompt,
             negative=negative,
             encoding=encoding,
-            start=dataclasses.replace(start, image=_fit(start.image, params.width, params.height)),
+            start=dataclasses.replace(
+                start,
+                image=_fit(start.image, params.width, params.height),
+                control=_fit(start.control, params.width, params.height),
+            ),
             output=output,
             image_count=image_count,
             strip_metadata=request.strip_metadata,
@@ -433,10 +448,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def _params(self, request: generator_pb2.GenerateRequest, start: StartImages) -> GenerationParams:
         width = request.width if request.HasField("width") else None
         height = request.height if request.HasField("height") else None
-        if start.image is not None and width is None and height is None:
-            # img2img keeps the start image's size (as diffusers does), rounded down to the size multiple.
+        sized_by = start.image or start.control
+        if sized_by is not None and width is None and height is None:
+            # img2img keeps the start image's size (as diffusers does), rounded down to the size multiple; a
+            # ControlNet request without one its control image's.
             multiple = self.limits.size_multiple
-            width, height = (max(multiple, side // multiple * multiple) for side in start.image.size)
+            width, height = (max(multiple, side // multiple * multiple) for side in sized_by.size)
         params = validate_params(
             self.limits,
             width=width,
@@ -458,6 +475,60 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             strength=start.strength,
             inpaint=start.mask is not None,
             loras=self._loras(request),
+            controlnet=request.controlnet.name if start.control is not None else None,
+            controlnet_scale=start.controlnet_scale,
+        )
+
+    def _control_image(self, request: generator_pb2.GenerateRequest, start: StartImages) -> StartImages:
+        """The request's ControlNet checked (name, scale, what it combines with) and its control image added."""
+        if not request.HasField("controlnet"):
+            return start
+        controlnet = request.controlnet
+        described = validate_controlnet(
+            controlnet.name,
+            controlnet.conditioning_scale if controlnet.HasField("conditioning_scale") else None,
+            self.info.controlnets,
+        )
+        if start.image is not None and start.mask is None:
+            raise InvalidArgument(
+                "A ControlNet request takes an init_image only with a mask (inpainting, through diffusers' "
+                "ZImageControlNetInpaintPipeline): diffusers has no Z-Image ControlNet img2img pipeline. Add "
+                "init_image.mask_key, or drop init_image."
+            )
+        if start.mask is not None and not described.takes_mask:
+            raise InvalidArgument(
+                f"ControlNet {described.name!r} takes no inpainting mask (its control input is the control "
+                "image alone, the Union 1.0 layout); inpaint with a Union 2.x ControlNet, or drop the mask."
+            )
+        if start.mask is not None and request.init_image.HasField("strength"):
+            raise InvalidArgument(
+                "init_image.strength does not apply with a ControlNet: its inpainting pipeline always runs every "
+                "step (it repaints the masked part from noise). Leave strength unset."
+            )
+        if request.passes:
+            raise InvalidArgument(
+                "passes do not take a ControlNet yet; send the ControlNet request without passes."
+            )
+        if request.skip_layer_guidance.scale:
+            raise InvalidArgument(
+                "Skip Layer Guidance does not combine with a ControlNet yet; set slg_scale to 0 or drop the "
+                "ControlNet."
+            )
+        if not controlnet.image_key:
+            raise InvalidArgument(
+                "controlnet.image_key is empty; upload the control image with UploadImage and pass its key."
+            )
+        control = self.images.get(controlnet.image_key, mask=False)
+        scale = controlnet.conditioning_scale if controlnet.HasField("conditioning_scale") else None
+        return dataclasses.replace(
+            start,
+            # The ControlNet inpaint pipeline has no strength: the job runs every step, as text-to-image does.
+            strength=None if start.mask is not None else start.strength,
+            control=control,
+            control_key=controlnet.image_key,
+            # The proto's float32 as the number the caller wrote (0.6, not 0.6000000238), which diffusers
+            # given that number computes with.
+            controlnet_scale=DEFAULT_CONTROLNET_SCALE if scale is None else float(f"{scale:.7g}"),
         )
 
     def _skip_layer_guidance(self, request: generator_pb2.GenerateRequest) -> SkipLayerGuidance | None:
@@ -568,6 +639,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                         else None,
                         init_image=job.start.image,
                         mask_image=job.start.mask,
+                        control_image=job.start.control,
                         output=dataclasses.replace(output, metadata=metadata),
                     )
                 )
@@ -610,6 +682,15 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             shift=params.shift,
             skip_layer_guidance=slg_to_proto(params.skip_layer_guidance),
             dype=dype_to_proto(params.dype),
+            controlnet=(
+                generator_pb2.ControlNetRequest(
+                    name=params.controlnet,
+                    image_key=job.start.control_key,
+                    conditioning_scale=params.controlnet_scale,
+                )
+                if params.controlnet is not None
+                else None
+            ),
             format=image.format,
             byte_length=len(image.data),
             sha256=hashlib.sha256(image.data).hexdigest(),
@@ -673,6 +754,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             shift=None if params.shift == self.info.default_shift else params.shift,
             skip_layer_guidance=params.skip_layer_guidance,
             dype=params.dype,
+            controlnet=None if params.controlnet is None else (params.controlnet, params.controlnet_scale),
             passes=[(plan.scale, plan.steps, plan.strength) for plan in passes],
             prompt_key=prompt.embedding_key if isinstance(prompt, UploadedPrompt) else "",
         )
@@ -773,6 +855,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             dtype_reason=self.info.dtype_reason,
             default_shift=self.info.default_shift,
             dit_layers=self.info.dit_layers,
+            controlnets=[
+                generator_pb2.ControlNetInfo(
+                    name=described.name,
+                    takes_mask=described.takes_mask,
+                    control_layers=described.control_layers,
+                )
+                for described in self.info.controlnets
+            ],
             device=self.info.device,
             encoder_address=self.encoder_address,
             parameter_count=self.info.parameter_count,

@@ -7,10 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
-from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.errors import InvalidArgument, NotFound
 from zimage_split.common.vocabulary import DYPE_METHODS
 from zimage_split.dit_service import dype as dype_defaults
 from zimage_split.dit_service.config import Limits
+from zimage_split.dit_service.controlnets import (
+    DEFAULT_CONTROLNET_SCALE,
+    MAX_CONTROLNET_SCALE,
+    ControlNetInfo,
+)
 from zimage_split.dit_service.dype import Dype
 from zimage_split.dit_service.engine import GenerationParams
 from zimage_split.dit_service.skip_layer_guidance import (
@@ -214,3 +219,42 @@ def validate_dype(*, method: str, scale: float | None, exponent: float | None) -
                 f"{name} must be between 0 and {MAX_DYPE_SETTING:g} (got {value}); the default is {default:g}."
             )
     return Dype(method=method, scale=float(scale), exponent=float(exponent))
+
+
+def validate_controlnet(name: str, scale: float | None, loaded: Sequence[ControlNetInfo]) -> ControlNetInfo:
+    """The loaded ControlNet a request names (NotFound listing the loaded ones), with a scale from 0 to
+    MAX_CONTROLNET_SCALE (InvalidArgument); returns its description."""
+    if scale is not None and not (math.isfinite(scale) and 0 <= scale <= MAX_CONTROLNET_SCALE):
+        raise InvalidArgument(
+            f"controlnet.conditioning_scale must be between 0 and {MAX_CONTROLNET_SCALE:g} (got {scale}); 0.6 to "
+            f"1 is usual, unset is {DEFAULT_CONTROLNET_SCALE:g}."
+        )
+    for described in loaded:
+        if described.name == name:
+            return described
+    names = ", ".join(repr(described.name) for described in loaded)
+    raise NotFound(
+        f"No ControlNet {name!r} on this generator. "
+        + (
+            f"Loaded: {names}."
+            if loaded
+            else "It loaded none: start it with --controlnet NAME=PATH (a diffusers folder or .safetensors file)."
+        )
+    )
+
+
+def check_control_image_size(size: tuple[int, int], width: int, height: int, multiple: int) -> None:
+    """A control image is resized to the output's width x height (as a start image is), so its aspect ratio must
+    be the output's, within what rounding the output to multiples of `multiple` pixels can change: a pose or
+    depth map stretched to another shape would steer the image wrongly. Raises InvalidArgument saying the fix."""
+    image_width, image_height = size
+    if (
+        abs(image_height * width / image_width - height) < multiple
+        and abs(image_width * height / image_height - width) < multiple
+    ):
+        return
+    raise InvalidArgument(
+        f"The control image is {image_width}x{image_height}, another shape than the {width}x{height} requested; "
+        f"crop it to that aspect ratio, or ask for a size of its own shape (leave width and height unset to get "
+        "its size)."
+    )

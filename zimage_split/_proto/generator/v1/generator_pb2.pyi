@@ -41,7 +41,7 @@ class Conditioning(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance", "passes", "return_intermediate", "dype")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "model", "max_sequence_length", "num_images", "loras", "init_image", "long_prompt_mode", "output_format", "quality", "strip_metadata", "shift", "skip_layer_guidance", "passes", "return_intermediate", "dype", "controlnet")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class GenerateRequest(_message.Message):
     PASSES_FIELD_NUMBER: _ClassVar[int]
     RETURN_INTERMEDIATE_FIELD_NUMBER: _ClassVar[int]
     DYPE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Conditioning
     negative_prompt: Conditioning
@@ -90,7 +91,8 @@ class GenerateRequest(_message.Message):
     passes: _containers.RepeatedCompositeFieldContainer[Pass]
     return_intermediate: bool
     dype: Dype
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., passes: _Optional[_Iterable[_Union[Pass, _Mapping]]] = ..., return_intermediate: _Optional[bool] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ...) -> None: ...
+    controlnet: ControlNetRequest
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., negative_prompt: _Optional[_Union[Conditioning, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., model: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., init_image: _Optional[_Union[InitImage, _Mapping]] = ..., long_prompt_mode: _Optional[_Union[LongPromptMode, str]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., strip_metadata: _Optional[bool] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., passes: _Optional[_Iterable[_Union[Pass, _Mapping]]] = ..., return_intermediate: _Optional[bool] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ..., controlnet: _Optional[_Union[ControlNetRequest, _Mapping]] = ...) -> None: ...
 
 class Dype(_message.Message):
     __slots__ = ("method", "scale", "exponent")
@@ -101,6 +103,16 @@ class Dype(_message.Message):
     scale: float
     exponent: float
     def __init__(self, method: _Optional[str] = ..., scale: _Optional[float] = ..., exponent: _Optional[float] = ...) -> None: ...
+
+class ControlNetRequest(_message.Message):
+    __slots__ = ("name", "image_key", "conditioning_scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image_key: str
+    conditioning_scale: float
+    def __init__(self, name: _Optional[str] = ..., image_key: _Optional[str] = ..., conditioning_scale: _Optional[float] = ...) -> None: ...
 
 class Pass(_message.Message):
     __slots__ = ("scale", "steps", "strength")
@@ -169,7 +181,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ImageHeader(_message.Message):
-    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance", "pass_index", "pass_count", "dype")
+    __slots__ = ("request_id", "seed", "width", "height", "steps", "guidance_scale", "format", "byte_length", "sha256", "timings", "model_id", "replica", "prompt_key", "negative_prompt_key", "batch_size", "image_index", "vae_tiled", "loras", "prompt_token_count", "prompt_source_token_count", "prompt_shortened_by", "strength", "steps_run", "shift", "skip_layer_guidance", "pass_index", "pass_count", "dype", "controlnet")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +210,7 @@ class ImageHeader(_message.Message):
     PASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     PASS_COUNT_FIELD_NUMBER: _ClassVar[int]
     DYPE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seed: int
     width: int
@@ -226,7 +239,8 @@ class ImageHeader(_message.Message):
     pass_index: int
     pass_count: int
     dype: Dype
-    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., pass_index: _Optional[int] = ..., pass_count: _Optional[int] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ...) -> None: ...
+    controlnet: ControlNetRequest
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., format: _Optional[str] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_id: _Optional[str] = ..., replica: _Optional[str] = ..., prompt_key: _Optional[str] = ..., negative_prompt_key: _Optional[str] = ..., batch_size: _Optional[int] = ..., image_index: _Optional[int] = ..., vae_tiled: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraRequest, _Mapping]]] = ..., prompt_token_count: _Optional[int] = ..., prompt_source_token_count: _Optional[int] = ..., prompt_shortened_by: _Optional[_Union[LongPromptMode, str]] = ..., strength: _Optional[float] = ..., steps_run: _Optional[int] = ..., shift: _Optional[float] = ..., skip_layer_guidance: _Optional[_Union[SkipLayerGuidance, _Mapping]] = ..., pass_index: _Optional[int] = ..., pass_count: _Optional[int] = ..., dype: _Optional[_Union[Dype, _Mapping]] = ..., controlnet: _Optional[_Union[ControlNetRequest, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "image", "image_chunk")
@@ -323,7 +337,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift", "dit_layers")
+    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift", "dit_layers", "controlnets")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTION_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +360,7 @@ class InfoResponse(_message.Message):
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SHIFT_FIELD_NUMBER: _ClassVar[int]
     DIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     caption_dim: int
     dtype: _tensor_pb2.DType
@@ -368,4 +383,15 @@ class InfoResponse(_message.Message):
     dtype_reason: str
     default_shift: float
     dit_layers: int
-    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ..., dit_layers: _Optional[int] = ...) -> None: ...
+    controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
+    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ..., dit_layers: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
+
+class ControlNetInfo(_message.Message):
+    __slots__ = ("name", "takes_mask", "control_layers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TAKES_MASK_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    takes_mask: bool
+    control_layers: int
+    def __init__(self, name: _Optional[str] = ..., takes_mask: _Optional[bool] = ..., control_layers: _Optional[int] = ...) -> None: ...
