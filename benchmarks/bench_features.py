@@ -9,6 +9,8 @@ size, steps and seed everywhere; every round times each variant once, in a new o
   blocks: one more DiT pass, with those blocks skipped, per active step;
 - two_passes: multi-pass as the generator runs it, a first pass at half the size and then img2img of its
   PNG, upscaled (Lanczos), at the full size with strength 0.6 (the default), both with the same steps.
+- controlnet: a random-weight ControlNet in the Union 2.1 layout (built for the model at start), with a
+  control image and conditioning scale 0.75: the ControlNet's own blocks run beside the DiT's at every step.
 - dype: DyPE (vision_yarn, the defaults) against `large_plain`, the same image without it, both at
   `--dype-size` (1280: DyPE changes nothing at 1024 pixels a side or less, so it cannot be timed at 256) and
   denoising only (latents out, no VAE decode, the same on both sides).
@@ -28,6 +30,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from PIL import Image
 
@@ -47,7 +50,7 @@ from benchmarks.report import (
 STEPS = 8
 DEFAULTS = {"rounds": 10, "size": 256, "dype_size": 1280}
 QUICK = {"size": 64, "dype_size": 1088}
-VARIANTS = ("plain", "shift", "slg", "two_passes", "large_plain", "dype")
+VARIANTS = ("plain", "shift", "slg", "two_passes", "controlnet", "large_plain", "dype")
 # What each variant's ratio is taken against.
 BASELINES = {"dype": "large_plain"}
 SECOND_PASS_STRENGTH = 0.6
@@ -58,6 +61,10 @@ def variant_params(name: str, side: int, dit_layers: int, dype_side: int):  # ty
     from zimage_split.dit_service.engine import GenerationParams
     from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
 
+    if name == "controlnet":
+        return GenerationParams(
+            width=side, height=side, steps=STEPS, seed=0, controlnet="bench", controlnet_scale=0.75
+        )
     if name == "large_plain":
         return GenerationParams(width=dype_side, height=dype_side, steps=STEPS, seed=0)
     if name == "dype":
@@ -79,6 +86,8 @@ NOTES = {
     "without those blocks per active step",
     "two_passes": "half the size, then img2img at the full size with strength 0.6: the second pass runs 5 of "
     "its {steps} steps; two VAE decodes and one encode",
+    "controlnet": "a random Union 2.1-layout ControlNet for this model, scale 0.75: its blocks run beside the "
+    "DiT's at every step, and the control image is VAE-encoded once",
     "large_plain": "the plain image at {dype_side}x{dype_side}, denoising only: the baseline of dype",
     "dype": "DyPE vision_yarn (scale 2, exponent 2) against the same {dype_side}x{dype_side} image without it, "
     "denoising only (latents out on both sides): the per-step RoPE table",
@@ -86,20 +95,39 @@ NOTES = {
 
 
 def measure(settings: Settings, **overrides: object) -> dict:
-    import torch
+    import tempfile
 
+    import torch
+    from PIL import ImageDraw
+
+    from zimage_split.dit_service.controlnets import ControlNetSpec
     from zimage_split.dit_service.engine import DiTEngine, GenerationJob
     from zimage_split.dit_service.outputs import OutputOptions
     from zimage_split.model_source import resolve_model
+    from zimage_split.tiny_model import build_tiny_controlnet
 
     args = options(settings, DEFAULTS, QUICK, overrides)
     folder = model_folder(settings.model)
+    scratch = tempfile.TemporaryDirectory(prefix="bench-controlnet-")
+    if settings.model not in ("tiny", "bench"):
+        raise ValueError(
+            "bench_features builds a random ControlNet for its model, which it can for tiny or bench only; "
+            "run it with --model bench (the default) or tiny."
+        )
+    controlnet = build_tiny_controlnet(Path(scratch.name) / "controlnet", size=settings.model, seed=0)
+    control = Image.new("RGB", (args.size, args.size))
+    ImageDraw.Draw(control).ellipse(
+        (args.size // 4, args.size // 4, 3 * args.size // 4, 3 * args.size // 4), fill="white"
+    )
     machine = machine_info()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit")
     try:
         engine = worker.submit(
             lambda: DiTEngine(
-                resolve_model(folder), device=torch.device(settings.device), dtype=torch.float32
+                resolve_model(folder),
+                device=torch.device(settings.device),
+                dtype=torch.float32,
+                controlnets=(ControlNetSpec("bench", str(controlnet)),),
             )
         ).result()
         dit_layers = engine.info.dit_layers
@@ -112,6 +140,11 @@ def measure(settings: Settings, **overrides: object) -> dict:
             if name in ("large_plain", "dype"):
                 engine.render(
                     [GenerationJob(params=params[name], prompt_embeds=embedding, output=latents_only)]
+                )
+                return time.perf_counter() - started
+            if name == "controlnet":
+                engine.generate(
+                    [GenerationJob(params=params[name], prompt_embeds=embedding, control_image=control)]
                 )
                 return time.perf_counter() - started
             if name != "two_passes":
@@ -139,6 +172,7 @@ def measure(settings: Settings, **overrides: object) -> dict:
             )
     finally:
         worker.shutdown()
+        scratch.cleanup()
     stats = {name: summary(values) for name, values in seconds.items()}
     ratios = {
         name: summary(

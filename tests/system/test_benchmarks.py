@@ -116,6 +116,7 @@ def test_quick_run_covers_what_the_issue_names(quick_run) -> None:  # type: igno
         "tokens/s",
         "DiT image with slg",
         "DiT image with dype",
+        "DiT image with controlnet",
     ):
         assert expected in metrics, expected
 
