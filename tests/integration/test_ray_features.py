@@ -1,5 +1,5 @@
 """Per-request options through 2 Ray replicas of the tiny model: a ControlNet (with and without a mask), the
-schedule shift, Skip Layer Guidance and multi-pass give the same files as the in-process generator, sent
+schedule shift, Skip Layer Guidance, multi-pass and DyPE give the same files as the in-process generator, sent
 together so that the replicas batch what they can."""
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ VARIANTS: list[dict[str, Any]] = [
     {"shift": 1.5},
     {"slg_scale": 2.5, "slg_layers": [1], "slg_start": 0.0},
     {"passes": [{"scale": 0.5}, {"scale": 1, "strength": 0.5}]},
+    # DyPE only acts past 1024 pixels a side; latents out, so no large VAE decode.
+    {"dype": True, "width": 1088, "height": 1088, "steps": 2, "output_format": "latent"},
     {},
 ]
 
@@ -66,7 +68,10 @@ def run_all(port: int) -> list[tuple[bytes, dict[str, Any]]]:
         async with AsyncClient(generator=f"127.0.0.1:{port}", timeout=120) as client:
             images = await asyncio.gather(
                 *(
-                    client.generate(embeddings=prompt, seed=4, width=SIDE, height=SIDE, steps=3, **variant)
+                    client.generate(
+                        embeddings=prompt,
+                        **({"seed": 4, "width": SIDE, "height": SIDE, "steps": 3} | variant),
+                    )
                     for variant in VARIANTS
                 )
             )
@@ -83,3 +88,4 @@ def test_ray_replicas_make_the_local_generators_files(generators) -> None:  # ty
     assert {info["replica"] for _, info in on_ray} != {info["replica"] for _, info in in_process}
     assert on_ray[0][1]["controlnet"] == {"name": "union", "scale": pytest.approx(0.6)}
     assert on_ray[4][1]["skip_layer_guidance"]["layers"] == [1] and on_ray[3][1]["shift"] == 1.5
+    assert on_ray[6][1]["dype"] == {"method": "vision_yarn", "scale": 2.0, "exponent": 2.0}
