@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import start_generator
+from tests.pictures import mask_image, noise_image, png
 from zimage_split.client import Client, InvalidArgument, NotFound
 from zimage_split.common.errors import InvalidArgument as ServerInvalidArgument
 from zimage_split.dit_service.controlnets import ControlNetSpec, check_controlnet_specs, parse_controlnet_flag
@@ -29,23 +30,6 @@ STEPS = 4
 def embedding(tokens: int, seed: int) -> torch.Tensor:
     """A prompt embedding for the tiny model (caption width 16)."""
     return torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def noise_image(width: int = SIZE, height: int = SIZE, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def mask_image(width: int = SIZE, height: int = SIZE) -> Image.Image:
-    mask = np.zeros((height, width), dtype=np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return Image.fromarray(mask, "L")
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def pixels(image: Any) -> np.ndarray:

@@ -18,6 +18,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from tests.pictures import png
+
 TOKEN = "gateway-test-token"
 
 
@@ -234,12 +236,6 @@ def test_the_gateway_reads_a_rotated_token_file_again(generator, tmp_path) -> No
         assert http(f"{url}/v1/nothing", token="new-token")[0] == 404
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 def start_picture() -> Image.Image:
     gradient = np.linspace(0, 255, 80 * 96, dtype=np.uint8).reshape(80, 96)
     return Image.fromarray(np.stack([gradient, 255 - gradient, gradient // 2], -1))
@@ -248,7 +244,7 @@ def start_picture() -> Image.Image:
 def test_edits_is_img2img_through_the_openai_client(gateway, client) -> None:  # type: ignore[no-untyped-def]
     """`images.edit` with an image and no mask: img2img, the same bytes as the SDK's request over gRPC; the
     image's own size is kept (80x96 rounded down to multiples of 16) unless `size` says otherwise."""
-    picture = png_bytes(start_picture())
+    picture = png(start_picture())
     result = openai_api(gateway).images.edit(
         image=("start.png", picture, "image/png"),
         prompt="a lighthouse at dusk",
@@ -276,7 +272,7 @@ def test_edits_is_img2img_through_the_openai_client(gateway, client) -> None:  #
 def test_edits_with_a_mask_is_inpainting(gateway, client) -> None:  # type: ignore[no-untyped-def]
     """An OpenAI mask (RGBA, fully transparent where to edit) is the generator's white-means-repaint mask;
     a mask without alpha is taken as the generator's own."""
-    picture = png_bytes(start_picture())
+    picture = png(start_picture())
     alpha = np.full((80, 96), 255, dtype=np.uint8)
     alpha[20:60, 30:70] = 0  # edit here
     openai_mask = Image.fromarray(np.dstack([np.zeros((80, 96, 3), np.uint8), alpha]), mode="RGBA")
@@ -284,7 +280,7 @@ def test_edits_with_a_mask_is_inpainting(gateway, client) -> None:  # type: igno
     settings = {"seed": 9, "steps": 4}
     result = openai_api(gateway).images.edit(
         image=("start.png", picture, "image/png"),
-        mask=("mask.png", png_bytes(openai_mask), "image/png"),
+        mask=("mask.png", png(openai_mask), "image/png"),
         prompt="a red door",
         response_format="b64_json",
         extra_body=settings,
@@ -293,7 +289,7 @@ def test_edits_with_a_mask_is_inpainting(gateway, client) -> None:  # type: igno
     assert base64.b64decode(result.data[0].b64_json) == direct.info["file_bytes"]
     plain_mask = openai_api(gateway).images.edit(
         image=("start.png", picture, "image/png"),
-        mask=("mask.png", png_bytes(repaint), "image/png"),
+        mask=("mask.png", png(repaint), "image/png"),
         prompt="a red door",
         response_format="b64_json",
         extra_body=settings,
@@ -303,7 +299,7 @@ def test_edits_with_a_mask_is_inpainting(gateway, client) -> None:  # type: igno
 
 def test_edits_errors_keep_the_openai_shape(gateway) -> None:  # type: ignore[no-untyped-def]
     api = openai_api(gateway)
-    picture = png_bytes(start_picture())
+    picture = png(start_picture())
     with pytest.raises(openai.BadRequestError, match="strength"):
         api.images.edit(
             image=("start.png", picture, "image/png"),

@@ -7,26 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.pictures import mask_image, png
+from tests.pictures import noise_image as start_image
 from zimage_split.client import InvalidArgument
-
-
-def start_image(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def mask_image(width: int = 64, height: int = 64) -> Image.Image:
-    mask = np.zeros((height, width), dtype=np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return Image.fromarray(mask, "L")
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
