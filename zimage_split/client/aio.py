@@ -32,8 +32,8 @@ from zimage_split._proto.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
-from zimage_split.client.tensor_bytes import TensorBytes, need_torch
 from zimage_split.client.errors import typed_errors
+from zimage_split.client.tensor_bytes import TensorBytes, need_torch
 from zimage_split.common import tracing, wire
 from zimage_split.common.addresses import host_of, with_default_port
 from zimage_split.common.encoder_pool import EncoderPool

@@ -31,6 +31,7 @@ from zimage_split.common.files import write_atomically
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torch import Tensor  # `torch` is also a method name in the classes below
 
 FILE_FORMAT = "zimage-split/embeddings"
 # 2: each prompt's checksum is "blake3". 1 (still read): "sha256".
@@ -71,7 +72,7 @@ class PromptEmbedding:
         self,
         text: str,
         content_key: str,
-        tensor: TensorBytes | torch.Tensor | np.ndarray,
+        tensor: TensorBytes | Tensor | np.ndarray,
         token_count: int,
         truncated: bool,
         cache_hit: bool = False,
@@ -99,12 +100,12 @@ class PromptEmbedding:
         """The hidden states as a float32 numpy array [token_count, hidden_size]; needs no torch."""
         return self.values.numpy()
 
-    def torch(self) -> torch.Tensor:
+    def torch(self) -> Tensor:
         """The hidden states as a CPU torch tensor of their own dtype (bfloat16 as the encoder sent them)."""
         return self.values.torch()
 
     @property
-    def tensor(self) -> torch.Tensor:
+    def tensor(self) -> Tensor:
         """`torch()`, as earlier versions held it; needs torch."""
         return self.values.torch()
 
@@ -143,7 +144,7 @@ class Embeddings(Sequence[PromptEmbedding]):
 
     def to_diffusers(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> list[torch.Tensor]:
+    ) -> list[Tensor]:
         """What diffusers' `ZImagePipeline(prompt_embeds=...)` takes: one [tokens, hidden_size] tensor per
         prompt, on `device` (CPU when None) in `dtype` (the encoder's when None). Needs torch.
 

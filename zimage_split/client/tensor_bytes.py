@@ -17,14 +17,14 @@ from zimage_split.common import wire
 from zimage_split.common.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
-    import torch
+    from torch import Tensor  # `torch` is also a method name in the classes below
 
 # safetensors' names for the wire's dtypes.
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _WIRE_DTYPES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
 # A header this large is not an embeddings file (safetensors itself refuses headers over 100 MB).
 MAX_HEADER_BYTES = 100_000_000
-_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def is_torch_tensor(value: object) -> bool:
@@ -65,7 +65,7 @@ class TensorBytes:
             )
 
     @classmethod
-    def of(cls, value: TensorBytes | torch.Tensor | np.ndarray) -> TensorBytes:
+    def of(cls, value: TensorBytes | Tensor | np.ndarray) -> TensorBytes:
         """`value` as bytes: a TensorBytes as it is, a torch tensor (bfloat16, float16 or float32) or a numpy
         array (float16 or float32) copied."""
         if isinstance(value, TensorBytes):
@@ -76,7 +76,9 @@ class TensorBytes:
                 raise InvalidArgument(
                     f"A numpy array of {value.dtype} cannot be sent; pass float32 or float16 values."
                 )
-            return cls(name, tuple(value.shape), np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[name]).tobytes())
+            return cls(
+                name, tuple(value.shape), np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[name]).tobytes()
+            )
         if is_torch_tensor(value):
             meta, payload = wire.describe(value)
             return cls(meta.dtype_name, meta.shape, bytes(payload))
@@ -97,9 +99,11 @@ class TensorBytes:
             # bfloat16 is the top half of a float32: shift its 16 bits up and read them as float32.
             widened = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
             return widened.view(np.float32).reshape(self.shape)
-        return np.frombuffer(self.data, dtype=_NUMPY_DTYPES[self.dtype]).astype(np.float32).reshape(self.shape)
+        return (
+            np.frombuffer(self.data, dtype=_NUMPY_DTYPES[self.dtype]).astype(np.float32).reshape(self.shape)
+        )
 
-    def torch(self) -> torch.Tensor:
+    def torch(self) -> Tensor:
         """The tensor in its own dtype, on the CPU; imports torch, so it needs torch installed."""
         need_torch("A torch tensor")
         import torch
@@ -179,6 +183,8 @@ def read_safetensors(data: bytes) -> tuple[dict[str, str], dict[str, StoredTenso
             raise ValueError(f"tensor {name!r} has {len(shape)} dimensions")
         size = wire.ITEM_SIZES.get(_WIRE_DTYPES.get(dtype, ""), 0)
         if size and math.prod(shape) * size != end - start:
-            raise ValueError(f"tensor {name!r} of shape {shape} in {dtype} does not fill its {end - start} bytes")
+            raise ValueError(
+                f"tensor {name!r} of shape {shape} in {dtype} does not fill its {end - start} bytes"
+            )
         tensors[name] = StoredTensor(dtype, tuple(shape), bytes(body[start:end]))
     return metadata, tensors

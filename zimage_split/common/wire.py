@@ -36,7 +36,7 @@ DTYPE_CODES = {
 }
 # Bytes per element of each: the wire's sizes are checked without torch (the SDK may not have it).
 ITEM_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_NAMES_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
+_NAMES_BY_CODE: dict[int, str] = {int(code): name for name, code in DTYPE_CODES.items()}
 
 # Upload keys start with this; keys from before BLAKE3 were bare sha256 hex, so the two never collide and a
 # key of the old scheme simply misses.
