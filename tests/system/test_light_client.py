@@ -236,6 +236,7 @@ def _busy_port() -> socket.socket:
     ("argv", "install"),
     [
         (["serve", "encoder", "--model", "tiny"], "pip install 'zimage-split[encoder]'"),
+        (["--log-format", "json", "serve", "encoder"], "pip install 'zimage-split[encoder]'"),
         (["serve", "generator", "--model", "tiny"], "pip install 'zimage-split[generator]'"),
         (
             ["serve", "generator", "--model", "tiny", "--ray-address", "auto"],
