@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import start_encoder
+from tests.system.test_end_to_end import free_port, stop, wait_until_serving
 from zimage_split.client import Client, Embeddings
 from zimage_split.common.errors import MISSING_EXTRA_EXIT_STATUS
 
@@ -263,3 +264,52 @@ def test_a_command_without_its_extra_names_the_install(
     assert install in result.stderr and "FAILED_PRECONDITION" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+# Runs zsplit as an install without `blocked` would: importlib.util.find_spec gives None for a module that
+# sys.modules maps to None, and importing it fails, as on a host that never installed it.
+WITHOUT_MODULES = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None
+from zimage_split.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_the_encoder_serves_without_diffusers(client: Client, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """What the [encoder] image holds is enough: an encoder with no diffusers, PEFT or accelerate encodes
+    as the full install's does."""
+    port = free_port()
+    argv = ["serve", "encoder", "--model", str(tiny_model_dir), "--port", str(port), "--insecure"]
+    argv += ["--device", "cpu", "--dtype", "float32"]
+    blocked = ("diffusers", "peft", "accelerate")
+    log = tmp_path / "encoder.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", WITHOUT_MODULES.format(blocked=blocked, argv=argv)],
+            env=os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+            stderr=stderr,
+        )
+    try:
+        wait_until_serving(port, process)
+        with Client(generator=None, encoder=f"127.0.0.1:{port}") as encoder_only:
+            theirs = encoder_only.encode(["a red fox", "a lighthouse at dusk"])
+        ours = client.encode(["a red fox", "a lighthouse at dusk"])
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.values == b.values and a.content_key == b.content_key
+    finally:
+        assert stop(process) == 0, log.read_text()[-3000:]
+    # The blocked modules really were missing: the same process refuses to build a random model.
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_MODULES.format(blocked=blocked, argv=["make-tiny-model", str(tmp_path / "m")]),
+        ],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == MISSING_EXTRA_EXIT_STATUS and "zimage-split[generator]" in again.stderr
