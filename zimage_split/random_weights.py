@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,9 +49,13 @@ def read_marker(folder: Path) -> int | None:
 
 
 def _is_diffusers(model_class: Any) -> bool:
-    from diffusers.configuration_utils import ConfigMixin
-
-    return isinstance(model_class, type) and issubclass(model_class, ConfigMixin)
+    # A diffusers class comes with diffusers imported; an encoder-only install has no diffusers to import.
+    configuration = sys.modules.get("diffusers.configuration_utils")
+    return (
+        configuration is not None
+        and isinstance(model_class, type)
+        and issubclass(model_class, configuration.ConfigMixin)
+    )
 
 
 def load_config(model_class: Any, location: str, subfolder: str) -> Any:

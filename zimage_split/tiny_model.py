@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_split.common import extras
 from zimage_split.common.files import locked_folder, write_error
 
 # Qwen3's template reduced to what Z-Image uses: user turns, the generation prompt, and the
@@ -229,6 +230,9 @@ def _save_model(model_class: Any, kwargs: dict[str, Any], directory: Path, seed:
 
 
 def _build_into(root: Path, spec: TinyModelSpec, seed: int, weights: bool) -> None:
+    # Every component is built with its library, diffusers among them: an encoder-only install can serve a
+    # random model someone built already, but not build one.
+    extras.require("generator", what="Building a random model (--model tiny, bench or full)")
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Model

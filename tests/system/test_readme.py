@@ -48,7 +48,7 @@ EXAMPLE_FILES = {
     "http.md": [],
 }
 # Read by the test suite, not by zsplit (tests/conftest.py: skip_or_fail).
-TEST_VARIABLES = {"ZSPLIT_REQUIRE_BROWSER", "ZSPLIT_REQUIRE_ROOT"}
+TEST_VARIABLES = {"ZSPLIT_REQUIRE_BROWSER", "ZSPLIT_REQUIRE_ROOT", "ZSPLIT_ALLOW_NO_INDEX"}
 
 
 def relative(path: Path) -> str:

@@ -557,3 +557,114 @@ def _dicts(node: object) -> Iterator[dict]:
     elif isinstance(node, list):
         for value in node:
             yield from _dicts(value)
+
+
+# ---------------------------------------------------------------- what each image installs (pyproject's extras)
+
+# The model libraries: never in the base install (the SDK), each brought by a role's extra.
+MODEL_LIBRARIES = {"torch", "diffusers", "transformers", "accelerate", "peft"}
+
+
+def _requirement_name(requirement: str) -> tuple[str, set[str]]:
+    """("ray", {"serve"}) for 'ray[serve]>=2.40,<3'; names lower-cased with _ and . as -."""
+    match = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", requirement)
+    assert match, f"unreadable requirement {requirement!r}"
+    extras = {e.strip() for e in (match.group(2) or "").split(",") if e.strip()}
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower(), extras
+
+
+def project_table() -> dict:
+    return load_toml(str(ROOT / "pyproject.toml"))["project"]
+
+
+def reachable_packages(extras: set[str], project: dict | None = None) -> set[str]:
+    """The packages `pip install '.[extras]'` asks for by name: the base, the extras, and the extras they name."""
+    project = project or project_table()
+    declared = project["optional-dependencies"]
+    found: set[str] = set()
+    pending, seen = [*project["dependencies"]], set()
+    pending += [requirement for extra in extras for requirement in declared[extra]]
+    seen |= extras
+    while pending:
+        name, inner = _requirement_name(pending.pop())
+        if name == "zimage-split":
+            for extra in inner - seen:
+                seen.add(extra)
+                pending += declared[extra]
+            continue
+        found.add(name)
+    return found
+
+
+def dockerfile_pip_installs(text: str) -> tuple[set[str], set[str]]:
+    """The extras of the checkout (`.` or `.[a,b]`) and the other packages a Dockerfile's `pip install`s name."""
+    extras: set[str] = set()
+    others: set[str] = set()
+    for line in re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", text).splitlines():
+        line = line.strip()
+        if not line.upper().startswith("RUN "):
+            continue
+        for segment in _segments(shlex.split(line[4:], comments=True)):
+            if segment[:2] != ["pip", "install"]:
+                continue
+            tokens = iter(segment[2:])
+            for token in tokens:
+                if token in ("--index-url", "-i", "--extra-index-url", "-r", "-c"):
+                    next(tokens, None)  # the option's value
+                if token.startswith("-"):
+                    continue
+                if token == "." or token.startswith(".["):
+                    extras |= _requirement_name("zimage-split" + token[1:])[1]
+                    continue
+                others.add(_requirement_name(token)[0])
+    return extras, others
+
+
+def image_packages(name: str) -> tuple[set[str], set[str]]:
+    """The checkout's extras an image installs, and every package it asks for by name."""
+    text = (DEPLOY / "docker" / f"Dockerfile.{name}").read_text()
+    extras, others = dockerfile_pip_installs(text)
+    return extras, reachable_packages(extras) | others
+
+
+def test_the_base_install_holds_no_model_library() -> None:
+    assert not reachable_packages(set()) & MODEL_LIBRARIES
+
+
+def test_the_encoder_image_installs_the_encoder_extra_and_no_diffusers() -> None:
+    extras, packages = image_packages("encoder")
+    assert extras == {"encoder"}
+    assert {"torch", "transformers"} <= packages
+    assert not packages & {"diffusers", "peft", "ray", "fastapi", "uvicorn", "openai"}, packages
+
+
+def test_the_generator_image_installs_the_generator_and_ray_extras_only() -> None:
+    extras, packages = image_packages("generator")
+    assert extras == {"generator", "ray"}
+    assert {"torch", "diffusers", "transformers", "peft", "ray"} <= packages
+    client_only = reachable_packages({"http", "otel"}) - reachable_packages(set())
+    client_only |= {"openai", "playwright", "pytest"}
+    assert not packages & client_only, packages & client_only
+
+
+def test_the_image_check_sees_a_wrong_install() -> None:
+    """Guards the two tests above: an encoder image that installed [all] would bring diffusers."""
+    extras, others = dockerfile_pip_installs(
+        'RUN python -m venv /v \\\n    && pip install "torch==2.13.0" --index-url "$X"\n'
+        "# a comment\nRUN pip install '.[all]' \\\n    && useradd zsplit\n"
+    )
+    assert extras == {"all"} and others == {"torch"}
+    assert "diffusers" in reachable_packages(extras)
+
+
+def test_the_cli_checks_the_modules_the_extras_provide() -> None:
+    """common/extras.py names, for each extra, modules whose packages that extra lists."""
+    from zimage_split.common.extras import EXTRA_MODULES
+
+    declared = project_table()["optional-dependencies"]
+    for extra, modules in EXTRA_MODULES.items():
+        listed = {_requirement_name(requirement)[0] for requirement in declared[extra]}
+        assert set(modules) <= listed, f"[{extra}] lists {listed}, but the CLI checks for {modules}"
+    # [all] is every extra a user installs; [dev] adds the test tools to it.
+    assert reachable_packages({"all"}) == reachable_packages(set(declared) - {"all", "dev"})
+    assert reachable_packages({"all"}) < reachable_packages({"dev"})

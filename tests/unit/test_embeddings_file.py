@@ -5,6 +5,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -187,3 +188,67 @@ def test_a_file_from_before_long_prompt_modes_loads_with_what_its_fields_imply(t
         (11, "truncate"),
         (3, ""),
     ]
+
+
+# ---------------------------------------------------------------- held as bytes: numpy, torch, and no torch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_embedding_is_its_bytes_with_numpy_and_torch_views(dtype: torch.dtype) -> None:
+    tensor = torch.randn(5, 16).to(dtype)
+    item = PromptEmbedding("a fox", "key", tensor, 5, False)
+    assert item.dtype == wire.dtype_name(dtype) and item.shape == (5, 16)
+    assert item.values.data == bytes(wire.payload_view(tensor))
+    # bfloat16 and float16 widen to float32 exactly, without torch.
+    values = item.numpy()
+    assert values.dtype == np.float32 and np.array_equal(values, tensor.float().numpy())
+    assert (
+        item.torch().dtype == dtype and torch.equal(item.torch(), tensor) and torch.equal(item.tensor, tensor)
+    )
+    # The same embedding from numpy or from its bytes.
+    assert PromptEmbedding("a fox", "key", item.values, 5, False) == item
+    if dtype != torch.bfloat16:
+        assert PromptEmbedding("a fox", "key", tensor.numpy(), 5, False) == item
+
+
+def test_the_file_is_the_one_safetensors_writes(tmp_path: Path) -> None:
+    """Written without torch, read by safetensors itself: the same tensors and metadata as its own save."""
+    original = make_embeddings()
+    path = original.save(tmp_path / "embeds.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        for index, item in enumerate(original):
+            assert torch.equal(handle.get_tensor(f"prompt.{index:06d}"), item.tensor)
+        metadata = handle.metadata()
+    again = tmp_path / "by-safetensors.safetensors"
+    save_file(
+        {f"prompt.{i:06d}": item.tensor for i, item in enumerate(original)}, str(again), metadata=metadata
+    )
+    ours, theirs = header_of(path), header_of(again)
+    assert ours == theirs  # the same header, tensor for tensor (the metadata's key order aside)
+    assert path.stat().st_size == again.stat().st_size
+    # Each prompt's checksum is the wire's, computed on the same bytes with or without torch.
+    for entry, item in zip(json.loads(metadata["prompts"]), original, strict=True):
+        assert entry["blake3"] == wire.describe(item.tensor)[0].blake3
+
+
+def test_a_numpy_array_of_another_dtype_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="pass float32 or float16"):
+        PromptEmbedding("a fox", "key", np.zeros((2, 16), dtype=np.float64), 2, False)
+    with pytest.raises(InvalidArgument, match="Expected a tensor"):
+        PromptEmbedding("a fox", "key", [[0.0] * 16], 2, False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda data: data[:6], "shorter than the header's length"),
+        (lambda data: struct.pack("<Q", 10**9) + data[8:], "the header claims"),
+        (lambda data: data[:8] + b"[" + data[9:], "the header is not JSON"),
+        (lambda data: data.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1), "does not fill its"),
+    ],
+)
+def test_a_damaged_layout_is_refused_with_what_is_wrong(tmp_path: Path, damage, words: str) -> None:  # type: ignore[no-untyped-def]
+    path = make_embeddings().save(tmp_path / "embeds.safetensors")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataLoss, match=f"not a readable safetensors file .*{words}"):
+        Embeddings.load(path)

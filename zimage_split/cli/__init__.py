@@ -11,6 +11,8 @@ from zimage_split.cli import bench, certs, config, encode, generate, lora, make_
 from zimage_split.cli.flags import add_logging
 from zimage_split.cli.layered_settings import defer_defaults, resolve, setting_actions
 from zimage_split.common.errors import (
+    MISSING_EXTRA,
+    MISSING_EXTRA_EXIT_STATUS,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -91,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except ZSplitError as error:
         _report(error)
+        if error.reason == MISSING_EXTRA:  # 3: the install must change, as the message says
+            return MISSING_EXTRA_EXIT_STATUS
         # 2: what the command was given must change (a flag, a path, a folder's state); 1: the services.
         fixed_by_the_caller = InvalidArgument | NotFound | FailedPrecondition | PermissionDenied
         return 2 if isinstance(error, fixed_by_the_caller) else 1

@@ -16,6 +16,7 @@ from zimage_split.cli.flags import (
     client_security,
     templated,
 )
+from zimage_split.common import extras
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.files import write_error
 from zimage_split.common.security import ClientSecurity
@@ -64,6 +65,8 @@ def encode_prompts(args: argparse.Namespace) -> int:
 
 async def _encode(args: argparse.Namespace) -> int:
     """A prompt file -> one safetensors file of embeddings, one tensor per prompt."""
+    if not args.encoder:
+        extras.require("encoder", what="zsplit encode without --encoder")
     from tqdm import tqdm
 
     from zimage_split.batch_jobs import encode_prompts, read_prompt_file

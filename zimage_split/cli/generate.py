@@ -20,6 +20,7 @@ from zimage_split.cli.flags import (
     templated,
     write_output,
 )
+from zimage_split.common import extras
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.security import ClientSecurity
 from zimage_split.common.vocabulary import (
@@ -231,12 +232,16 @@ async def local_services(
     encoder_security: ClientSecurity | None = None,
 ) -> AsyncIterator[str]:
     """Starts a generator (and an encoder unless one is given or not wanted) on loopback; yields its address."""
+    starts_encoder = encoder is None and start_encoder
+    extras.require(
+        "generator", *(("encoder",) if starts_encoder else ()), what="zsplit generate without --generator"
+    )
     from zimage_split.dit_service.server import start_generator_server
     from zimage_split.encoder_service.config import EncoderConfig
     from zimage_split.encoder_service.server import start_encoder_server
 
     encoder_server = None
-    if encoder is None and start_encoder:
+    if starts_encoder:
         encoder_server = await start_encoder_server(
             EncoderConfig(model=model, port=0, device=device, dtype=dtype)
         )

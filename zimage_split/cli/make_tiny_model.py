@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from zimage_split.common import extras
 from zimage_split.common.errors import InvalidArgument
 
 
@@ -33,6 +34,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
+    extras.require("generator", what="zsplit make-tiny-model")
     from zimage_split.tiny_model import build_tiny_model
 
     try:

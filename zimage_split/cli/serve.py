@@ -17,6 +17,7 @@ from zimage_split.cli.flags import (
     server_security,
     transport_limits,
 )
+from zimage_split.common import extras
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.server import check_metrics_port
 from zimage_split.common.vocabulary import (
@@ -402,6 +403,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
 
 
 def serve_encoder(args: argparse.Namespace) -> int:
+    extras.require("encoder", *(("int8",) if args.quantize == "int8" else ()), what="zsplit serve encoder")
     from zimage_split.encoder_service.server import serve_encoder as serve
 
     asyncio.run(serve(encoder_config(args)))
@@ -409,6 +411,11 @@ def serve_encoder(args: argparse.Namespace) -> int:
 
 
 def serve_generator(args: argparse.Namespace) -> int:
+    extras.require(
+        "generator",
+        *(("ray",) if args.ray_address else ()),
+        what="zsplit serve generator" + (" --ray-address" if args.ray_address else ""),
+    )
     from zimage_split.dit_service.server import serve_generator as serve
 
     asyncio.run(serve(generator_config(args)))
@@ -420,13 +427,8 @@ def serve_http(args: argparse.Namespace) -> int:
     from zimage_split.common.security import accepted_tokens
     from zimage_split.common.server import metrics_address
 
-    try:
-        from zimage_split.http_gateway import create_app, serve_http
-    except ImportError as error:
-        raise InvalidArgument(
-            f"zsplit serve http needs FastAPI and uvicorn ({error}); install them with "
-            "`pip install 'zimage-split[http]'`."
-        ) from None
+    extras.require("http", what="zsplit serve http")
+    from zimage_split.http_gateway import create_app, serve_http
 
     if not args.insecure and not (args.tls_cert and args.tls_key):
         raise InvalidArgument(

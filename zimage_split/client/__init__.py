@@ -4,6 +4,7 @@ from zimage_split.client.aio import AsyncClient, Latents
 from zimage_split.client.batch import ImageJob, JobResult
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.sync import Client
+from zimage_split.client.tensor_bytes import TensorBytes
 from zimage_split.common.errors import (
     Cancelled,
     DataLoss,
@@ -38,6 +39,7 @@ __all__ = [
     "PermissionDenied",
     "PromptEmbedding",
     "ResourceExhausted",
+    "TensorBytes",
     "Unauthenticated",
     "Unavailable",
     "ZSplitError",

@@ -33,6 +33,7 @@ from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client.batch import ImageJob, JobResult, job_request_id, plan_jobs
 from zimage_split.client.embeddings import Embeddings, PromptEmbedding
 from zimage_split.client.errors import typed_errors
+from zimage_split.client.tensor_bytes import TensorBytes, need_torch
 from zimage_split.common import tracing, wire
 from zimage_split.common.addresses import host_of, with_default_port
 from zimage_split.common.encoder_pool import EncoderPool
@@ -75,7 +76,7 @@ CHANNEL_OPTIONS = [
 ]
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
-EmbeddingLike: TypeAlias = "PromptEmbedding | Embeddings | torch.Tensor"
+EmbeddingLike: TypeAlias = "PromptEmbedding | Embeddings | TensorBytes | torch.Tensor"
 # A LoRA of a request: "name", ("name", scale) or {"name": ..., "scale": ...}.
 LoraLike = str | tuple[str, float] | Mapping[str, Any]
 # An image to upload: a file path, file bytes, or a PIL image (sent as PNG).
@@ -146,18 +147,19 @@ def _dype(
     return generator_pb2.Dype(method=method or "", scale=scale, exponent=exponent)
 
 
-def _single_tensor(value: EmbeddingLike, what: str) -> tuple[torch.Tensor, str]:
+def _single_tensor(value: EmbeddingLike, what: str) -> tuple[TensorBytes, str]:
     if isinstance(value, Embeddings):
         if len(value) != 1:
             raise InvalidArgument(f"{what} holds {len(value)} prompts; pass one, e.g. embeddings[0].")
         value = value[0]
     if isinstance(value, PromptEmbedding):
-        return value.tensor, value.content_key
-    import torch  # only a caller who passes tensors needs torch
-
-    if isinstance(value, torch.Tensor):
-        return value, ""
-    raise InvalidArgument(f"{what} must be a PromptEmbedding, a one-prompt Embeddings or a tensor.")
+        return value.values, value.content_key
+    try:
+        return TensorBytes.of(value), ""
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"{what} must be a PromptEmbedding, a one-prompt Embeddings or a tensor."
+        ) from None
 
 
 class AsyncClient:
@@ -338,7 +340,7 @@ class AsyncClient:
     async def _upload(self, embedding: EmbeddingLike, *, timeout: float | None, again: bool) -> str:
         """Uploads unless this client already did (`again` forces it, after the generator lost it)."""
         tensor, content_key = _single_tensor(embedding, "embedding")
-        meta, payload = wire.describe(tensor)
+        meta, payload = wire.describe_bytes(tensor.dtype, tensor.shape, tensor.data), memoryview(tensor.data)
         if not again and wire.embedding_key(meta) in self._uploaded:
             return wire.embedding_key(meta)
 
@@ -834,7 +836,8 @@ class AsyncClient:
                 )
             info = image_metadata(header) | {"file_bytes": bytes(data), "format": header.format}
             if header.format == "safetensors":
-                from safetensors.torch import load as safetensors_load  # latents are torch tensors
+                need_torch('output_format="latent" (latents come back as torch tensors)')
+                from safetensors.torch import load as safetensors_load
 
                 images.append(Latents(safetensors_load(bytes(data))["latents"], info))
                 continue
@@ -886,11 +889,11 @@ def _lora_request(lora: LoraLike) -> generator_pb2.LoraRequest:
     return generator_pb2.LoraRequest(name=name, scale=None if scale is None else float(scale))
 
 
-def _key_of(item: PromptEmbedding | torch.Tensor) -> str:
+def _key_of(item: PromptEmbedding | TensorBytes | torch.Tensor) -> str:
     if isinstance(item, PromptEmbedding) and item.content_key:
         return item.content_key
-    tensor = item.tensor if isinstance(item, PromptEmbedding) else item
-    return wire.embedding_key(wire.describe(tensor)[0])
+    tensor = item.values if isinstance(item, PromptEmbedding) else TensorBytes.of(item)
+    return wire.embedding_key(wire.describe_bytes(tensor.dtype, tensor.shape, tensor.data))
 
 
 def image_metadata(header: generator_pb2.ImageHeader) -> dict[str, Any]:
@@ -955,7 +958,9 @@ async def read_embedding_stream(
             PromptEmbedding(
                 text=texts[header.prompt_index],
                 content_key=header.content_key,
-                tensor=assembler.finish(),
+                tensor=TensorBytes(
+                    assembler.meta.dtype_name, assembler.meta.shape, bytes(assembler.finish_bytes())
+                ),
                 token_count=header.token_count,
                 truncated=header.truncated,
                 cache_hit=header.cache_hit,

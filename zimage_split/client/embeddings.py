@@ -3,7 +3,8 @@
 The file's header metadata describes every prompt (text, formatted text, content key, model, layer, max
 length, dtype, token counts, how a long prompt was shortened) and holds each tensor's BLAKE3 (sha256 in
 version 1 files, which still load), so a file made on one machine (say, a Mac running the encoder) can be
-checked before any DiT work on another. No pickle anywhere.
+checked before any DiT work on another. No pickle anywhere, and no torch: the tensors are held as their
+bytes (client/tensor_bytes.py) and become numpy or torch arrays on request.
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from zimage_split.client.tensor_bytes import (
+    StoredTensor,
+    TensorBytes,
+    need_torch,
+    read_safetensors,
+    safetensors_bytes,
+)
 from zimage_split.common import wire
 from zimage_split.common.errors import DataLoss, InvalidArgument, NotFound
 from zimage_split.common.files import write_atomically
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from torch import Tensor  # `torch` is also a method name in the classes below
 
 FILE_FORMAT = "zimage-split/embeddings"
 # 2: each prompt's checksum is "blake3". 1 (still read): "sha256".
@@ -29,9 +39,12 @@ FILE_FORMAT_VERSION = 2
 READABLE_VERSIONS = ("1", "2")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PromptEmbedding:
-    """One prompt's Qwen3 hidden states, shape [token_count, hidden_size].
+    """One prompt's Qwen3 hidden states, shape [token_count, hidden_size], held as bytes in `values`.
+
+    `.numpy()` gives them as float32; `.torch()` (or `.tensor`) as a torch tensor of their own dtype, which
+    needs torch. The third argument may be a TensorBytes, a torch tensor or a float32/float16 numpy array.
 
     `token_count` is min(source_token_count, max_sequence_length). When the formatted prompt had more tokens
     than that, `shortened_by` names the long-prompt mode that brought it down ("truncate", "interpolate"
@@ -40,7 +53,7 @@ class PromptEmbedding:
 
     text: str
     content_key: str
-    tensor: torch.Tensor
+    values: TensorBytes
     token_count: int
     truncated: bool
     cache_hit: bool = False
@@ -52,6 +65,49 @@ class PromptEmbedding:
     shortened_by: str = ""
     # Seconds the encoder spent on it, waiting for its batch included (0 for a cache hit or a loaded file).
     encode_seconds: float = 0.0
+
+    # Written out rather than generated so the tensor argument keeps its name (`tensor=`) and takes torch,
+    # numpy or bytes alike; the fields are the dataclass's, in its order.
+    def __init__(
+        self,
+        text: str,
+        content_key: str,
+        tensor: TensorBytes | Tensor | np.ndarray,
+        token_count: int,
+        truncated: bool,
+        cache_hit: bool = False,
+        formatted_text: str = "",
+        hidden_layer: int = -2,
+        max_sequence_length: int = 512,
+        source_token_count: int = 0,
+        shortened_by: str = "",
+        encode_seconds: float = 0.0,
+    ) -> None:
+        fields = {name: value for name, value in locals().items() if name not in ("self", "tensor")}
+        for name, value in {**fields, "values": TensorBytes.of(tensor)}.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def dtype(self) -> str:
+        """ "bfloat16", "float16" or "float32"."""
+        return self.values.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def numpy(self) -> np.ndarray:
+        """The hidden states as a float32 numpy array [token_count, hidden_size]; needs no torch."""
+        return self.values.numpy()
+
+    def torch(self) -> Tensor:
+        """The hidden states as a CPU torch tensor of their own dtype (bfloat16 as the encoder sent them)."""
+        return self.values.torch()
+
+    @property
+    def tensor(self) -> Tensor:
+        """`torch()`, as earlier versions held it; needs torch."""
+        return self.values.torch()
 
 
 class Embeddings(Sequence[PromptEmbedding]):
@@ -84,21 +140,30 @@ class Embeddings(Sequence[PromptEmbedding]):
 
     @property
     def hidden_size(self) -> int:
-        return int(self._items[0].tensor.shape[-1]) if self._items else 0
+        return int(self._items[0].shape[-1]) if self._items else 0
+
+    def to_diffusers(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> list[Tensor]:
+        """What diffusers' `ZImagePipeline(prompt_embeds=...)` takes: one [tokens, hidden_size] tensor per
+        prompt, on `device` (CPU when None) in `dtype` (the encoder's when None). Needs torch.
+
+            >>> pipe(prompt_embeds=client.encode(["a red fox"]).to_diffusers("cuda", torch.bfloat16))
+        """
+        need_torch("Embeddings.to_diffusers")
+        return [item.torch().to(device=device, dtype=dtype) for item in self._items]
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes one safetensors file atomically: a crash leaves the old file or none, never half of one."""
-        from safetensors.torch import save
-
         if not self._items:
             raise InvalidArgument("There are no embeddings to save; encode at least one prompt.")
         target = Path(path)
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, TensorBytes] = {}
         prompts: list[dict[str, Any]] = []
         for index, item in enumerate(self._items):
             name = f"prompt.{index:06d}"
-            meta, _ = wire.describe(item.tensor)
-            tensors[name] = item.tensor.detach().to("cpu").contiguous()
+            meta = wire.describe_bytes(item.dtype, item.shape, item.values.data)
+            tensors[name] = item.values
             prompts.append(
                 {
                     "tensor": name,
@@ -123,29 +188,33 @@ class Embeddings(Sequence[PromptEmbedding]):
             "hidden_size": str(self.hidden_size),
             "prompts": json.dumps(prompts, ensure_ascii=False),
         }
-        write_atomically(target, save(tensors, metadata=metadata))
+        write_atomically(target, safetensors_bytes(tensors, metadata))
         return target
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Embeddings:
         """Reads a file written by `save` (or `zsplit encode`) and checks every tensor's shape, dtype and
         checksum (BLAKE3; sha256 in a file from before version 2)."""
-        from safetensors import SafetensorError, safe_open
-
         source = Path(path)
         if not source.is_file():
             raise NotFound(f"No embeddings file at {source}. Make one with `zsplit encode -o {source}`.")
         try:
-            with safe_open(str(source), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                _check_format(metadata, source)
-                prompts = _prompt_entries(metadata, source)
-                tensors = {entry["tensor"]: handle.get_tensor(entry["tensor"]) for entry in prompts}
-        except SafetensorError as error:
+            metadata, stored = read_safetensors(source.read_bytes())
+        except ValueError as error:
             raise DataLoss(
                 f"{source} is not a readable safetensors file ({error}); it may be truncated or corrupted. "
                 "Make it again with `zsplit encode`."
             ) from None
+        _check_format(metadata, source)
+        prompts = _prompt_entries(metadata, source)
+        tensors = {}
+        for entry in prompts:
+            if entry["tensor"] not in stored:
+                raise DataLoss(
+                    f"{source} names a tensor {entry['tensor']!r} it does not hold; it may be truncated or "
+                    "corrupted. Make it again with `zsplit encode`."
+                )
+            tensors[entry["tensor"]] = stored[entry["tensor"]]
         items = [_checked_item(entry, tensors[entry["tensor"]], metadata, source) for entry in prompts]
         return cls(items, model_id=metadata.get("model_id", ""))
 
@@ -203,23 +272,24 @@ def _prompt_entries(metadata: dict[str, str], source: Path) -> list[dict[str, An
 
 
 def _checked_item(
-    entry: dict[str, Any], tensor: torch.Tensor, metadata: dict[str, str], source: Path
+    entry: dict[str, Any], stored: StoredTensor, metadata: dict[str, str], source: Path
 ) -> PromptEmbedding:
     where = f"{source}, prompt {entry['tensor']} ({entry['text'][:40]!r})"
-    if tensor.dim() != 2:
+    if len(stored.shape) != 2:
         raise DataLoss(
-            f"{where}: tensor is {list(tensor.shape)}, not [tokens, hidden_size]. Make the file again with "
+            f"{where}: tensor is {list(stored.shape)}, not [tokens, hidden_size]. Make the file again with "
             "`zsplit encode`."
         )
-    hidden_size = int(metadata.get("hidden_size", tensor.shape[-1]))
+    hidden_size = int(metadata.get("hidden_size", stored.shape[-1]))
     expected_shape = (int(entry["token_count"]), hidden_size)
-    if tuple(tensor.shape) != expected_shape or wire.dtype_name(tensor.dtype) != entry["dtype"]:
+    tensor = stored.as_tensor_bytes()
+    if stored.shape != expected_shape or tensor is None or tensor.dtype != entry["dtype"]:
         raise DataLoss(
-            f"{where}: tensor is {list(tensor.shape)} {tensor.dtype}, but the header says "
+            f"{where}: tensor is {list(stored.shape)} {stored.dtype}, but the header says "
             f"{list(expected_shape)} {entry['dtype']}. Make the file again with `zsplit encode`."
         )
     algorithm = _CHECKSUM_FIELDS[metadata["format_version"]]
-    if wire.checksum(wire.payload_view(tensor), algorithm) != entry[algorithm]:
+    if wire.checksum(tensor.data, algorithm) != entry[algorithm]:
         raise DataLoss(
             f"{where}: the tensor bytes do not match their {algorithm}; the file is corrupted. Make it again."
         )

@@ -13,6 +13,10 @@ BUSY = "busy"
 # RESOURCE_EXHAUSTED: the GPU ran out of memory for this request; a retry as it is would fail again (ask for a
 # smaller size or fewer images, or change the server's settings).
 OUT_OF_MEMORY = "out-of-memory"
+# FAILED_PRECONDITION: this install lacks an optional part (an extra such as [generator]) the command needs;
+# the message names the `pip install` that adds it. The CLI exits with MISSING_EXTRA_EXIT_STATUS for it.
+MISSING_EXTRA = "missing-extra"
+MISSING_EXTRA_EXIT_STATUS = 3
 
 
 class ZSplitError(Exception):

@@ -129,14 +129,21 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 def route_library_logs() -> None:
     """transformers and diffusers write their own log lines and progress bars to stderr; this sends their
     records through the root logger instead and turns their bars off, so a JSON log stays all JSON."""
-    import diffusers.utils.logging as diffusers_logging
-    import huggingface_hub.utils
-    import transformers.utils.logging as transformers_logging
+    import importlib
+    import importlib.util
 
-    for library in (transformers_logging, diffusers_logging):
-        library.disable_default_handler()
-        library.enable_propagation()
-        library.disable_progress_bar()
+    # Each role installs only its libraries (an encoder has no diffusers, a client none of them), and a
+    # missing one must leave the command to say which extra to install.
+    for name in ("transformers", "diffusers"):
+        if importlib.util.find_spec(name) is not None:
+            library = importlib.import_module(f"{name}.utils.logging")
+            library.disable_default_handler()
+            library.enable_propagation()
+            library.disable_progress_bar()
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return
+    import huggingface_hub.utils
+
     huggingface_hub.utils.disable_progress_bars()
     # huggingface_hub gives its logger a stderr handler of its own and lets records propagate too, so each
     # line ("Retrying in 1s [Retry 1/5].") would show twice, once unformatted.

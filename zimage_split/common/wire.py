@@ -6,7 +6,6 @@ sha256 instead, and are still checked with it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import re
@@ -35,6 +34,9 @@ DTYPE_CODES = {
     "float16": tensor_pb2.DTYPE_FLOAT16,
     "float32": tensor_pb2.DTYPE_FLOAT32,
 }
+# Bytes per element of each: the wire's sizes are checked without torch (the SDK may not have it).
+ITEM_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_NAMES_BY_CODE: dict[int, str] = {int(code): name for name, code in DTYPE_CODES.items()}
 
 # Upload keys start with this; keys from before BLAKE3 were bare sha256 hex, so the two never collide and a
 # key of the old scheme simply misses.
@@ -49,17 +51,17 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
     raise ImportError("zimage-split's wire format is little-endian; this platform is not.")
 
 
-@functools.cache
-def _torch_dtypes() -> dict[int, torch.dtype]:
-    # torch is imported by the first tensor, not by this module: a client that only sends prompts and
-    # receives images (the SDK's common path, the CLI's client commands) never loads it.
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire dtype name. torch is imported here, by the first tensor, not by this
+    module: the SDK works on bytes and never loads it unless its caller asks for a torch tensor."""
     import torch
 
-    return {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
-def dtype_name(dtype: torch.dtype) -> str | None:
-    """The wire's name for a torch dtype ("bfloat16", ...), or None if the wire does not carry it."""
+def dtype_name(dtype: torch.dtype | str) -> str | None:
+    """The wire's name for a torch dtype or a name ("bfloat16", ...), or None if the wire does not carry it."""
     name = str(dtype).removeprefix("torch.")
     return name if name in DTYPE_CODES else None
 
@@ -68,7 +70,8 @@ def dtype_name(dtype: torch.dtype) -> str | None:
 class TensorMeta:
     """What a receiver needs to rebuild and check a tensor."""
 
-    dtype: torch.dtype
+    # The wire's name: "bfloat16", "float16" or "float32" (a torch dtype is accepted too).
+    dtype: str
     shape: tuple[int, ...]
     byte_length: int
     # Hex BLAKE3 of the bytes. Empty only in a header received from an older sender, which gave sha256;
@@ -83,16 +86,17 @@ class TensorMeta:
         return str(self.dtype).removeprefix("torch.")
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype | str) -> int:
     name = dtype_name(dtype)
     if name is None:
         raise InvalidArgument(f"Cannot send a {dtype} tensor; use one of {', '.join(DTYPE_CODES)}.")
     return DTYPE_CODES[name]
 
 
-def dtype_from_proto(code: int) -> torch.dtype:
+def dtype_from_proto(code: int) -> str:
+    """The wire's dtype name for a DType code."""
     try:
-        return _torch_dtypes()[code]
+        return _NAMES_BY_CODE[code]
     except KeyError:
         raise InvalidArgument(
             f"Unsupported tensor dtype code {code}; send bfloat16, float16 or float32 "
@@ -113,6 +117,17 @@ def describe(tensor: torch.Tensor) -> tuple[TensorMeta, memoryview]:
     dtype_to_proto(tensor.dtype)  # rejects dtypes the wire does not carry
     payload = payload_view(tensor)
     return _meta(tensor, payload), payload
+
+
+def describe_bytes(dtype: str, shape: tuple[int, ...], payload: bytes | memoryview) -> TensorMeta:
+    """The header fields of a tensor held as its bytes (the SDK's, which needs no torch)."""
+    dtype_to_proto(dtype)
+    expected = math.prod(shape) * ITEM_SIZES[dtype]
+    if memoryview(payload).nbytes != expected:
+        raise InvalidArgument(
+            f"A {dtype} tensor of shape {list(shape)} holds {expected} bytes, not {memoryview(payload).nbytes}."
+        )
+    return TensorMeta(dtype=dtype, shape=tuple(shape), byte_length=expected, blake3=checksum(payload))
 
 
 @dataclass(frozen=True)
@@ -141,7 +156,7 @@ def checksum(payload: bytes | memoryview, algorithm: str = "blake3") -> str:
 
 def _meta(tensor: torch.Tensor, payload: bytes | memoryview) -> TensorMeta:
     return TensorMeta(
-        dtype=tensor.dtype,
+        dtype=str(dtype_name(tensor.dtype)),
         shape=tuple(tensor.shape),
         byte_length=memoryview(payload).nbytes,
         blake3=checksum(payload),
@@ -253,17 +268,17 @@ def meta_from_proto(header: tensor_pb2.TensorHeader, max_bytes: int = MAX_TENSOR
     if not shape or any(dim < 0 for dim in shape):
         raise InvalidArgument(f"Tensor shape {list(shape)} is invalid; send non-negative dimensions.")
     # Zero dimensions count as 1: [0, 2**40, 2**40] holds no bytes but still overflows torch's strides.
-    size = math.prod(dim for dim in shape if dim) * dtype.itemsize
+    size = math.prod(dim for dim in shape if dim) * ITEM_SIZES[dtype]
     if size > max_bytes:
         counted = " (counting zero dimensions as 1)" if 0 in shape else ""
         raise InvalidArgument(
             f"Tensor of shape {list(shape)} would take {size} bytes{counted}, over the {max_bytes}-byte "
             "limit; send a smaller tensor."
         )
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * ITEM_SIZES[dtype]
     if header.byte_length != expected:
         raise InvalidArgument(
-            f"Header says {header.byte_length} bytes but shape {list(shape)} in {dtype_name(dtype)} "
+            f"Header says {header.byte_length} bytes but shape {list(shape)} in {dtype} "
             f"needs {expected}; the sender's header is inconsistent."
         )
     for field in ("blake3", "sha256"):
@@ -324,6 +339,16 @@ class TensorAssembler:
     def finish(self) -> torch.Tensor:
         """The checked tensor; DataLoss if its bytes do not match the header's checksum. Afterwards `meta`
         holds the bytes' BLAKE3 even when the sender gave only sha256."""
+        payload = self.finish_bytes()
+        import torch
+
+        dtype = torch_dtype(self.meta.dtype_name)
+        if self.meta.byte_length == 0:
+            return torch.empty(self.meta.shape, dtype=dtype)
+        return torch.frombuffer(payload, dtype=dtype).reshape(self.meta.shape)
+
+    def finish_bytes(self) -> bytearray:
+        """The checked bytes, as `finish` checks them, without torch (the SDK's receiving side)."""
         if not self.complete:
             raise InvalidArgument(
                 f"Tensor stream ended after {self._received} of {self.meta.byte_length} bytes; "
@@ -339,8 +364,4 @@ class TensorAssembler:
             raise DataLoss("Tensor bytes do not match their sha256: the data was corrupted. Send it again.")
         else:
             self.meta = replace(self.meta, blake3=digest)
-        import torch
-
-        if self.meta.byte_length == 0:
-            return torch.empty(self.meta.shape, dtype=self.meta.dtype)
-        return torch.frombuffer(self._buffer, dtype=self.meta.dtype).reshape(self.meta.shape)
+        return self._buffer

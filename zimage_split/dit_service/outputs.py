@@ -9,15 +9,20 @@ import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.vocabulary import FORMAT_SUFFIXES, OUTPUT_FORMATS, QUALITY_FORMATS
-from zimage_split.dit_service.dype import Dype
-from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
+
+if TYPE_CHECKING:
+    # Types only: the batch CLI writes its PNGs with this module on the base install, which has no torch.
+    import torch
+
+    from zimage_split.dit_service.dype import Dype
+    from zimage_split.dit_service.skip_layer_guidance import SkipLayerGuidance
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +277,8 @@ def encode_latents(latents: torch.Tensor, metadata: Iterable[tuple[str, str]] | 
     Written here rather than by safetensors.torch.save, whose metadata order changes from one process to
     the next: the same latents must give the same bytes (and sha256).
     """
+    import torch
+
     tensor = latents.detach().to("cpu", torch.float32)
     if tensor.dim() == 3:
         tensor = tensor.unsqueeze(0)
