@@ -13,7 +13,7 @@ EXTRA_MODULES = {
     "encoder": ("torch", "transformers"),
     "generator": ("torch", "diffusers", "transformers", "peft", "accelerate"),
     "ray": ("ray",),
-    "http": ("fastapi", "uvicorn"),
+    "http": ("fastapi", "uvicorn", "python_multipart"),
     "int8": ("torchao",),
 }
 
