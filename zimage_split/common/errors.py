@@ -13,6 +13,8 @@ BUSY = "busy"
 # RESOURCE_EXHAUSTED: the GPU ran out of memory for this request; a retry as it is would fail again (ask for a
 # smaller size or fewer images, or change the server's settings).
 OUT_OF_MEMORY = "out-of-memory"
+# UNAVAILABLE: the service has opened its port but is still loading (or warming up) its model; retry shortly.
+LOADING = "loading"
 
 
 class ZSplitError(Exception):
