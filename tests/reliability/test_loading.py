@@ -74,7 +74,9 @@ def test_the_encoder_listens_at_once_and_refuses_encode_while_it_loads(tiny_mode
 
 
 def test_sigterm_during_the_load_stops_at_once(tiny_model_dir: Path) -> None:
-    with ServiceProcess("generator", tiny_model_dir, "--encoder", "none", env={LOAD_DELAY_ENV: "120"}) as server:
+    with ServiceProcess(
+        "generator", tiny_model_dir, "--encoder", "none", env={LOAD_DELAY_ENV: "120"}
+    ) as server:
         wait_for(lambda: answers_health(server.port), 30, "the generator's port to open")
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)

@@ -337,6 +337,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         security=server_security(args),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_token_file=args.metrics_auth_token_file,
     )
 
 
@@ -398,6 +399,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         ray=ray if args.ray_address else None,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_token_file=args.metrics_auth_token_file,
     )
 
 
@@ -416,9 +418,8 @@ def serve_generator(args: argparse.Namespace) -> int:
 
 
 def serve_http(args: argparse.Namespace) -> int:
-    from zimage_split.common.metrics import ServiceMetrics
+    from zimage_split.common.metrics import ServiceMetrics, metrics_settings
     from zimage_split.common.security import accepted_tokens
-    from zimage_split.common.server import metrics_address
 
     try:
         from zimage_split.http_gateway import create_app, serve_http
@@ -461,7 +462,14 @@ def serve_http(args: argparse.Namespace) -> int:
             cert_file=args.tls_cert,
             key_file=args.tls_key,
             metrics=metrics,
-            metrics_address=metrics_address(args.host, args.metrics_host, args.metrics_port),
+            metrics_settings=metrics_settings(
+                args.host,
+                args.metrics_host,
+                args.metrics_port,
+                token_file=args.metrics_auth_token_file,
+                cert_file=args.tls_cert,
+                key_file=args.tls_key,
+            ),
         )
     )
     return 0

@@ -23,7 +23,7 @@ from zimage_split.common.interceptors import (
     ErrorMappingInterceptor,
     ServingGate,
 )
-from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
+from zimage_split.common.metrics import MetricsEndpoint, MetricsSettings, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 from zimage_split.common.wire import CHUNK_BYTES
 
@@ -139,18 +139,13 @@ def check_bounds(bounds: Iterable[tuple[str, float, float, float | None, str]]) 
 
 
 def check_metrics_port(port: int, metrics_port: int | None) -> None:
-    """`--metrics-port` must be a port, and not the service's own."""
+    """`--metrics-port` must be a port (0 or unset: no metrics), and not the service's own."""
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InvalidArgument(
-            f"--metrics-port must be between 0 and 65535 (got {metrics_port}); 0 picks a free port."
+            f"--metrics-port must be between 0 and 65535 (got {metrics_port}); 0 (or unset) turns metrics off."
         )
     if metrics_port is not None and metrics_port == port != 0:
         raise InvalidArgument(f"--metrics-port {metrics_port} is the service's own --port; pick another.")
-
-
-def metrics_address(host: str, metrics_host: str | None, metrics_port: int | None) -> tuple[str, int] | None:
-    """Where `--metrics-port` serves (on the service's own --host unless --metrics-host says otherwise)."""
-    return None if metrics_port is None else (metrics_host or host, metrics_port)
 
 
 def port_taken(host: str, port: int, reuse_port: bool) -> Unavailable:
@@ -210,11 +205,11 @@ async def start_server(
     limits: TransportLimits | None = None,
     *,
     metrics: ServiceMetrics,
-    metrics_address: tuple[str, int] | None = None,
+    metrics_settings: MetricsSettings | None = None,
 ) -> RunningServer:
     """Starts a server, before the model loads, that reports NOT_SERVING (and answers every other call with
     UNAVAILABLE, reason `loading`) until `set_serving()` is called after warm-up, counting its calls in
-    `metrics`, which it serves to Prometheus on `metrics_address` (host, port) when given."""
+    `metrics`, which it serves to Prometheus as `metrics_settings` say, when given."""
     limits = limits or TransportLimits()
     gate = ServingGate(metrics.service, loaded=False)
     # Outermost first: the observer (request ids, spans, metrics: it sees every final status), tokens, then
@@ -249,7 +244,7 @@ async def start_server(
             bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise port_taken(host, port, limits.reuse_port) from error
-    endpoint = serve_metrics(metrics, *metrics_address) if metrics_address is not None else None
+    endpoint = serve_metrics(metrics, metrics_settings) if metrics_settings is not None else None
     try:
         await server.start()
     except BaseException:

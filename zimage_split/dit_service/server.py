@@ -11,14 +11,13 @@ from dataclasses import dataclass, replace
 from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
-from zimage_split.common.metrics import ServiceMetrics
+from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
     LateServicer,
     RunningServer,
     exit_abandoning_load,
     injected_load_delay,
     load_until_signal,
-    metrics_address,
     serve_until_signal,
     start_server,
 )
@@ -77,7 +76,14 @@ async def open_generator_port(
         config.security,
         config.transport,
         metrics=ServiceMetrics("generator"),
-        metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
+        metrics_settings=metrics_settings(
+            config.host,
+            config.metrics_host,
+            config.metrics_port,
+            token_file=config.metrics_token_file,
+            cert_file=config.security.cert_file,
+            key_file=config.security.key_file,
+        ),
     )
     return running, late
 
