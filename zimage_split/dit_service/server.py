@@ -198,7 +198,7 @@ async def _serve_on(
     late.target = servicer
     await running.set_serving()
     logger.info(
-        "Generator %s on %s (%s, attention %s%s, VAE tiling %s%s) serving on %s:%d (%s), encoder %s",
+        "Generator %s on %s (%s, attention %s%s, VAE tiling %s%s) listening on %s:%d (%s), encoder %s",
         model_id,
         info.device,
         info.dtype,
@@ -226,7 +226,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
 
 async def serve_generator(config: GeneratorConfig) -> None:
     running, late = await open_generator_port(config)
-    logger.info("Generator listening on %s:%d, NOT_SERVING while the model loads", config.host, running.port)
+    logger.info("Generator port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
     server = await load_until_signal(running, load_generator(config, running, late))
     if server is None:
         exit_abandoning_load()

@@ -167,7 +167,7 @@ async def load_encoder(
     await running.set_serving()
     logger.info(
         "Encoder %s on %s (%s, quantize %s, %s batching, %d linear layers packed for oneDNN, layer %d, "
-        "%d layers kept) serving on %s:%d (%s)",
+        "%d layers kept) listening on %s:%d (%s)",
         source.model_id,
         encoder.device,
         dtype.name,
@@ -195,7 +195,7 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
 
 async def serve_encoder(config: EncoderConfig) -> None:
     running, late = await open_encoder_port(config)
-    logger.info("Encoder listening on %s:%d, NOT_SERVING while the model loads", config.host, running.port)
+    logger.info("Encoder port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
     server = await load_until_signal(running, load_encoder(config, running, late))
     if server is None:
         exit_abandoning_load()
