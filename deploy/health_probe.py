@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     # NOT_SERVING: still loading or warming up its model, or draining after SIGTERM.
-    note = " (loading, warming up or draining)" if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING else ""
+    note = (
+        " (loading, warming up or draining)"
+        if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        else ""
+    )
     print(f"{args.address} {args.service or '(server)'}: {status}{note}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
