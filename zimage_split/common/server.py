@@ -262,25 +262,32 @@ async def start_server(
     )
 
 
-async def load_until_signal(running: RunningServer, load: Coroutine[Any, Any, T]) -> T | None:
-    """Runs `load` (the model's load and warm-up, with the port already open) until it ends or SIGINT or
-    SIGTERM comes. On a signal the server stops at once (no call has got past the loading gate, so there is
-    nothing to drain) and None is returned; if `load` fails, the server stops and the error propagates."""
+def catch_stop_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets from now on: one watch over the load and the serving after it,
+    so a signal that lands as the load ends is not lost."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
+    return signalled
+
+
+async def load_until_signal(
+    running: RunningServer, load: Coroutine[Any, Any, T], signalled: asyncio.Event
+) -> T | None:
+    """Runs `load` (the model's load and warm-up, with the port already open) until it ends or `signalled`
+    (catch_stop_signals) is set. On a signal the server stops at once (no call has got past the loading gate,
+    so there is nothing to drain) and None is returned; if `load` fails, the server stops and the error
+    propagates."""
     loading = asyncio.ensure_future(load)
     waiting = asyncio.ensure_future(signalled.wait())
     try:
         await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiting.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
     if loading.done():
         try:
-            return loading.result()
+            return loading.result()  # a signal that came meanwhile is served by serve_until_signal: a drain
         except BaseException:
             await running.stop(0)
             raise
@@ -300,16 +307,17 @@ def exit_abandoning_load() -> None:
 
 
 async def serve_until_signal(
-    running: RunningServer, stop: Callable[[float], Awaitable[object]], grace: float
+    running: RunningServer,
+    stop: Callable[[float], Awaitable[object]],
+    grace: float,
+    signalled: asyncio.Event | None = None,
 ) -> None:
-    """Waits for SIGINT or SIGTERM, then `stop(grace)`: a drain of up to `grace` seconds, which a second
-    signal cuts short."""
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
+    """Waits for SIGINT or SIGTERM (or `signalled`, from catch_stop_signals, already set if one came during
+    the load), then `stop(grace)`: a drain of up to `grace` seconds, which a second signal cuts short."""
+    signalled = signalled or catch_stop_signals()
     await signalled.wait()
     logger.info("Shutdown signal: NOT_SERVING, draining in-flight calls for up to %.0f s.", grace)
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, running.gate.give_up)
     await stop(grace)

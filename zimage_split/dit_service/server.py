@@ -15,6 +15,7 @@ from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
     LateServicer,
     RunningServer,
+    catch_stop_signals,
     exit_abandoning_load,
     injected_load_delay,
     load_until_signal,
@@ -227,8 +228,9 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
 async def serve_generator(config: GeneratorConfig) -> None:
     running, late = await open_generator_port(config)
     logger.info("Generator port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
-    server = await load_until_signal(running, load_generator(config, running, late))
+    signalled = catch_stop_signals()
+    server = await load_until_signal(running, load_generator(config, running, late), signalled)
     if server is None:
         exit_abandoning_load()
         return
-    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds, signalled)

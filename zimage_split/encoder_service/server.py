@@ -17,6 +17,7 @@ from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
     LateServicer,
     RunningServer,
+    catch_stop_signals,
     exit_abandoning_load,
     injected_load_delay,
     load_until_signal,
@@ -196,8 +197,9 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
 async def serve_encoder(config: EncoderConfig) -> None:
     running, late = await open_encoder_port(config)
     logger.info("Encoder port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
-    server = await load_until_signal(running, load_encoder(config, running, late))
+    signalled = catch_stop_signals()
+    server = await load_until_signal(running, load_encoder(config, running, late), signalled)
     if server is None:
         exit_abandoning_load()
         return
-    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds, signalled)
