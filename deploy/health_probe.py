@@ -75,11 +75,18 @@ def main(argv: list[str] | None = None) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            # Not listening yet, draining after SIGTERM, or a TLS mismatch: all mean "do not send work here".
+            # Services listen from their first second, so a refused connection means the process is down (or
+            # a TLS mismatch): either way, "do not send work here".
             print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.address} {args.service or '(server)'}: {status}")
+    # NOT_SERVING: still loading or warming up its model, or draining after SIGTERM.
+    note = (
+        " (loading, warming up or draining)"
+        if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        else ""
+    )
+    print(f"{args.address} {args.service or '(server)'}: {status}{note}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

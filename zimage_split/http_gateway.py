@@ -34,7 +34,7 @@ from zimage_split.client.aio import AsyncClient, Latents, ProgressCallback
 from zimage_split.common import tracing
 from zimage_split.common.errors import InvalidArgument, ZSplitError
 from zimage_split.common.logs import REQUEST_ID_KEY, request_scope, usable_request_id
-from zimage_split.common.metrics import ServiceMetrics, serve_metrics
+from zimage_split.common.metrics import MetricsSettings, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ClientSecurity
 
 HTTP_STATUS = {
@@ -472,17 +472,17 @@ async def serve_http(
     cert_file: str | None = None,
     key_file: str | None = None,
     metrics: ServiceMetrics | None = None,
-    metrics_address: tuple[str, int] | None = None,
+    metrics_settings: MetricsSettings | None = None,
 ) -> None:
     """Serves `app` with uvicorn until SIGINT or SIGTERM; TLS when given a certificate and key. `metrics`
-    (those `app` counts in) go to Prometheus on `metrics_address` (host, port) when both are given."""
+    (those `app` counts in) go to Prometheus as `metrics_settings` say, when both are given."""
     import uvicorn
 
     # log_config=None: uvicorn's own lines go through the process's logging set-up (and --log-format).
     config = uvicorn.Config(
         app, host=host, port=port, ssl_certfile=cert_file, ssl_keyfile=key_file, log_config=None
     )
-    endpoint = serve_metrics(metrics, *metrics_address) if metrics and metrics_address else None
+    endpoint = serve_metrics(metrics, metrics_settings) if metrics and metrics_settings else None
     # uvicorn drains on SIGINT or SIGTERM, then raises the signal again; with the default handlers that
     # kills the process (SIGTERM) or ends it in KeyboardInterrupt, exit status 130 (SIGINT). Handlers of ours
     # let it exit 0 after the drain, as the gRPC services do.

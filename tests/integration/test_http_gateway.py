@@ -181,11 +181,11 @@ def test_gateway_metrics_and_request_ids(generator) -> None:  # type: ignore[no-
     import logging
 
     from tests.integration.test_observability import Collected, scrape, value
-    from zimage_split.common.metrics import ServiceMetrics, serve_metrics
+    from zimage_split.common.metrics import MetricsSettings, ServiceMetrics, serve_metrics
     from zimage_split.http_gateway import create_app
 
     metrics = ServiceMetrics("http")
-    endpoint = serve_metrics(metrics, "127.0.0.1", 0)
+    endpoint = serve_metrics(metrics, MetricsSettings("127.0.0.1", 0))
     handler, root = Collected(), logging.getLogger()
     root.addHandler(handler)
     level, root.level = root.level, logging.INFO

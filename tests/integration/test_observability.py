@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LoopThread, start_encoder, start_generator
+from tests.reliability.processes import free_port
 from zimage_split.client import Client
 from zimage_split.common.errors import InvalidArgument
 from zimage_split.common.logs import RequestIdFilter
@@ -38,8 +39,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def observed(loop_thread: LoopThread, tiny_model_dir: Path) -> Iterator[tuple[object, object]]:
-    encoder = start_encoder(loop_thread, tiny_model_dir, dtype="float32", metrics_port=0)
-    generator = start_generator(loop_thread, tiny_model_dir, encoder.port, metrics_port=0)
+    encoder = start_encoder(loop_thread, tiny_model_dir, dtype="float32", metrics_port=free_port())
+    generator = start_generator(loop_thread, tiny_model_dir, encoder.port, metrics_port=free_port())
     try:
         yield encoder, generator
     finally:

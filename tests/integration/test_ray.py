@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import cancel_after_first_step, start_generator, wait_for
 from tests.integration.test_observability import scrape, value
+from tests.reliability.processes import free_port
 from zimage_split._proto.generator.v1 import generator_pb2, generator_pb2_grpc
 from zimage_split.client import AsyncClient, Client, ResourceExhausted
 from zimage_split.dit_service.config import RayOptions
@@ -39,7 +40,7 @@ def ray_generator(loop_thread, tiny_model_dir, tmp_path_factory):  # type: ignor
         ray=options,
         max_queue=MAX_QUEUE,
         lora_dir=str(lora_dir),
-        metrics_port=0,
+        metrics_port=free_port(),
     )
     yield server
     loop_thread.run(server.stop(grace=0), timeout=120)

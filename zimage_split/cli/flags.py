@@ -87,9 +87,16 @@ def add_metrics(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics, plain HTTP (off)",
+        help="serve Prometheus metrics on HOST:PORT/metrics, over HTTPS with the service's own --tls-cert "
+        "when it has one (off; 0 is off too)",
     )
     group.add_argument("--metrics-host", default=None, help="address of --metrics-port (default: --host)")
+    group.add_argument(
+        "--metrics-auth-token-file",
+        metavar="FILE",
+        default=None,
+        help="bearer tokens a scrape must send, one per line, read again when the file changes (none)",
+    )
 
 
 def add_server_limits(parser: argparse.ArgumentParser, *, max_prompt_bytes: int) -> argparse._ArgumentGroup:

@@ -338,6 +338,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         security=server_security(args),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_token_file=args.metrics_auth_token_file,
     )
 
 
@@ -399,6 +400,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         ray=ray if args.ray_address else None,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_token_file=args.metrics_auth_token_file,
     )
 
 
@@ -423,9 +425,8 @@ def serve_generator(args: argparse.Namespace) -> int:
 
 
 def serve_http(args: argparse.Namespace) -> int:
-    from zimage_split.common.metrics import ServiceMetrics
+    from zimage_split.common.metrics import ServiceMetrics, metrics_settings
     from zimage_split.common.security import accepted_tokens
-    from zimage_split.common.server import metrics_address
 
     extras.require("http", what="zsplit serve http")
     from zimage_split.http_gateway import create_app, serve_http
@@ -463,7 +464,14 @@ def serve_http(args: argparse.Namespace) -> int:
             cert_file=args.tls_cert,
             key_file=args.tls_key,
             metrics=metrics,
-            metrics_address=metrics_address(args.host, args.metrics_host, args.metrics_port),
+            metrics_settings=metrics_settings(
+                args.host,
+                args.metrics_host,
+                args.metrics_port,
+                token_file=args.metrics_auth_token_file,
+                cert_file=args.tls_cert,
+                key_file=args.tls_key,
+            ),
         )
     )
     return 0

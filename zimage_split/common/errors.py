@@ -17,6 +17,8 @@ OUT_OF_MEMORY = "out-of-memory"
 # the message names the `pip install` that adds it. The CLI exits with MISSING_EXTRA_EXIT_STATUS for it.
 MISSING_EXTRA = "missing-extra"
 MISSING_EXTRA_EXIT_STATUS = 3
+# UNAVAILABLE: the service has opened its port but is still loading (or warming up) its model; retry shortly.
+LOADING = "loading"
 
 
 class ZSplitError(Exception):

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from zimage_split.common import tracing, wire
-from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
+from zimage_split.common.errors import LOADING, InvalidArgument, Unavailable, ZSplitError
 from zimage_split.common.logs import REQUEST_ID_KEY, request_scope, usable_request_id
 from zimage_split.common.metrics import ServiceMetrics
 
@@ -142,13 +142,18 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
 
 class ServingGate(aio.ServerInterceptor):
-    """Counts the calls in flight, and once closed refuses new ones with UNAVAILABLE (health is exempt).
+    """Counts the calls in flight, and refuses new ones with UNAVAILABLE (health is exempt) while the
+    service is still loading its model (reason `loading`) and once closed for a drain.
 
     It sits inside ErrorMappingInterceptor, which turns the refusal into its status code.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, service: str = "service", *, loaded: bool = True) -> None:
+        self.service = service
         self.is_open = True
+        # False from the moment the port opens until the model has loaded and warmed up (`mark_loaded`).
+        self.loaded = loaded
+        self.started = time.monotonic()
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -156,6 +161,9 @@ class ServingGate(aio.ServerInterceptor):
 
     def close(self) -> None:
         self.is_open = False
+
+    def mark_loaded(self) -> None:
+        self.loaded = True
 
     def give_up(self) -> None:
         """Ends a `wait_idle` early (a second shutdown signal)."""
@@ -179,6 +187,13 @@ class ServingGate(aio.ServerInterceptor):
                 f"The server is shutting down and takes no new calls ({method}); retry against another "
                 "replica, or once it has restarted.",
                 retry_after_seconds=1.0,
+            )
+        if not self.loaded:
+            raise Unavailable(
+                f"The {self.service} is still loading its model (started {time.monotonic() - self.started:.0f} "
+                f"s ago); retry shortly. Its health check says SERVING once it is ready.",
+                retry_after_seconds=2.0,
+                reason=LOADING,
             )
         self.in_flight += 1
         self._idle.clear()

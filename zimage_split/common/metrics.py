@@ -1,20 +1,25 @@
-"""Prometheus metrics of one service (`--metrics-port`): calls, stage latencies, caches, bytes, queue, replicas."""
+"""Prometheus metrics of one service (`--metrics-port`): calls, stage latencies, caches, bytes, queue, replicas;
+served behind the service's own walls (its host, its TLS certificate, an optional bearer token)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from zimage_split.common.encoder_pool import EncoderStatus
-from zimage_split.common.errors import Unavailable
+from zimage_split.common.errors import InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +184,39 @@ class ServiceMetrics:
         self._live.encoders = read
 
 
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where and how `--metrics-port` serves: host and port (0 at this level picks a free one; the flag's 0
+    means off and never gets here), the token file (`--metrics-auth-token-file`, read again when it changes),
+    and the certificate and key of TLS (the service's own `--tls-cert`/`--tls-key`)."""
+
+    host: str
+    port: int
+    token_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.cert_file else "http"
+
+
+def metrics_settings(
+    host: str,
+    metrics_host: str | None,
+    metrics_port: int | None,
+    *,
+    token_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> MetricsSettings | None:
+    """The metrics endpoint of a service listening on `host`: None (off) when `--metrics-port` is unset or 0;
+    else on the service's own host unless --metrics-host says otherwise, with TLS when the service has TLS."""
+    if not metrics_port:
+        return None
+    return MetricsSettings(metrics_host or host, metrics_port, token_file, cert_file, key_file)
+
+
 @dataclass
 class MetricsEndpoint:
     """The HTTP server that answers Prometheus scrapes on /metrics (any path works)."""
@@ -195,14 +233,85 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def serve_metrics(metrics: ServiceMetrics, host: str, port: int) -> MetricsEndpoint:
-    """Serves `metrics` over plain HTTP on host:port (0 picks a free port) from a daemon thread."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes come every few seconds; they are not worth a log line each."""
+
+
+def _bearer_only(app: Any, tokens: Callable[[], tuple[str, ...]]) -> Any:
+    """`app`, answering 401 to a request without `Authorization: Bearer <an accepted token>`."""
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        scheme, _, offered = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        offered_bytes = offered.strip().encode()
+        accepted = scheme.lower() == "bearer" and any(
+            hmac.compare_digest(offered_bytes, token.encode()) for token in tokens()
+        )
+        if not accepted:
+            start_response(
+                "401 Unauthorized",
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("WWW-Authenticate", 'Bearer realm="metrics"'),
+                ],
+            )
+            return [
+                b"Missing or wrong bearer token: send Authorization: Bearer <token> (see the scrape config's "
+                b"authorization.credentials_file).\n"
+            ]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def serve_metrics(metrics: ServiceMetrics, settings: MetricsSettings) -> MetricsEndpoint:
+    """Serves `metrics` on settings.host:port from a daemon thread: HTTPS with the service's certificate when
+    it has one, and only to requests with an accepted bearer token when a token file is given."""
+    # Copied in part from prometheus_client.exposition.start_wsgi_server, which takes no token.
+    # Imported here: security imports the interceptors, which import this module.
+    from zimage_split.common.security import TokenFile, is_loopback
+
+    app = make_wsgi_app(metrics.registry)
+    if settings.token_file:
+        token_file = TokenFile(settings.token_file)
+        app = _bearer_only(app, token_file.tokens)
     try:
-        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        family, _, _, _, address = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        server = make_server(str(address[0]), settings.port, app, Server, handler_class=_QuietHandler)
     except OSError as error:
         raise Unavailable(
-            f"Cannot serve metrics on {host}:{port}: {error}. Is the port in use? Pick another --metrics-port."
+            f"Cannot serve metrics on {settings.host}:{settings.port}: {error}. Is the port in use? Pick another "
+            "--metrics-port (or --metrics-host)."
         ) from error
+    if settings.cert_file and settings.key_file:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+        except (OSError, ssl.SSLError) as error:
+            server.server_close()
+            raise InvalidArgument(
+                f"Cannot serve metrics over TLS with {settings.cert_file} and {settings.key_file}: {error}."
+            ) from error
+        # The handshake happens on the first read, in the request's own thread, not in the accept loop.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     endpoint = MetricsEndpoint(server, thread)
-    logger.info("Prometheus metrics on http://%s:%d/metrics", host, endpoint.port)
+    guard = "bearer token" if settings.token_file else "no token"
+    logger.info(
+        "Prometheus metrics on %s://%s:%d/metrics (%s)", settings.scheme, settings.host, endpoint.port, guard
+    )
+    if not settings.token_file and not is_loopback(settings.host):
+        logger.warning(
+            "Metrics on %s:%d need no token: anyone who can reach the port reads them. Set "
+            "--metrics-auth-token-file, or bind them to loopback or a monitoring network with --metrics-host.",
+            settings.host,
+            endpoint.port,
+        )
     return endpoint

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import errno
+import inspect
 import logging
+import os
 import signal
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,11 +23,16 @@ from zimage_split.common.interceptors import (
     ErrorMappingInterceptor,
     ServingGate,
 )
-from zimage_split.common.metrics import MetricsEndpoint, ServiceMetrics, serve_metrics
+from zimage_split.common.metrics import MetricsEndpoint, MetricsSettings, ServiceMetrics, serve_metrics
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 from zimage_split.common.wire import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Test-only fault injection: seconds each service sleeps at the start of its model load, with its port already
+# open and NOT_SERVING, so tests can watch a long load. Never set it in production.
+LOAD_DELAY_ENV = "ZSPLIT_TEST_LOAD_DELAY_SECONDS"
 
 # Chunks are 1 MiB; the headroom covers the other fields of a message.
 MAX_MESSAGE_BYTES = 8 << 20
@@ -89,6 +95,8 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None = None
 
     async def set_serving(self) -> None:
+        """The model has loaded and warmed up: calls pass the gate, and health reports SERVING."""
+        self.gate.mark_loaded()
         for name in (*self.service_names, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -131,18 +139,13 @@ def check_bounds(bounds: Iterable[tuple[str, float, float, float | None, str]]) 
 
 
 def check_metrics_port(port: int, metrics_port: int | None) -> None:
-    """`--metrics-port` must be a port, and not the service's own."""
+    """`--metrics-port` must be a port (0 or unset: no metrics), and not the service's own."""
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InvalidArgument(
-            f"--metrics-port must be between 0 and 65535 (got {metrics_port}); 0 picks a free port."
+            f"--metrics-port must be between 0 and 65535 (got {metrics_port}); 0 (or unset) turns metrics off."
         )
     if metrics_port is not None and metrics_port == port != 0:
         raise InvalidArgument(f"--metrics-port {metrics_port} is the service's own --port; pick another.")
-
-
-def metrics_address(host: str, metrics_host: str | None, metrics_port: int | None) -> tuple[str, int] | None:
-    """Where `--metrics-port` serves (on the service's own --host unless --metrics-host says otherwise)."""
-    return None if metrics_port is None else (metrics_host or host, metrics_port)
 
 
 def port_taken(host: str, port: int, reuse_port: bool) -> Unavailable:
@@ -160,25 +163,37 @@ def port_taken(host: str, port: int, reuse_port: bool) -> Unavailable:
     )
 
 
-def check_port_free(host: str, port: int, limits: TransportLimits) -> None:
-    """Fails at once if another server listens on the port, before minutes of model loading; start_server's
-    own bind stays the final word (the port may be taken in between)."""
-    if port == 0 or limits.reuse_port:
-        return
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror:
-        return  # gRPC's bind reports it
-    with socket.socket(family, kind, proto) as probe:
-        # As gRPC binds: SO_REUSEADDR lets a port whose last connections are in TIME_WAIT be taken again.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise port_taken(host, port, reuse_port=False) from None
+class LateServicer(Generic[T]):
+    """Stands in for a servicer built only once the model has loaded, so the port can open first: gRPC takes
+    the servicer's methods when the server starts, and these forward each call to `target`. The serving gate
+    lets no call through before `set_serving()`, by which time `target` is set."""
+
+    def __init__(self, kind: type[T]) -> None:
+        self._kind = kind
+        self.target: T | None = None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._kind, name)  # an AttributeError for what the servicer lacks, as gRPC expects
+        if inspect.isasyncgenfunction(method):
+
+            async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in getattr(self.target, name)(request, context):
+                    yield response
+
+            return stream
+
+        async def call(request: Any, context: aio.ServicerContext) -> Any:
+            return await getattr(self.target, name)(request, context)
+
+        return call
+
+
+async def injected_load_delay() -> None:
+    """Sleeps for ZSPLIT_TEST_LOAD_DELAY_SECONDS (a test-only fault injection that slows the model load)."""
+    delay = float(os.environ.get(LOAD_DELAY_ENV) or 0)
+    if delay > 0:
+        logger.warning("%s=%s: delaying the model load on purpose (tests only).", LOAD_DELAY_ENV, delay)
+        await asyncio.sleep(delay)
 
 
 async def start_server(
@@ -190,12 +205,13 @@ async def start_server(
     limits: TransportLimits | None = None,
     *,
     metrics: ServiceMetrics,
-    metrics_address: tuple[str, int] | None = None,
+    metrics_settings: MetricsSettings | None = None,
 ) -> RunningServer:
-    """Starts a server that reports NOT_SERVING until `set_serving()` is called after warm-up, counting its
-    calls in `metrics`, which it serves to Prometheus on `metrics_address` (host, port) when given."""
+    """Starts a server, before the model loads, that reports NOT_SERVING (and answers every other call with
+    UNAVAILABLE, reason `loading`) until `set_serving()` is called after warm-up, counting its calls in
+    `metrics`, which it serves to Prometheus as `metrics_settings` say, when given."""
     limits = limits or TransportLimits()
-    gate = ServingGate()
+    gate = ServingGate(metrics.service, loaded=False)
     # Outermost first: the observer (request ids, spans, metrics: it sees every final status), tokens, then
     # error mapping, then the gate (whose refusals the mapping turns into UNAVAILABLE), then the chunk codec.
     interceptors: list[aio.ServerInterceptor] = [
@@ -228,7 +244,7 @@ async def start_server(
             bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise port_taken(host, port, limits.reuse_port) from error
-    endpoint = serve_metrics(metrics, *metrics_address) if metrics_address is not None else None
+    endpoint = serve_metrics(metrics, metrics_settings) if metrics_settings is not None else None
     try:
         await server.start()
     except BaseException:
@@ -246,17 +262,62 @@ async def start_server(
     )
 
 
-async def serve_until_signal(
-    running: RunningServer, stop: Callable[[float], Awaitable[object]], grace: float
-) -> None:
-    """Waits for SIGINT or SIGTERM, then `stop(grace)`: a drain of up to `grace` seconds, which a second
-    signal cuts short."""
+def catch_stop_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets from now on: one watch over the load and the serving after it,
+    so a signal that lands as the load ends is not lost."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
+    return signalled
+
+
+async def load_until_signal(
+    running: RunningServer, load: Coroutine[Any, Any, T], signalled: asyncio.Event
+) -> T | None:
+    """Runs `load` (the model's load and warm-up, with the port already open) until it ends or `signalled`
+    (catch_stop_signals) is set. On a signal the server stops at once (no call has got past the loading gate,
+    so there is nothing to drain) and None is returned; if `load` fails, the server stops and the error
+    propagates."""
+    loading = asyncio.ensure_future(load)
+    waiting = asyncio.ensure_future(signalled.wait())
+    try:
+        await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if loading.done():
+        try:
+            return loading.result()  # a signal that came meanwhile is served by serve_until_signal: a drain
+        except BaseException:
+            await running.stop(0)
+            raise
+    logger.info("Shutdown signal while loading the model: stopping without serving.")
+    loading.cancel()
+    # A load running in a thread cannot be interrupted; the caller exits without waiting for it.
+    await asyncio.wait({loading}, timeout=5)
+    await running.stop(0)
+    return None
+
+
+def exit_abandoning_load() -> None:
+    """Ends the process now (exit status 0) after a signal during the model load: waiting for the load's
+    thread, which cannot be interrupted, could take minutes."""
+    logging.shutdown()
+    os._exit(0)
+
+
+async def serve_until_signal(
+    running: RunningServer,
+    stop: Callable[[float], Awaitable[object]],
+    grace: float,
+    signalled: asyncio.Event | None = None,
+) -> None:
+    """Waits for SIGINT or SIGTERM (or `signalled`, from catch_stop_signals, already set if one came during
+    the load), then `stop(grace)`: a drain of up to `grace` seconds, which a second signal cuts short."""
+    signalled = signalled or catch_stop_signals()
     await signalled.wait()
     logger.info("Shutdown signal: NOT_SERVING, draining in-flight calls for up to %.0f s.", grace)
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, running.gate.give_up)
     await stop(grace)

@@ -162,9 +162,11 @@ class GeneratorConfig:
     image_cache_bytes: int = 256 << 20
     limits: Limits = Limits()
     transport: TransportLimits = TransportLimits()
-    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
+    # Prometheus metrics on http(s)://HOST:PORT/metrics (None or 0: not served); the host defaults to `host`,
+    # TLS is the service's own (security), and requests need a token of `metrics_token_file` when it is set.
     metrics_port: int | None = None
     metrics_host: str | None = None
+    metrics_token_file: str | None = None
     # Extra tries of an encoder call that failed with UNAVAILABLE (a restart, a dropped connection), within
     # the caller's deadline.
     encoder_retries: int = 2

@@ -1,4 +1,5 @@
-"""Starts the generator service: load DiT + VAE, check the encoder, warm up, then serve."""
+"""Starts the generator service: open the port (NOT_SERVING), load DiT + VAE, check the encoder, warm up,
+then serve."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from dataclasses import dataclass, replace
 from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
+from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
+    LateServicer,
     RunningServer,
-    check_port_free,
-    metrics_address,
+    catch_stop_signals,
+    exit_abandoning_load,
+    injected_load_delay,
+    load_until_signal,
     serve_until_signal,
     start_server,
 )
@@ -58,8 +63,38 @@ def warm_up_side(limits: Limits) -> int:
     return max(limits.min_side, min(1024, largest, limits.max_side))
 
 
-async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
-    check_port_free(config.host, config.port, config.transport)  # before the model loads
+async def open_generator_port(
+    config: GeneratorConfig,
+) -> tuple[RunningServer, LateServicer[GeneratorServicer]]:
+    """Listens at once, before the model loads (with Ray, before any replica starts): health says NOT_SERVING
+    and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done."""
+    late = LateServicer(GeneratorServicer)
+    running = await start_server(
+        lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(late, server),
+        (SERVICE_NAME,),
+        config.host,
+        config.port,
+        config.security,
+        config.transport,
+        metrics=ServiceMetrics("generator"),
+        metrics_settings=metrics_settings(
+            config.host,
+            config.metrics_host,
+            config.metrics_port,
+            token_file=config.metrics_token_file,
+            cert_file=config.security.cert_file,
+            key_file=config.security.key_file,
+        ),
+    )
+    return running, late
+
+
+async def load_generator(
+    config: GeneratorConfig, running: RunningServer, late: LateServicer[GeneratorServicer]
+) -> GeneratorServer:
+    """Loads and warms up the model (or starts the Ray replicas) behind the open port, checks the encoder,
+    then reports SERVING."""
+    await injected_load_delay()
     worker: Worker
     options = replace(
         config.engine,
@@ -82,7 +117,7 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         # Before the model loads, options this device cannot run fail, saying the fix; `auto` is decided.
         options = options.resolved(device, dtype.dtype)
         source = resolve_model(config.model)
-        # The warm-up (with --compile, the compilation) ends before the server even listens.
+        # The warm-up (with --compile, the compilation) ends before the server reports SERVING.
         worker = await LocalWorker.start(
             lambda: options.start_engine(source, device, dtype.dtype, dtype.reason),
             max_queue=config.max_queue,
@@ -106,6 +141,22 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
             max_queue=config.max_queue,
             engine=options,
         )
+    try:
+        return await _serve_on(config, running, late, worker, disk, options.lora_dir, source.model_id)
+    except BaseException:
+        await asyncio.to_thread(worker.close)
+        raise
+
+
+async def _serve_on(
+    config: GeneratorConfig,
+    running: RunningServer,
+    late: LateServicer[GeneratorServicer],
+    worker: Worker,
+    disk: DiskEmbeddingStore | None,
+    lora_dir: str | None,
+    model_id: str,
+) -> GeneratorServer:
     info = worker.info
     # The API promises multiples of 16 (the real model's need) even where a tiny VAE would take less.
     limits = replace(config.limits, size_multiple=max(config.limits.size_multiple, info.size_multiple))
@@ -142,22 +193,14 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
         config.encoder or "",
         completed_bytes=config.completed_cache_bytes,
         images=ImageStore(config.image_cache_bytes),
-        loras=LoraLibrary(options.lora_dir),
+        loras=LoraLibrary(lora_dir),
+        metrics=running.metrics,
     )
-    running = await start_server(
-        lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),
-        (SERVICE_NAME,),
-        config.host,
-        config.port,
-        config.security,
-        config.transport,
-        metrics=servicer.metrics,
-        metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
-    )
+    late.target = servicer
     await running.set_serving()
     logger.info(
         "Generator %s on %s (%s, attention %s%s, VAE tiling %s%s) listening on %s:%d (%s), encoder %s",
-        source.model_id,
+        model_id,
         info.device,
         info.dtype,
         info.attention_backend,
@@ -172,6 +215,22 @@ async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
     return GeneratorServer(running, servicer)
 
 
+async def start_generator_server(config: GeneratorConfig) -> GeneratorServer:
+    """Opens the port, loads the model and returns once the generator serves."""
+    running, late = await open_generator_port(config)
+    try:
+        return await load_generator(config, running, late)
+    except BaseException:
+        await running.stop(0)
+        raise
+
+
 async def serve_generator(config: GeneratorConfig) -> None:
-    server = await start_generator_server(config)
-    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)
+    running, late = await open_generator_port(config)
+    logger.info("Generator port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
+    signalled = catch_stop_signals()
+    server = await load_until_signal(running, load_generator(config, running, late), signalled)
+    if server is None:
+        exit_abandoning_load()
+        return
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds, signalled)

@@ -52,9 +52,11 @@ class EncoderConfig:
     max_prompt_bytes: int = MAX_PROMPT_BYTES
     max_prompts_per_request: int = MAX_PROMPTS_PER_CALL
     transport: TransportLimits = TransportLimits()
-    # Prometheus metrics on http://HOST:PORT/metrics (None: not served); the host defaults to `host`.
+    # Prometheus metrics on http(s)://HOST:PORT/metrics (None or 0: not served); the host defaults to `host`,
+    # TLS is the service's own (security), and requests need a token of `metrics_token_file` when it is set.
     metrics_port: int | None = None
     metrics_host: str | None = None
+    metrics_token_file: str | None = None
     # Plaintext suits the default loopback address; the CLI makes --insecure explicit.
     security: ServerSecurity = ServerSecurity(insecure=True)
 

@@ -1,4 +1,4 @@
-"""Starts the encoder service: load the text encoder, warm it up, then serve."""
+"""Starts the encoder service: open the port (NOT_SERVING), load the text encoder, warm it up, then serve."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import torch
 
 from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
+    LateServicer,
     RunningServer,
-    check_port_free,
-    metrics_address,
+    catch_stop_signals,
+    exit_abandoning_load,
+    injected_load_delay,
+    load_until_signal,
     serve_until_signal,
     start_server,
 )
@@ -83,8 +87,35 @@ def caption_token_limit(source: ModelSource) -> int:
     return limit
 
 
-async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
-    check_port_free(config.host, config.port, config.transport)  # before the model loads
+async def open_encoder_port(config: EncoderConfig) -> tuple[RunningServer, LateServicer[EncoderServicer]]:
+    """Listens at once, before the model loads: health says NOT_SERVING and calls get UNAVAILABLE (reason
+    `loading`) until `load_encoder` is done; a port in use fails here, in a second."""
+    late = LateServicer(EncoderServicer)
+    running = await start_server(
+        lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(late, server),
+        (SERVICE_NAME,),
+        config.host,
+        config.port,
+        config.security,
+        config.transport,
+        metrics=ServiceMetrics("encoder"),
+        metrics_settings=metrics_settings(
+            config.host,
+            config.metrics_host,
+            config.metrics_port,
+            token_file=config.metrics_token_file,
+            cert_file=config.security.cert_file,
+            key_file=config.security.key_file,
+        ),
+    )
+    return running, late
+
+
+async def load_encoder(
+    config: EncoderConfig, running: RunningServer, late: LateServicer[EncoderServicer]
+) -> EncoderServer:
+    """Loads and warms up the text encoder behind the open port, then reports SERVING."""
+    await injected_load_delay()
     source = resolve_model(config.model)
     limit = caption_token_limit(source)
     # Before loading the text encoder, so a bad flag fails in a second, not after the weights load.
@@ -111,6 +142,14 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
             pack_weights=config.pack_weights,
         ),
     )
+    try:
+        # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
+        warm_up = encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)
+        await asyncio.get_running_loop().run_in_executor(thread, encoder.encode, [warm_up])
+    except BaseException:
+        thread.shutdown(wait=False)
+        raise
+    encoder.forward_passes = 0
     servicer = EncoderServicer(
         encoder,
         max_sequence_length=config.max_sequence_length,
@@ -122,22 +161,10 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
         max_prompts_per_call=config.max_prompts_per_request,
         dtype_reason=dtype.reason,
         executor=thread,
+        metrics=running.metrics,
     )
     servicer.batcher.start()
-    running = await start_server(
-        lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server),
-        (SERVICE_NAME,),
-        config.host,
-        config.port,
-        config.security,
-        config.transport,
-        metrics=servicer.metrics,
-        metrics_address=metrics_address(config.host, config.metrics_host, config.metrics_port),
-    )
-    # Warm-up: one real forward pass before reporting SERVING. Not cached, not counted.
-    warm_up = encoder.tokenize("", hidden_layer=encoder.hidden_layer, max_sequence_length=16)
-    await asyncio.get_running_loop().run_in_executor(thread, encoder.encode, [warm_up])
-    encoder.forward_passes = 0
+    late.target = servicer
     await running.set_serving()
     logger.info(
         "Encoder %s on %s (%s, quantize %s, %s batching, %d linear layers packed for oneDNN, layer %d, "
@@ -157,6 +184,22 @@ async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
     return EncoderServer(running, servicer, thread)
 
 
+async def start_encoder_server(config: EncoderConfig) -> EncoderServer:
+    """Opens the port, loads the model and returns once the encoder serves."""
+    running, late = await open_encoder_port(config)
+    try:
+        return await load_encoder(config, running, late)
+    except BaseException:
+        await running.stop(0)
+        raise
+
+
 async def serve_encoder(config: EncoderConfig) -> None:
-    server = await start_encoder_server(config)
-    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds)
+    running, late = await open_encoder_port(config)
+    logger.info("Encoder port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
+    signalled = catch_stop_signals()
+    server = await load_until_signal(running, load_encoder(config, running, late), signalled)
+    if server is None:
+        exit_abandoning_load()
+        return
+    await serve_until_signal(server.running, server.stop, config.transport.shutdown_grace_seconds, signalled)
