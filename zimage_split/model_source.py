@@ -85,6 +85,30 @@ def resolve_model(model: str) -> ModelSource:
     return hub_model(model)
 
 
+def on_this_host(source: ModelSource) -> ModelSource:
+    """`source` as the generator front resolved it, made good for this host (a Ray replica's, maybe another).
+
+    A random preset (`tiny`, `bench`, `full`) is built in this host's own cache, as the front built it in
+    its own: the path the front got need not exist here. A local folder must be at the same path on every
+    host; where it is not, the error names this host and the fix. A hub id is resolved by huggingface_hub
+    here, as on the front.
+    """
+    import socket
+
+    preset = source.model_id.removeprefix("zimage-split/")
+    if source.model_id != preset and preset in ("tiny", "bench", "full"):
+        return resolve_model(source.model_id)
+    folder = Path(source.location)
+    if folder.is_absolute() and not (folder / "model_index.json").is_file():
+        host = socket.gethostname()
+        raise NotFound(
+            f"The model folder {folder} (the generator front's --model) is not on host {host}: every Ray "
+            f"host needs the model at the same path. Copy it there (e.g. `rsync -a {folder}/ "
+            f"{host}:{folder}/`) or mount the same storage at that path, then restart the generator."
+        )
+    return source
+
+
 def hub_model(repo_id: str) -> ModelSource:
     """A hub id, loaded through huggingface_hub. When the hub cannot be reached it loads from the local
     cache if the cache holds the model, and otherwise fails at once, saying how to get the model: left to

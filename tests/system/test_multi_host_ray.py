@@ -126,8 +126,9 @@ class RayCluster:
     def add_node(self, name: str) -> netns.Host:
         return self.start_node(self.network.add_host(name))
 
-    def start_node(self, host: netns.Host) -> netns.Host:
-        """Starts a Ray node on `host` (again, after its node stopped, as a supervisor such as systemd would)."""
+    def start_node(self, host: netns.Host, env: dict[str, str] | None = None) -> netns.Host:
+        """Starts a Ray node on `host` (again, after its node stopped, as a supervisor such as systemd would),
+        with the cluster's environment or `env` (which its replicas inherit)."""
         name = host.name
         if self.nodes and self.nodes[0][0] != host:
             role = [f"--address={self.address}"]
@@ -148,7 +149,7 @@ class RayCluster:
         starts = sum(1 for known, _ in self.nodes if known == host)
         log = self.logs / f"ray-{name}{f'-{starts + 1}' if starts else ''}.log"
         with log.open("w") as output:
-            process = host.start(argv, stdout=output, stderr=subprocess.STDOUT, env=self.env)
+            process = host.start(argv, stdout=output, stderr=subprocess.STDOUT, env=env or self.env)
         self.nodes = [(known, running) for known, running in self.nodes if known != host] + [(host, process)]
         # `ray start` prints this once the GCS lists the node, so its GPU counts from then on.
         wait_for_line(log, "Ray runtime started", process, timeout=90)
@@ -160,7 +161,9 @@ class RayCluster:
             shutil.rmtree(f"{TEMP_DIR_PREFIX}{host.name}", ignore_errors=True)
 
 
-def start_front(cluster: RayCluster, host: netns.Host, model: Path) -> Front:
+def start_front(
+    cluster: RayCluster, host: netns.Host, model: Path | str, env: dict[str, str] | None = None, *flags: str
+) -> Front:
     """`zsplit serve generator --replicas auto` inside `host`: a Ray driver must run on a node of the cluster."""
     argv = [
         sys.executable,
@@ -181,10 +184,11 @@ def start_front(cluster: RayCluster, host: netns.Host, model: Path) -> Front:
         "--insecure",  # plaintext gRPC: the bridge is private to this test
         "--port",
         str(FRONT_PORT),
+        *flags,
     ]
-    log = cluster.logs / f"front-{len(cluster.nodes)}-hosts.log"
+    log = cluster.logs / f"front-{len(cluster.nodes)}-hosts-{time.monotonic_ns()}.log"
     with log.open("w") as output:
-        process = host.start(argv, stdout=output, stderr=subprocess.STDOUT, env=cluster.env)
+        process = host.start(argv, stdout=output, stderr=subprocess.STDOUT, env=env or cluster.env)
     return Front(host, process, log)
 
 

@@ -65,3 +65,36 @@ def test_an_unreachable_hub_loads_a_cached_model_from_the_cache(tmp_path: Path) 
         "cannot be reached" in result.stderr
         and "loading Tongyi-MAI/Z-Image-Turbo from the local cache" in result.stderr
     )
+
+
+def test_on_this_host_builds_a_preset_in_this_hosts_cache(tmp_path: Path) -> None:
+    """A replica on another host gets the front's `tiny` rebuilt in its own ZSPLIT_CACHE, not the front's
+    path; a folder the front had but this host lacks is NotFound naming the folder and the fix."""
+    script = (
+        "import json, os\n"
+        "from zimage_split.common.errors import NotFound\n"
+        "from zimage_split.model_source import ModelSource, on_this_host\n"
+        "front = ModelSource(location='/front/cache/tiny-abc', model_id='zimage-split/tiny', random_weights_seed=None)\n"
+        "here = on_this_host(front)\n"
+        "try:\n"
+        "    on_this_host(ModelSource(location='/nowhere/Z-Image-Turbo', model_id='/nowhere/Z-Image-Turbo'))\n"
+        "    missing = ''\n"
+        "except NotFound as error:\n"
+        "    missing = str(error)\n"
+        "hub = on_this_host(ModelSource(location='Tongyi-MAI/Z-Image-Turbo', model_id='Tongyi-MAI/Z-Image-Turbo'))\n"
+        "print(json.dumps([here.location, here.model_id, missing, hub.location]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSPLIT_")} | {
+        "ZSPLIT_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    location, model_id, missing, hub = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert Path(location).parent == tmp_path / "cache" and (Path(location) / "model_index.json").is_file()
+    assert model_id == "zimage-split/tiny"
+    assert "The model folder /nowhere/Z-Image-Turbo (the generator front's --model) is not on host" in missing
+    assert "every Ray host needs the model at the same path" in missing
+    assert hub == "Tongyi-MAI/Z-Image-Turbo"

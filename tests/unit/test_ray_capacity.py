@@ -97,6 +97,7 @@ def test_an_empty_cluster() -> None:
         ({"start_timeout_s": 0}, "--replica-start-timeout"),
         ({"cpus_per_replica": -1}, "--cpus-per-replica"),
         ({"replicas": 0}, "--replicas"),
+        ({"max_start_failures": 0}, "--replica-start-failures"),
     ],
 )
 def test_ray_options_refuse_impossible_values(options: dict[str, float], flag: str) -> None:

@@ -286,6 +286,13 @@ def _add_generator(services: argparse._SubParsersAction) -> None:
         help="seconds for every replica to get its resources, load and warm up before start-up fails "
         f"({RayOptions.start_timeout_s:g})",
     )
+    ray.add_argument(
+        "--replica-start-failures",
+        type=int,
+        default=RayOptions.max_start_failures,
+        help="failed replica starts (each logged with its host) before start-up fails with the last error "
+        f"({RayOptions.max_start_failures})",
+    )
 
 
 def _add_http(services: argparse._SubParsersAction) -> None:
@@ -362,6 +369,7 @@ def generator_config(args: argparse.Namespace) -> GeneratorConfig:
         torch_threads=args.torch_threads,
         cpus_per_replica=args.cpus_per_replica,
         start_timeout_s=args.replica_start_timeout,
+        max_start_failures=args.replica_start_failures,
     )
     encoder = None if args.encoder in ("", "none") else args.encoder
     return GeneratorConfig(

@@ -265,11 +265,15 @@ async def start_server(
 def catch_stop_signals() -> asyncio.Event:
     """An event that SIGINT or SIGTERM sets from now on: one watch over the load and the serving after it,
     so a signal that lands as the load ends is not lost."""
-    loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
+    _set_on_stop_signals(signalled)
+    return signalled
+
+
+def _set_on_stop_signals(signalled: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
-    return signalled
 
 
 async def load_until_signal(
@@ -287,10 +291,14 @@ async def load_until_signal(
         waiting.cancel()
     if loading.done():
         try:
-            return loading.result()  # a signal that came meanwhile is served by serve_until_signal: a drain
+            loaded = loading.result()  # a signal that came meanwhile is served by serve_until_signal: a drain
         except BaseException:
             await running.stop(0)
             raise
+        # The load may have put handlers of its own in place: Ray's driver (ray.init) installs one that
+        # aborts the process on SIGTERM after ours has run. Ours again, on top.
+        _set_on_stop_signals(signalled)
+        return loaded
     logger.info("Shutdown signal while loading the model: stopping without serving.")
     loading.cancel()
     # A load running in a thread cannot be interrupted; the caller exits without waiting for it.

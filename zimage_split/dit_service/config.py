@@ -121,6 +121,8 @@ class RayOptions:
     cpus_per_replica: float = 1.0
     # Start-up fails if the replicas are not all serving by then (pending for resources, or loading).
     start_timeout_s: float = 600.0
+    # Start-up fails after this many failed replica starts (Serve would restart them without end).
+    max_start_failures: int = 3
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas < 1:
@@ -132,7 +134,16 @@ class RayOptions:
                 f"--replica-start-timeout takes a positive number of seconds (got {self.start_timeout_s:g})."
             )
         check_bounds(
-            [("--max-batch-size", self.max_batch_size, 1, None, "a batch holds one request or more")]
+            [
+                ("--max-batch-size", self.max_batch_size, 1, None, "a batch holds one request or more"),
+                (
+                    "--replica-start-failures",
+                    self.max_start_failures,
+                    1,
+                    None,
+                    "start-up gives up after that many failed replica starts",
+                ),
+            ]
         )
 
 

@@ -27,6 +27,7 @@ from zimage_split.dit_service.config import EngineOptions, RayOptions
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.ray_capacity import ReplicaShape, check_capacity, live_nodes
 from zimage_split.dit_service.ray_replica import ReplicaImage, ReplicaJob, ReplicaProgress, build_deployment
+from zimage_split.dit_service.replica_starts import StartFailure, create_log, log_failures
 from zimage_split.dit_service.worker import WorkerResult
 from zimage_split.model_source import ModelSource
 
@@ -96,15 +97,36 @@ def _warn_if_busy(replicas: int, shape: ReplicaShape, available: dict[str, float
         )
 
 
-def _wait_until_running(replicas: int, shape: ReplicaShape, timeout_s: float) -> None:
+def _start_failure(failure: StartFailure, count: int) -> ZSplitError:
+    """The error the front exits with after `count` failed replica starts, the last being `failure`: the
+    replica's own error class (ours) with its host, or Unavailable."""
+    text = (
+        f"{count} Ray replica start(s) failed (--replica-start-failures); the last, on {failure.replica}: "
+        f"{failure.message}"
+    )
+    ours = {f"{cls.__module__}.{cls.__name__}": cls for cls in ERRORS_BY_CODE.values()}
+    cls = ours.get(failure.error_type)
+    return cls(text) if cls is not None else Unavailable(f"{text} ({failure.error_type})")
+
+
+def _wait_until_running(
+    replicas: int, shape: ReplicaShape, timeout_s: float, failures: Any = None, max_failures: int = 3
+) -> None:
     """Waits until every replica has loaded and warmed up; raises the replicas' own error if one failed, and
-    DeadlineExceeded, saying what is missing, after `timeout_s`."""
+    DeadlineExceeded, saying what is missing, after `timeout_s`. Each failed start reported to `failures`
+    (a StartFailureLog) is logged at once; after `max_failures` of them the last one's error is raised."""
     import ray
     from ray import serve
 
     started = time.monotonic()
     next_report = started + PROGRESS_REPORT_SECONDS
+    failed = 0
     while True:
+        reported = ray.get(failures.take.remote(), timeout=30) if failures is not None else []
+        failed += len(reported)
+        log_failures(reported, failed, max_failures)
+        if reported and failed >= max_failures:
+            raise _start_failure(reported[-1], failed)
         application = serve.status().applications.get(APP_NAME)
         if application is not None and application.status == "RUNNING":
             return
@@ -137,12 +159,21 @@ def _wait_until_running(replicas: int, shape: ReplicaShape, timeout_s: float) ->
         time.sleep(0.5)
 
 
+# How often a running front looks for replicas (restarted, or added as GPU hosts join) that failed to start.
+FAILURE_CHECK_SECONDS = 5.0
+
+
 class RayWorkerPool:
-    def __init__(self, handle: Any, info: EngineInfo, *, max_queue: int, owns_ray: bool) -> None:
+    def __init__(
+        self, handle: Any, info: EngineInfo, *, max_queue: int, owns_ray: bool, failures: Any = None
+    ) -> None:
         self.handle = handle
         self.info = info
         self.max_queue = max_queue
         self._owns_ray = owns_ray
+        self._failures = failures
+        self._failed_starts = 0
+        self._watch: asyncio.Task[None] | None = None
         # One object-store copy per cached embedding tensor, by id; dropped when the cache drops the tensor.
         # Not a WeakKeyDictionary: its lookups compare tensors with ==, which fails for a tensor already in it.
         self._refs: dict[int, Any] = {}
@@ -177,11 +208,26 @@ class RayWorkerPool:
     ) -> RayWorkerPool:
         """Joins or starts Ray, deploys the replicas and waits until they have loaded (and warmed up) the model."""
         # Ray's set-up calls block; run them off the event loop.
-        handle, owns_ray = await asyncio.to_thread(
+        handle, owns_ray, failures = await asyncio.to_thread(
             cls._deploy, source, options, device=device, dtype=dtype, max_queue=max_queue, engine=engine
         )
         info, _ = await handle.info.remote()
-        return cls(handle, info, max_queue=max_queue, owns_ray=owns_ray)
+        pool = cls(handle, info, max_queue=max_queue, owns_ray=owns_ray, failures=failures)
+        pool._watch = asyncio.ensure_future(pool._log_failed_starts())
+        return pool
+
+    async def _log_failed_starts(self) -> None:
+        """After start-up, replicas that fail to start (Serve restarts them, or adds them as GPU hosts join)
+        are logged at ERROR with their host; the front keeps serving on the others."""
+        while True:
+            await asyncio.sleep(FAILURE_CHECK_SECONDS)
+            try:
+                reported = await self._failures.take.remote()
+            except Exception as error:  # Ray going down at exit
+                logger.debug("Could not read the replicas' failed starts: %s", error)
+                continue
+            self._failed_starts += len(reported)
+            log_failures(reported, self._failed_starts, None)
 
     @staticmethod
     def _deploy(
@@ -192,7 +238,7 @@ class RayWorkerPool:
         dtype: str,
         max_queue: int,
         engine: EngineOptions,
-    ) -> tuple[Any, bool]:
+    ) -> tuple[Any, bool, Any]:
         import ray
         from ray import serve
 
@@ -230,11 +276,14 @@ class RayWorkerPool:
                 engine=engine,
             )
             serve.start(http_options={"location": "NoServer"})
+            failures = create_log()
             # Not serve.run: it waits for the replicas with no deadline, and a replica whose resources are
             # gone (a node left, another job took them) stays pending forever.
             handle = serve._run(application, _blocking=False, name=APP_NAME, route_prefix=None)
             try:
-                _wait_until_running(replicas, shape, options.start_timeout_s)
+                _wait_until_running(
+                    replicas, shape, options.start_timeout_s, failures, options.max_start_failures
+                )
             except BaseException:
                 handle.shutdown()
                 serve.delete(APP_NAME)  # no replica may start later without a front
@@ -245,7 +294,7 @@ class RayWorkerPool:
                 ray.shutdown()
             raise
         logger.info("Ray Serve application %s is running", APP_NAME)
-        return handle, owns_ray
+        return handle, owns_ray, failures
 
     def _object_ref(self, tensor: torch.Tensor | None) -> Any:
         import ray
@@ -343,6 +392,8 @@ class RayWorkerPool:
         import ray
         from ray import serve
 
+        if self._watch is not None:
+            self._watch.cancel()
         # Stop the handle's router first: it pushes autoscaling metrics to Serve every 10 s from a thread of
         # its own, and a push that lands after Ray disconnects at exit kills the process with an error.
         self.handle.shutdown()

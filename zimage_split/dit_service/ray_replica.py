@@ -31,7 +31,8 @@ from zimage_split.dit_service.engine import (
     GenerationParams,
 )
 from zimage_split.dit_service.outputs import OutputOptions
-from zimage_split.model_source import ModelSource
+from zimage_split.dit_service.replica_starts import report_failure
+from zimage_split.model_source import ModelSource, on_this_host
 
 
 @dataclass(frozen=True)
@@ -116,17 +117,22 @@ class DiTReplica:
         self.build_thread = 0
         self.torch_threads = 0
         self.generate_threads: set[int] = set()
-        # Serve routes no request to a replica before its constructor returns: with --compile, the replica
-        # has compiled its graphs before it serves.
-        self.engine = self._engine_thread.submit(
-            self._start_engine, source, device, dtype, torch_threads, engine
-        ).result()
-        self.device = str(self.engine.info.device)
         # Hosts can share a hostname (containers, cloned VMs); the Ray node IP tells them apart, and the GPU
         # ids are the physical GPUs Ray reserved (the replica sees them as cuda:0...).
         node_ip = ray.util.get_node_ip_address()
         gpus = f"/gpu{','.join(self.gpu_ids)}" if self.gpu_ids else ""
-        self.name = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}/{self.device}{gpus}"
+        where = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}"
+        # Serve routes no request to a replica before its constructor returns: with --compile, the replica
+        # has compiled its graphs before it serves.
+        try:
+            self.engine = self._engine_thread.submit(
+                self._start_engine, source, device, dtype, torch_threads, engine
+            ).result()
+        except Exception as error:
+            report_failure(where + gpus, error)
+            raise
+        self.device = str(self.engine.info.device)
+        self.name = f"{where}/{self.device}{gpus}"
         # Kept by the engine's thread as it works, not by the callers' stream, which Serve may close first.
         self.steps_run = 0
         self.images_running = 0
@@ -146,7 +152,7 @@ class DiTReplica:
         resolved = replica_device(device, self.gpu_ids)
         # Each replica decides `auto` by its own host's device and CPU features.
         chosen = choose_dtype(dtype, resolved)
-        return engine.start_engine(source, resolved, chosen.dtype, chosen.reason)
+        return engine.start_engine(on_this_host(source), resolved, chosen.dtype, chosen.reason)
 
     def _generate(self, jobs: list[GenerationJob]) -> list[GeneratedImage | None]:
         self.generate_threads.add(threading.get_ident())
