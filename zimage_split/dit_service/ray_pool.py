@@ -46,7 +46,7 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        _start_local_ray()
         return True
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -56,6 +56,28 @@ def connect(address: str) -> bool:
             "(or pass --ray-address local to run Ray inside this process)."
         ) from error
     return False
+
+
+# Ray waits a fixed 30 s for a new node's raylet to register. Started again in the same process right after
+# a ray.shutdown (a benchmark's second configuration), the new raylet sometimes never starts while the old
+# cluster's processes are still exiting; a second try after they have gone starts.
+LOCAL_RAY_TRIES = 2
+LOCAL_RAY_RETRY_PAUSE_S = 5.0
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    for attempt in range(1, LOCAL_RAY_TRIES + 1):
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_TRIES:
+                raise
+            logger.warning("Ray's local node did not start (%s); trying once more.", error)
+            ray.shutdown()
+            time.sleep(LOCAL_RAY_RETRY_PAUSE_S)
 
 
 def replica_failure(error: RuntimeError) -> ZSplitError:
