@@ -144,7 +144,13 @@ def _wait_until_running(
     next_report = started + PROGRESS_REPORT_SECONDS
     failed = 0
     while True:
-        reported = ray.get(failures.take.remote(), timeout=30) if failures is not None else []
+        reported = []
+        if failures is not None:
+            try:
+                reported = ray.get(failures.take.remote(), timeout=30)
+            except Exception as error:  # the log is gone: Serve's own status still ends the wait
+                logger.warning("Cannot read the replicas' failed starts (%s); going on without them.", error)
+                failures = None
         failed += len(reported)
         log_failures(reported, failed, max_failures)
         if reported and failed >= max_failures:
