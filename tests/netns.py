@@ -9,15 +9,20 @@ then find the host's address). Needs root and iproute2; `require()` skips a test
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import REQUIRE_ROOT, skip_or_fail
@@ -62,6 +67,113 @@ class Host:
     def start(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
         """Starts `argv` on this host in a process group of its own; stop it with `stop_group`."""
         return subprocess.Popen(self.command(argv), start_new_session=True, **popen)
+
+
+@dataclass(frozen=True)
+class HostWithOwnFiles(Host):
+    """A host with a hostname and its own copy of some folders, as a separate machine has.
+
+    `holder` is a process that keeps the host's mount and UTS namespaces; commands join them with nsenter.
+    Each folder in `own` is an overlay on the machine's: reads see the machine's files, writes stay on
+    this host (in a tmpfs, gone with the holder).
+    """
+
+    holder: subprocess.Popen[bytes] = field(compare=False, repr=False, kw_only=True)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return ["nsenter", f"--target={self.holder.pid}", "--mount", "--uts", "--net", "--", *argv]
+
+    def read(self, path: str) -> str:
+        return subprocess.run(self.command(["cat", path]), capture_output=True, text=True, check=True).stdout
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Writes `path` on this host (as root), as a file copied there would arrive."""
+        script = 'umask 077 && cat > "$0" && chmod "$1" "$0"'
+        subprocess.run(self.command(["sh", "-c", script, path, f"{mode:o}"]), input=data, check=True)
+
+    @property
+    def scratch(self) -> str:
+        return f"/tmp/zsh-{os.getpid()}-{self.name}"
+
+    def stop(self) -> None:
+        """Ends the host's namespaces (stop its processes first); its files go with them."""
+        self.holder.kill()
+        self.holder.wait()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.scratch)
+
+
+def with_own_files(
+    host: Host,
+    hostname: str,
+    own: Sequence[str] = ("/etc", "/var/lib", "/opt", "/root"),
+    project: tuple[str, str] | None = None,
+    missing: Sequence[str] = (),
+) -> HostWithOwnFiles:
+    """`host` with the hostname `hostname` and its own copy of each folder in `own`.
+
+    `project=(SOURCE, TARGET)` also shows the folder SOURCE at TARGET on this host (an overlay too, so
+    nothing written there reaches SOURCE), with this Python's environment as TARGET/.venv, as if the
+    project were installed there. Folders on the way to the project, the environment or its Python that
+    other users cannot enter (a pyenv under /root) are replaced, on this host only, by ones they can:
+    services that drop root still reach their code. Each folder in `missing` is empty on this host, as on a machine that lacks it.
+    """
+    root = f"/tmp/zsh-{os.getpid()}-{host.name}"  # a mount point; its tmpfs is seen only on the host
+    os.makedirs(root, exist_ok=True)
+    lines = ["set -e", f"mount -t tmpfs -o mode=700 zsplit-host {root}"]
+
+    def overlay(lower: str, target: str, index: int) -> None:
+        upper, work = f"{root}/upper{index}", f"{root}/work{index}"
+        lines.append(f"mkdir -p {upper} {work}")
+        lines.append(f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {target}")
+
+    for index, folder in enumerate(own):
+        overlay(folder, folder, index)
+    if project is not None:
+        source, target = project
+        lines.append(f"mkdir -p {shlex.quote(target)}")
+        overlay(shlex.quote(source), shlex.quote(target), len(own))
+        if Path(sys.prefix).resolve() != Path(source, ".venv").resolve():
+            lines.append(f"mkdir -p {shlex.quote(target)}/.venv")
+            lines.append(f"mount --bind {shlex.quote(sys.prefix)} {shlex.quote(target)}/.venv")
+        python_home = Path(os.path.realpath(sys.executable)).parent.parent  # where the venv's python links
+        lines += _open_the_way(root, [Path(source), Path(sys.prefix), python_home])
+    lines += [f"mount -t tmpfs -o mode=755 missing {shlex.quote(folder)}" for folder in missing]
+    lines += [f"hostname {shlex.quote(hostname)}", "echo ready", "exec sleep infinity"]
+    holder = subprocess.Popen(
+        host.command(
+            ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", "\n".join(lines)]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert holder.stdout is not None and holder.stderr is not None
+    if holder.stdout.readline().strip() != b"ready":
+        holder.kill()
+        raise RuntimeError(f"Host {host.name} could not get its own files: {holder.stderr.read().decode()}")
+    return HostWithOwnFiles(host.name, host.namespace, host.address, holder=holder)
+
+
+def _open_the_way(root: str, paths: Sequence[Path]) -> list[str]:
+    """Shell lines that make each of `paths` reachable by any user on a host (see `with_own_files`)."""
+    closed: dict[Path, list[Path]] = {}
+    for path in paths:
+        first = next((a for a in reversed(path.parents) if not a.stat().st_mode & stat.S_IXOTH), None)
+        if first is not None:
+            closed.setdefault(first, []).append(path)
+    lines = []
+    for index, (folder, inside) in enumerate(closed.items()):
+        keep, where = f"{root}/way{index}", shlex.quote(str(folder))
+        lines += [
+            f"mkdir -p {keep}",
+            f"mount --bind {where} {keep}",
+            f"mount -t tmpfs -o mode=755 way {where}",
+        ]
+        for path in inside:
+            relative = shlex.quote(str(path.relative_to(folder)))
+            lines += [f"mkdir -p {where}/{relative}", f"mount --bind {keep}/{relative} {where}/{relative}"]
+    return lines
 
 
 @dataclass

@@ -28,8 +28,6 @@ from zimage_split.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    ResourceExhausted,
     ZSplitError,
 )
 from zimage_split.common.files import append_synced, locked_folder, write_atomically, write_error
@@ -313,29 +311,16 @@ class Manifest:
         return entry
 
 
-# What a failed write means for the person running the job: what happened, the error, the fix. Other
-# errnos get common.files' words (an I/O error, a missing folder), with the same advice to run again.
-_FULL = (
-    "is full",
-    ResourceExhausted,
-    "Free space on it, or move the folder to a disk with room and point --out-dir there",
-)
-_READ_ONLY = (
-    "is read-only",
-    FailedPrecondition,
-    "Remount it read-write, or move the folder somewhere writable and point --out-dir there",
-)
-_DENIED = (
-    "is not writable by this user",
-    PermissionDenied,
-    "Give this user write access to it, or move the folder somewhere writable and point --out-dir there",
-)
-_OUTPUT_PROBLEMS = {
-    errno.ENOSPC: _FULL,
-    errno.EDQUOT: _FULL,
-    errno.EROFS: _READ_ONLY,
-    errno.EACCES: _DENIED,
-    errno.EPERM: _DENIED,
+# What to do about a failed write to --out-dir, by errno; what happened is said in common.files' words
+# (WRITE_PROBLEMS), with the same advice to run again.
+_MOVE_IT = "or move the folder somewhere writable and point --out-dir there"
+_MAKE_ROOM = "Free space on it, or move the folder to a disk with room and point --out-dir there"
+_OUTPUT_FIXES = {
+    errno.ENOSPC: _MAKE_ROOM,
+    errno.EDQUOT: _MAKE_ROOM,
+    errno.EROFS: f"Remount it read-write, {_MOVE_IT}",
+    errno.EACCES: f"Give this user write access to it, {_MOVE_IT}",
+    errno.EPERM: f"Give this user write access to it, {_MOVE_IT}",
 }
 _RUN_AGAIN = "then run the same command again: finished images are kept and skipped."
 
@@ -352,17 +337,8 @@ def _output_folder_error(error: OSError, out_dir: Path, doing: str, progress: st
             f"--out-dir {out_dir} is not a folder ({reason} while {doing}). {progress} Pass a folder's "
             "path (it is created if missing)."
         )
-    if error.errno not in _OUTPUT_PROBLEMS:
-        return write_error(
-            error,
-            f"The output folder {out_dir}",
-            doing,
-            f"{progress} Fix the folder or its disk, or point --out-dir at another one; {_RUN_AGAIN}",
-        )
-    problem, kind, fix = _OUTPUT_PROBLEMS[error.errno]
-    return kind(
-        f"The output folder {out_dir} {problem} ({reason} while {doing}). {progress} {fix}; {_RUN_AGAIN}"
-    )
+    fix = _OUTPUT_FIXES.get(error.errno or 0, "Fix the folder or its disk, or point --out-dir at another one")
+    return write_error(error, f"The output folder {out_dir}", doing, f"{progress} {fix}; {_RUN_AGAIN}")
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any
 
 from zimage_split.common import extras
 from zimage_split.common.files import locked_folder, write_error
+
+logger = logging.getLogger(__name__)
 
 # Qwen3's template reduced to what Z-Image uses: user turns, the generation prompt, and the
 # enable_thinking switch (False adds the empty think block, as the real template does).
@@ -329,6 +332,7 @@ def cached_tiny_model(size: str = "tiny") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with locked_folder(path.parent):
             if not (path / "model_index.json").exists():  # built while this process waited
+                _remove_abandoned_builds(path)
                 _build_unless_another_did(path, size)
     except OSError as error:
         raise write_error(
@@ -338,6 +342,15 @@ def cached_tiny_model(size: str = "tiny") -> Path:
             "Point ZSPLIT_CACHE (or XDG_CACHE_HOME) at a folder this user can write.",
         ) from error
     return path
+
+
+def _remove_abandoned_builds(path: Path) -> None:
+    """Removes what builds of `path` that were killed left (their staging folders, `.NAME.*`): with the
+    cache's lock held, no other build of it is running, and a `bench` build leaves 160 MB behind."""
+    for staging in path.parent.glob(f".{path.name}.*"):
+        if staging.is_dir():
+            logger.info("Removing %s, left by a build of the %s model that was stopped.", staging, path.name)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _build_unless_another_did(path: Path, size: str) -> None:

@@ -157,7 +157,7 @@ def test_a_full_disk_stops_the_batch_with_a_clear_error_and_the_same_command_res
     message = re.search(r"^zsplit: error \(RESOURCE_EXHAUSTED\): (.*)$", failed.stderr, re.M)
     assert message, failed.stderr
     assert message[1].startswith(
-        f"The output folder {out_dir} is full (No space left on device while saving p"
+        f"The output folder {out_dir} is on a full disk (No space left on device while saving p"
     )
     saved_match = re.search(rf"The job stopped with (\d+) of {PLANNED} images saved\.", message[1])
     assert saved_match, message[1]
@@ -174,7 +174,9 @@ def test_a_full_disk_stops_the_batch_with_a_clear_error_and_the_same_command_res
     assert to_exit < 30, "the job stopped instead of making images it cannot save"
 
     # Running again without freeing space fails the same way and loses nothing.
-    with pytest.raises(ResourceExhausted, match=rf"is full .* with {saved} of {PLANNED} images saved"):
+    with pytest.raises(
+        ResourceExhausted, match=rf"is on a full disk .* with {saved} of {PLANNED} images saved"
+    ):
         batch_in_process(generator.port, embeddings_file, out_dir)
     assert folder_state(out_dir) == before
 
@@ -223,7 +225,7 @@ def test_a_folder_that_turns_read_only_stops_the_batch_and_a_rerun_resumes(
         batch_in_process(generator.port, embeddings_file, out_dir, on_image=remount_read_only_after_three)
     raised_at = time.time()
     assert str(stopped.value).startswith(
-        f"The output folder {out_dir} is read-only (Read-only file system while saving p"
+        f"The output folder {out_dir} is on a read-only file system (Read-only file system while saving p"
     )
     assert f"The job stopped with {saved_before_remount} of {PLANNED} images saved." in str(stopped.value)
     assert "then run the same command again: finished images are kept and skipped." in str(stopped.value)
@@ -237,11 +239,12 @@ def test_a_folder_that_turns_read_only_stops_the_batch_and_a_rerun_resumes(
     refused, exited = run_cli(batch_command(embeddings_file, out_dir))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert (
-        f"zsplit: error (FAILED_PRECONDITION): The output folder {out_dir} is read-only (Read-only file "
-        "system while creating a file in it). Nothing was generated. Remount it read-write" in refused.stderr
+        f"zsplit: error (FAILED_PRECONDITION): The output folder {out_dir} is on a read-only file system "
+        "(Read-only file system while creating a file in it). Nothing was generated. Remount it read-write"
+        in refused.stderr
     )
     assert "Generator" not in refused.stderr, "no generator was started"
-    with pytest.raises(FailedPrecondition, match="is read-only .*while creating it"):
+    with pytest.raises(FailedPrecondition, match="is on a read-only file system .*while creating it"):
         check_out_dir(out_dir / "new")
     assert folder_state(out_dir) == before
 

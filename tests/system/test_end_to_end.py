@@ -234,6 +234,9 @@ def test_zsplit_generate_without_addresses_runs_both_services_locally(
             "--steps",
             "2",
             "--no-progress",
+            # How to reach a remote service, with none named: said to do nothing, not silently dropped.
+            "--tls-ca",
+            str(tmp_path / "ca.crt"),
         ],
         capture_output=True,
         text=True,
@@ -243,6 +246,9 @@ def test_zsplit_generate_without_addresses_runs_both_services_locally(
     assert result.returncode == 0, result.stderr
     with Image.open(output) as image:
         assert image.size == (64, 80)
+    assert "zsplit: warning: --tls-ca ignored: without --generator HOST:PORT (or --encoder HOST:PORT)" in (
+        result.stderr
+    )
 
 
 def test_unknown_model_fails_fast_with_a_hint(tmp_path: Path) -> None:

@@ -5,7 +5,11 @@ once, with its host, and ends the start-up after --replica-start-failures tries 
 
 from __future__ import annotations
 
+import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from tests.system.test_multi_host_ray import (
     processes_mentioning,
     start_front,
     tail,
+    wait_for_line,
     wait_until_serving,
 )
 
@@ -73,6 +78,50 @@ def test_tiny_is_built_on_each_host_that_runs_a_replica(cluster: RayCluster) -> 
         assert built, f"no tiny model was built in {name}'s cache:\n{tail(front.log)}"
 
 
+APPLICATIONS = """
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print(json.dumps(sorted(serve.status().applications)))
+"""
+
+
+def serve_applications(cluster: RayCluster) -> list[str]:
+    """The Serve applications deployed in the cluster, as a driver on the head host sees them."""
+    result = subprocess.run(
+        host(cluster, "h0").command([sys.executable, "-c", APPLICATIONS, cluster.address]),
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_stop_while_the_replicas_start_removes_the_serve_application(cluster: RayCluster) -> None:
+    """SIGTERM while h1's replica is still loading (slowed on purpose): the front exits 0 and removes its
+    Serve application first, so no replica goes on loading, and holding a GPU, without a front."""
+    root = cluster.logs
+    h1 = host(cluster, "h1")
+    netns.stop_group(next(process for known, process in cluster.nodes if known == h1))
+    slow = cache_env(cluster, root / "cache-h1") | {"ZSPLIT_TEST_LOAD_DELAY_SECONDS": "600"}
+    cluster.start_node(h1, env=slow)
+    front = start_front(cluster, host(cluster, "h0"), "tiny", cache_env(cluster, root / "cache-h0"))
+    try:
+        wait_for_line(
+            front.log, "Deploying Ray Serve application zsplit-generator", front.process, timeout=180
+        )
+        time.sleep(3)  # the replicas are placed and loading
+        front.process.send_signal(signal.SIGTERM)
+        code = front.process.wait(timeout=90)
+    finally:
+        netns.stop_group(front.process, timeout=30)
+    assert code == 0, tail(front.log, 80)
+    assert "Shutdown signal while loading the model" in front.log.read_text(), tail(front.log, 80)
+    assert "zsplit-generator" not in serve_applications(cluster), tail(front.log, 80)
+
+
 def test_a_replica_that_cannot_load_ends_the_start_up_with_its_error(cluster: RayCluster) -> None:
     """h1's cache is a file, so its replica cannot build `tiny`: the front logs each failed start with h1's
     address within seconds, and exits non-zero after --replica-start-failures 2 with that error."""
@@ -107,3 +156,32 @@ def test_a_replica_that_cannot_load_ends_the_start_up_with_its_error(cluster: Ra
     )
     assert "cache-h1-is-a-file" in log, tail(front.log, 80)
     assert took < 200, f"{took:.0f} s"
+
+
+def test_a_model_folder_missing_on_one_host_is_named_with_the_fix(
+    cluster: RayCluster, tiny_model_dir: Path
+) -> None:
+    """The front serves a model folder that h1 does not have (h1 has its own files, without that folder):
+    h1's replica fails naming the folder, h1's hostname and how to fix it, and the start-up ends."""
+    h1 = host(cluster, "h1")
+    netns.stop_group(next(process for known, process in cluster.nodes if known == h1))
+    elsewhere = netns.with_own_files(h1, "gpu-without-model", own=(), missing=[str(tiny_model_dir.parent)])
+    try:
+        cluster.start_node(elsewhere, env=cache_env(cluster, cluster.logs / "cache-h1"))
+        front = start_front(
+            cluster, host(cluster, "h0"), tiny_model_dir, None, "--replica-start-failures", "2"
+        )
+        try:
+            code = front.process.wait(timeout=240)
+        finally:
+            netns.stop_group(front.process, timeout=30)
+    finally:
+        netns.stop_group(next(process for known, process in cluster.nodes if known == elsewhere))
+        elsewhere.stop()
+    log = front.log.read_text(errors="replace")
+    assert code != 0, f"the front exits non-zero:\n{tail(front.log)}"
+    assert (
+        f"The model folder {tiny_model_dir} (the generator front's --model) is not on host gpu-without-model"
+        in log
+    ), tail(front.log, 80)
+    assert f"rsync -a {tiny_model_dir}/ gpu-without-model:{tiny_model_dir}/" in log, tail(front.log, 80)

@@ -335,3 +335,25 @@ def test_a_cache_that_cannot_be_written_is_a_typed_error_naming_it(
     monkeypatch.setenv("ZSPLIT_CACHE", str(blocker / "cache"))
     with pytest.raises(FailedPrecondition, match=rf"{blocker}/cache/tiny-\w+ is not a folder.*ZSPLIT_CACHE"):
         cached_tiny_model("tiny")
+
+
+def test_a_build_killed_halfway_leaves_nothing_behind_once_the_preset_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build killed before its rename leaves its staging folder; the next build of that preset removes it."""
+    import shutil
+
+    from zimage_split import tiny_model
+
+    monkeypatch.setenv("ZSPLIT_CACHE", str(tmp_path / "cache"))
+    built = tiny_model.cached_tiny_model("tiny")
+    shutil.rmtree(built)
+    abandoned = built.parent / f".{built.name}.k1ll3d"
+    (abandoned / "transformer").mkdir(parents=True)
+    (abandoned / "transformer" / "half.safetensors").write_bytes(b"\0" * 1024)
+    other = built.parent / ".another-model.k1ll3d"
+    other.mkdir()
+    assert tiny_model.cached_tiny_model("tiny") == built
+    assert (built / "model_index.json").is_file()
+    assert not abandoned.exists(), "the killed build's folder is removed"
+    assert other.exists(), "another preset's folder is not this build's to remove"

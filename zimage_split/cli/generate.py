@@ -216,9 +216,30 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def generate_images(args: argparse.Namespace) -> int:
+    remote = args.generator or (args.encoder and not args.embeddings)
+    if not remote:
+        warn_unused_security(args)
     if args.embeddings:
         return asyncio.run(_generate_batch(args))
     return asyncio.run(_generate(args))
+
+
+def warn_unused_security(args: argparse.Namespace) -> None:
+    """TLS and token settings say how to reach a remote service; with none named, they do nothing: say so,
+    rather than let someone believe their call was encrypted. (A warning: a config file's [client] section
+    may set them for the days a --generator is given.)"""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name", "auth_token_file")
+        if getattr(args, name, None)
+    ]
+    if given:
+        print(
+            f"zsplit: warning: {', '.join(given)} ignored: without --generator HOST:PORT"
+            f"{'' if args.embeddings else ' (or --encoder HOST:PORT)'} the model runs here, in this process, "
+            "and nothing goes over the network.",
+            file=sys.stderr,
+        )
 
 
 @asynccontextmanager

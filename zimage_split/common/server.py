@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +23,13 @@ from zimage_split.common.interceptors import (
     ErrorMappingInterceptor,
     ServingGate,
 )
-from zimage_split.common.metrics import MetricsEndpoint, MetricsSettings, ServiceMetrics, serve_metrics
+from zimage_split.common.metrics import (
+    MetricsEndpoint,
+    MetricsSettings,
+    ServiceMetrics,
+    metrics_settings,
+    serve_metrics,
+)
 from zimage_split.common.security import ServerSecurity, TokenAuthInterceptor, is_loopback
 from zimage_split.common.wire import CHUNK_BYTES
 
@@ -188,12 +194,60 @@ class LateServicer(Generic[T]):
         return call
 
 
-async def injected_load_delay() -> None:
-    """Sleeps for ZSPLIT_TEST_LOAD_DELAY_SECONDS (a test-only fault injection that slows the model load)."""
+def injected_load_delay_seconds() -> float:
+    """ZSPLIT_TEST_LOAD_DELAY_SECONDS (a test-only fault injection that slows the model load), logged if set."""
     delay = float(os.environ.get(LOAD_DELAY_ENV) or 0)
     if delay > 0:
         logger.warning("%s=%s: delaying the model load on purpose (tests only).", LOAD_DELAY_ENV, delay)
-        await asyncio.sleep(delay)
+    return delay
+
+
+async def injected_load_delay() -> None:
+    """Sleeps for ZSPLIT_TEST_LOAD_DELAY_SECONDS, if set."""
+    await asyncio.sleep(injected_load_delay_seconds())
+
+
+class ServiceEndpoint(Protocol):
+    """The settings of a service's port and its metrics endpoint (EncoderConfig and GeneratorConfig have them)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def security(self) -> ServerSecurity: ...
+    @property
+    def transport(self) -> TransportLimits: ...
+    @property
+    def metrics_host(self) -> str | None: ...
+    @property
+    def metrics_port(self) -> int | None: ...
+    @property
+    def metrics_token_file(self) -> str | None: ...
+
+
+async def open_service_port(
+    add_servicers: Callable[[aio.Server], None], service_name: str, kind: str, endpoint: ServiceEndpoint
+) -> RunningServer:
+    """`start_server` for the service `kind` ("encoder", "generator") as `endpoint` says: its metrics (when
+    on) behind the same walls, on its host unless told otherwise, with its certificate and a token file."""
+    return await start_server(
+        add_servicers,
+        (service_name,),
+        endpoint.host,
+        endpoint.port,
+        endpoint.security,
+        endpoint.transport,
+        metrics=ServiceMetrics(kind),
+        metrics_settings=metrics_settings(
+            endpoint.host,
+            endpoint.metrics_host,
+            endpoint.metrics_port,
+            token_file=endpoint.metrics_token_file,
+            cert_file=endpoint.security.cert_file,
+            key_file=endpoint.security.key_file,
+        ),
+    )
 
 
 async def start_server(
@@ -277,12 +331,15 @@ def _set_on_stop_signals(signalled: asyncio.Event) -> None:
 
 
 async def load_until_signal(
-    running: RunningServer, load: Coroutine[Any, Any, T], signalled: asyncio.Event
+    running: RunningServer,
+    load: Coroutine[Any, Any, T],
+    signalled: asyncio.Event,
+    abandon_wait: float = 5.0,
 ) -> T | None:
     """Runs `load` (the model's load and warm-up, with the port already open) until it ends or `signalled`
     (catch_stop_signals) is set. On a signal the server stops at once (no call has got past the loading gate,
-    so there is nothing to drain) and None is returned; if `load` fails, the server stops and the error
-    propagates."""
+    so there is nothing to drain) and None is returned, after giving the cancelled load up to `abandon_wait`
+    seconds to clean up; if `load` fails, the server stops and the error propagates."""
     loading = asyncio.ensure_future(load)
     waiting = asyncio.ensure_future(signalled.wait())
     try:
@@ -302,7 +359,7 @@ async def load_until_signal(
     logger.info("Shutdown signal while loading the model: stopping without serving.")
     loading.cancel()
     # A load running in a thread cannot be interrupted; the caller exits without waiting for it.
-    await asyncio.wait({loading}, timeout=5)
+    await asyncio.wait({loading}, timeout=abandon_wait)
     await running.stop(0)
     return None
 

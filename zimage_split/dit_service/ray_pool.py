@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from typing import Any
@@ -132,11 +133,17 @@ def _start_failure(failure: StartFailure, count: int) -> ZSplitError:
 
 
 def _wait_until_running(
-    replicas: int, shape: ReplicaShape, timeout_s: float, failures: Any = None, max_failures: int = 3
+    replicas: int,
+    shape: ReplicaShape,
+    timeout_s: float,
+    failures: Any = None,
+    max_failures: int = 3,
+    abandon: threading.Event | None = None,
 ) -> None:
     """Waits until every replica has loaded and warmed up; raises the replicas' own error if one failed, and
     DeadlineExceeded, saying what is missing, after `timeout_s`. Each failed start reported to `failures`
-    (a StartFailureLog) is logged at once; after `max_failures` of them the last one's error is raised."""
+    (a StartFailureLog) is logged at once; after `max_failures` of them the last one's error is raised.
+    Once `abandon` is set (a stop signal came), it raises Unavailable."""
     import ray
     from ray import serve
 
@@ -144,6 +151,7 @@ def _wait_until_running(
     next_report = started + PROGRESS_REPORT_SECONDS
     failed = 0
     while True:
+        _raise_if_abandoned(abandon)
         reported = []
         if failures is not None:
             try:
@@ -187,6 +195,29 @@ def _wait_until_running(
         time.sleep(0.5)
 
 
+def _raise_if_abandoned(abandon: threading.Event | None) -> None:
+    if abandon is not None and abandon.is_set():
+        raise Unavailable("The generator was stopped while its Ray replicas were starting.")
+
+
+def _undeploy(handle: Any, owns_ray: bool) -> None:
+    """Removes the front's Serve application (and the Ray it started, if any): no replica outlives it."""
+    import ray
+    from ray import serve
+
+    # Stop the handle's router first: it pushes autoscaling metrics to Serve every 10 s from a thread of
+    # its own, and a push that lands after Ray disconnects at exit kills the process with an error.
+    handle.shutdown()
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        if owns_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+# How long a front stopped during its start-up waits for its Serve application to be removed.
+ABANDON_SECONDS = 40.0
 # How often a running front looks for replicas (restarted, or added as GPU hosts join) that failed to start.
 FAILURE_CHECK_SECONDS = 5.0
 
@@ -234,11 +265,39 @@ class RayWorkerPool:
         max_queue: int,
         engine: EngineOptions,
     ) -> RayWorkerPool:
-        """Joins or starts Ray, deploys the replicas and waits until they have loaded (and warmed up) the model."""
+        """Joins or starts Ray, deploys the replicas and waits until they have loaded (and warmed up) the model.
+
+        Cancelled (a stop signal during the start-up), it removes the application it deployed, waiting up to
+        ABANDON_SECONDS: replicas that went on loading without a front would hold their GPUs for nothing.
+        """
+        abandon = threading.Event()
         # Ray's set-up calls block; run them off the event loop.
-        handle, owns_ray, failures = await asyncio.to_thread(
-            cls._deploy, source, options, device=device, dtype=dtype, max_queue=max_queue, engine=engine
+        deploying = asyncio.ensure_future(
+            asyncio.to_thread(
+                cls._deploy,
+                source,
+                options,
+                device=device,
+                dtype=dtype,
+                max_queue=max_queue,
+                engine=engine,
+                abandon=abandon,
+            )
         )
+        try:
+            handle, owns_ray, failures = await asyncio.shield(deploying)
+        except asyncio.CancelledError:
+            abandon.set()
+            done, _ = await asyncio.wait({deploying}, timeout=ABANDON_SECONDS)
+            if deploying in done and deploying.exception() is None:  # it had just finished
+                await asyncio.to_thread(_undeploy, deploying.result()[0], deploying.result()[1])
+            elif not done:
+                logger.error(
+                    "The Ray Serve application %s may still be deployed: remove it with "
+                    "`serve shutdown` or restart the generator.",
+                    APP_NAME,
+                )
+            raise
         info, _ = await handle.info.remote()
         pool = cls(handle, info, max_queue=max_queue, owns_ray=owns_ray, failures=failures)
         pool._watch = asyncio.ensure_future(pool._log_failed_starts())
@@ -266,6 +325,7 @@ class RayWorkerPool:
         dtype: str,
         max_queue: int,
         engine: EngineOptions,
+        abandon: threading.Event | None = None,
     ) -> tuple[Any, bool, Any]:
         import ray
         from ray import serve
@@ -303,14 +363,21 @@ class RayWorkerPool:
                 max_queue=max_queue,
                 engine=engine,
             )
+            _raise_if_abandoned(abandon)
             serve.start(http_options={"location": "NoServer"})
             failures = create_log()
             # Not serve.run: it waits for the replicas with no deadline, and a replica whose resources are
             # gone (a node left, another job took them) stays pending forever.
+            logger.info(
+                "Deploying Ray Serve application %s: %d replica(s), each on %s",
+                APP_NAME,
+                replicas,
+                shape.describe(),
+            )
             handle = serve._run(application, _blocking=False, name=APP_NAME, route_prefix=None)
             try:
                 _wait_until_running(
-                    replicas, shape, options.start_timeout_s, failures, options.max_start_failures
+                    replicas, shape, options.start_timeout_s, failures, options.max_start_failures, abandon
                 )
             except BaseException:
                 handle.shutdown()
@@ -417,17 +484,6 @@ class RayWorkerPool:
         raise Unavailable(f"Replicas kept failing during request {request_id} ({MAX_ATTEMPTS} attempts).")
 
     def close(self) -> None:
-        import ray
-        from ray import serve
-
         if self._watch is not None:
             self._watch.cancel()
-        # Stop the handle's router first: it pushes autoscaling metrics to Serve every 10 s from a thread of
-        # its own, and a push that lands after Ray disconnects at exit kills the process with an error.
-        self.handle.shutdown()
-        try:
-            serve.delete(APP_NAME)
-        finally:
-            if self._owns_ray:
-                serve.shutdown()
-                ray.shutdown()
+        _undeploy(self.handle, self._owns_ray)

@@ -22,6 +22,7 @@ import torch
 from ray import serve
 
 from zimage_split.common.errors import InvalidArgument
+from zimage_split.common.server import injected_load_delay_seconds
 from zimage_split.dit_service.config import EngineOptions
 from zimage_split.dit_service.engine import (
     DiTEngine,
@@ -124,6 +125,9 @@ class DiTReplica:
         where = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}"
         # Serve routes no request to a replica before its constructor returns: with --compile, the replica
         # has compiled its graphs before it serves.
+        time.sleep(
+            injected_load_delay_seconds()
+        )  # tests only: a slow load, as a large model's on a slow disk
         try:
             self.engine = self._engine_thread.submit(
                 self._start_engine, source, device, dtype, torch_threads, engine

@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
 from zimage_split.common.errors import InvalidArgument, Unavailable, ZSplitError
-from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
     LateServicer,
     RunningServer,
@@ -19,8 +18,8 @@ from zimage_split.common.server import (
     exit_abandoning_load,
     injected_load_delay,
     load_until_signal,
+    open_service_port,
     serve_until_signal,
-    start_server,
 )
 from zimage_split.devices import choose_dtype, parse_dtype, pick_device
 from zimage_split.dit_service.config import GeneratorConfig, Limits
@@ -69,22 +68,11 @@ async def open_generator_port(
     """Listens at once, before the model loads (with Ray, before any replica starts): health says NOT_SERVING
     and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done."""
     late = LateServicer(GeneratorServicer)
-    running = await start_server(
+    running = await open_service_port(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(late, server),
-        (SERVICE_NAME,),
-        config.host,
-        config.port,
-        config.security,
-        config.transport,
-        metrics=ServiceMetrics("generator"),
-        metrics_settings=metrics_settings(
-            config.host,
-            config.metrics_host,
-            config.metrics_port,
-            token_file=config.metrics_token_file,
-            cert_file=config.security.cert_file,
-            key_file=config.security.key_file,
-        ),
+        SERVICE_NAME,
+        "generator",
+        config,
     )
     return running, late
 
@@ -229,7 +217,9 @@ async def serve_generator(config: GeneratorConfig) -> None:
     running, late = await open_generator_port(config)
     logger.info("Generator port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
     signalled = catch_stop_signals()
-    server = await load_until_signal(running, load_generator(config, running, late), signalled)
+    # With Ray, a stop during the start-up removes the Serve application first (ray_pool.ABANDON_SECONDS).
+    abandon_wait = 45.0 if config.ray else 5.0
+    server = await load_until_signal(running, load_generator(config, running, late), signalled, abandon_wait)
     if server is None:
         exit_abandoning_load()
         return

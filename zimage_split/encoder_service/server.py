@@ -13,7 +13,6 @@ import torch
 
 from zimage_split._proto.encoder.v1 import encoder_pb2_grpc
 from zimage_split.common.errors import InvalidArgument
-from zimage_split.common.metrics import ServiceMetrics, metrics_settings
 from zimage_split.common.server import (
     LateServicer,
     RunningServer,
@@ -21,8 +20,8 @@ from zimage_split.common.server import (
     exit_abandoning_load,
     injected_load_delay,
     load_until_signal,
+    open_service_port,
     serve_until_signal,
-    start_server,
 )
 from zimage_split.devices import DtypeChoice, build_on_torch_thread, choose_dtype, pick_device
 from zimage_split.encoder_service.config import EncoderConfig
@@ -91,22 +90,11 @@ async def open_encoder_port(config: EncoderConfig) -> tuple[RunningServer, LateS
     """Listens at once, before the model loads: health says NOT_SERVING and calls get UNAVAILABLE (reason
     `loading`) until `load_encoder` is done; a port in use fails here, in a second."""
     late = LateServicer(EncoderServicer)
-    running = await start_server(
+    running = await open_service_port(
         lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(late, server),
-        (SERVICE_NAME,),
-        config.host,
-        config.port,
-        config.security,
-        config.transport,
-        metrics=ServiceMetrics("encoder"),
-        metrics_settings=metrics_settings(
-            config.host,
-            config.metrics_host,
-            config.metrics_port,
-            token_file=config.metrics_token_file,
-            cert_file=config.security.cert_file,
-            key_file=config.security.key_file,
-        ),
+        SERVICE_NAME,
+        "encoder",
+        config,
     )
     return running, late
 
