@@ -324,10 +324,24 @@ def catch_stop_signals() -> asyncio.Event:
     return signalled
 
 
+# The event our SIGINT/SIGTERM handlers set, once catch_stop_signals has put them in place.
+_caught: asyncio.Event | None = None
+
+
+def reclaim_stop_signals() -> None:
+    """Puts our SIGINT/SIGTERM handlers back on top after a library installed its own: Ray's driver
+    (ray.init, even from a worker thread) installs one that aborts the process after ours has run. Call it
+    on the event loop's thread; a no-op where catch_stop_signals was not called (tests, library users)."""
+    if _caught is not None:
+        _set_on_stop_signals(_caught)
+
+
 def _set_on_stop_signals(signalled: asyncio.Event) -> None:
+    global _caught
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
+    _caught = signalled
 
 
 async def load_until_signal(

@@ -24,6 +24,7 @@ from zimage_split.common.errors import (
     Unavailable,
     ZSplitError,
 )
+from zimage_split.common.server import reclaim_stop_signals
 from zimage_split.dit_service.config import EngineOptions, RayOptions
 from zimage_split.dit_service.engine import EngineInfo, GenerationJob
 from zimage_split.dit_service.ray_capacity import ReplicaShape, check_capacity, live_nodes
@@ -271,19 +272,26 @@ class RayWorkerPool:
         ABANDON_SECONDS: replicas that went on loading without a front would hold their GPUs for nothing.
         """
         abandon = threading.Event()
-        # Ray's set-up calls block; run them off the event loop.
-        deploying = asyncio.ensure_future(
-            asyncio.to_thread(
-                cls._deploy,
+        loop = asyncio.get_running_loop()
+
+        def deploy() -> tuple[Any, bool, Any]:
+            owns_ray = connect(options.address)
+            # ray.init put a SIGTERM handler of its own on top of ours, which would abort this process on a
+            # stop during the rest of the start-up: ours again, from the loop's thread.
+            loop.call_soon_threadsafe(reclaim_stop_signals)
+            return cls._deploy(
                 source,
                 options,
+                owns_ray,
                 device=device,
                 dtype=dtype,
                 max_queue=max_queue,
                 engine=engine,
                 abandon=abandon,
             )
-        )
+
+        # Ray's set-up calls block; run them off the event loop.
+        deploying = asyncio.ensure_future(asyncio.to_thread(deploy))
         try:
             handle, owns_ray, failures = await asyncio.shield(deploying)
         except asyncio.CancelledError:
@@ -320,6 +328,7 @@ class RayWorkerPool:
     def _deploy(
         source: ModelSource,
         options: RayOptions,
+        owns_ray: bool,
         *,
         device: str,
         dtype: str,
@@ -330,7 +339,6 @@ class RayWorkerPool:
         import ray
         from ray import serve
 
-        owns_ray = connect(options.address)
         try:
             nodes = live_nodes(ray.nodes())
             gpus = sum(node.gpus for node in nodes)
