@@ -317,6 +317,7 @@ class InfoOnlyWorker:
         )
 
     outstanding = 0
+    failed_starts = 0
 
     def replica_count(self) -> int:
         return 1

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tests.system.test_multi_host_ray import (
     wait_for_line,
     wait_until_serving,
 )
+from zimage_split.client import Client
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,16 +80,79 @@ def test_tiny_is_built_on_each_host_that_runs_a_replica(cluster: RayCluster) -> 
         assert built, f"no tiny model was built in {name}'s cache:\n{tail(front.log)}"
 
 
+def metric(address: str, name: str) -> float:
+    """One unlabelled-by-cache value of the front's Prometheus metrics (plain HTTP: --insecure)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M)
+    assert found, f"{name} is not in the metrics"
+    return float(found[1])
+
+
+def test_a_replica_that_fails_after_the_start_up_is_logged_and_counted_while_the_others_serve(
+    cluster: RayCluster,
+) -> None:
+    """Both replicas start; then h1's node comes back with a cache it cannot use, so Serve's new replica
+    there fails to start: the front logs it at ERROR with h1's address, counts it in Info and metrics,
+    and serves on with h0's replica."""
+    root = cluster.logs
+    h0, h1 = host(cluster, "h0"), host(cluster, "h1")
+    metrics_port = 9464
+    front = start_front(
+        cluster, h0, "tiny", cache_env(cluster, root / "cache-h0"), "--metrics-port", str(metrics_port)
+    )
+    try:
+        wait_until_serving(front.address, front.process, front.log, timeout=240)
+        with Client(generator=front.address, timeout=60) as client:
+            before = client.generator_info()
+        assert int(before.get("replicas", 0)) == 2 and int(before.get("replica_start_failures", 0)) == 0, (
+            before
+        )
+        broken = root / "cache-h1-broken-later"
+        broken.write_text("not a folder")
+        netns.stop_group(next(process for known, process in cluster.nodes if known == h1))
+        cluster.start_node(h1, env=cache_env(cluster, broken))
+        try:
+            wait_for_line(front.log, f"/{h1.address}/pid", front.process, timeout=180)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nServe says: {serve_says(cluster)}") from None
+        info: dict = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with Client(generator=front.address, timeout=60) as client:
+                info = client.generator_info()
+            if int(info.get("replica_start_failures", 0)) >= 1:
+                break
+            time.sleep(1)
+        assert int(info.get("replica_start_failures", 0)) >= 1 and int(info.get("replicas", 0)) == 1, info
+        assert metric(f"{h0.address}:{metrics_port}", "zsplit_replica_start_failures") >= 1
+        images = burst(front.address, 2)
+        assert {node_ip(image.info["replica"]) for image in images} == {h0.address}
+    finally:
+        code = netns.stop_group(front.process, timeout=60)
+    log = front.log.read_text(errors="replace")
+    assert re.search(rf"ERROR .*Replica \S*/{re.escape(h1.address)}/pid\d+\S* failed to start", log), tail(
+        front.log, 80
+    )
+    assert "cache-h1-broken-later" in log, tail(front.log, 80)
+    assert code == 0, tail(front.log, 80)
+
+
 APPLICATIONS = """
 import json, sys, ray
 from ray import serve
 ray.init(address=sys.argv[1], logging_level="ERROR")
-print(json.dumps(sorted(serve.status().applications)))
+applications = serve.status().applications
+print(json.dumps({
+    name: {d: [str(status.status), status.message, dict(status.replica_states)] for d, status in app.deployments.items()}
+    for name, app in applications.items()
+}))
 """
 
 
-def serve_applications(cluster: RayCluster) -> list[str]:
-    """The Serve applications deployed in the cluster, as a driver on the head host sees them."""
+def serve_applications(cluster: RayCluster) -> dict[str, dict[str, list]]:
+    """The Serve applications deployed in the cluster, as a driver on the head host sees them: by name,
+    each deployment's status, message and replica states."""
     result = subprocess.run(
         host(cluster, "h0").command([sys.executable, "-c", APPLICATIONS, cluster.address]),
         env=cluster.env,
@@ -97,6 +162,14 @@ def serve_applications(cluster: RayCluster) -> list[str]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def serve_says(cluster: RayCluster) -> str:
+    """Serve's view of the deployments (status, message, replica states), for a failure's message."""
+    try:
+        return json.dumps(serve_applications(cluster), indent=1)
+    except AssertionError as error:
+        return f"(serve status failed: {error})"
 
 
 def test_a_stop_while_the_replicas_start_removes_the_serve_application(cluster: RayCluster) -> None:

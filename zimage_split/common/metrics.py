@@ -179,6 +179,12 @@ class ServiceMetrics:
     def watch_replicas(self, read: Callable[[], float]) -> None:
         self._live.gauges["zsplit_replicas"] = ("Model replicas serving now.", read)
 
+    def watch_replica_start_failures(self, read: Callable[[], float]) -> None:
+        self._live.gauges["zsplit_replica_start_failures"] = (
+            "Ray replicas that failed to load or warm up since the generator began serving (logged at ERROR).",
+            read,
+        )
+
     def watch_encoders(self, read: Callable[[], Iterable[EncoderStatus]]) -> None:
         """Per-encoder calls and health of the encoders this service calls, read at scrape time."""
         self._live.encoders = read

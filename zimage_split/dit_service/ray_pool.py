@@ -249,6 +249,10 @@ class RayWorkerPool:
         """None known: each replica keeps its own adapter cache, and this front does not ask them."""
         return frozenset()
 
+    @property
+    def failed_starts(self) -> int:
+        return self._failed_starts
+
     def replica_count(self) -> int:
         from ray import serve
 
@@ -314,13 +318,19 @@ class RayWorkerPool:
     async def _log_failed_starts(self) -> None:
         """After start-up, replicas that fail to start (Serve restarts them, or adds them as GPU hosts join)
         are logged at ERROR with their host; the front keeps serving on the others."""
+        readable = True
         while True:
             await asyncio.sleep(FAILURE_CHECK_SECONDS)
             try:
                 reported = await self._failures.take.remote()
-            except Exception as error:  # Ray going down at exit
-                logger.debug("Could not read the replicas' failed starts: %s", error)
+            except Exception as error:  # Ray going down at exit, or the log's node gone
+                if readable:
+                    logger.warning(
+                        "Cannot read the replicas' failed starts (%s); Ray's logs have them.", error
+                    )
+                readable = False
                 continue
+            readable = True
             self._failed_starts += len(reported)
             log_failures(reported, self._failed_starts, None)
 

@@ -47,11 +47,19 @@ class StartFailureLog:
 
 
 def create_log() -> Any:
-    """The front's StartFailureLog (an actor handle); a left-over one of the same name is reused."""
-    import ray
+    """The front's StartFailureLog (an actor handle); a left-over one of the same name is reused.
 
+    It runs on the front's own node: placed anywhere, it died with whichever GPU host it landed on, and with
+    it every later report, just when that host's replacement replicas had failures to tell.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(StartFailureLog)
-    return actor.options(name=LOG_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+    return actor.options(
+        name=LOG_NAME, namespace=NAMESPACE, get_if_exists=True, scheduling_strategy=here
+    ).remote()
 
 
 def report_failure(replica: str, error: BaseException) -> None:

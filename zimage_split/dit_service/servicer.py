@@ -288,6 +288,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.metrics.watch_cache("images", self.images)
         self.metrics.watch_queue_depth(lambda: worker.outstanding)
         self.metrics.watch_replicas(lambda: worker.replica_count())
+        self.metrics.watch_replica_start_failures(lambda: worker.failed_starts)
         if store.encoder is not None and store.encoder.encoder_pool is not None:
             self.metrics.watch_encoders(store.encoder.encoder_pool.statuses)
 
@@ -848,7 +849,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.InfoRequest, context: aio.ServicerContext
     ) -> generator_pb2.InfoResponse:
         cache = self.store.cache
+        replicas = await asyncio.to_thread(self.worker.replica_count)  # with Ray, a call to Serve
         return generator_pb2.InfoResponse(
+            replicas=replicas,
+            replica_start_failures=self.worker.failed_starts,
             model_id=self.info.model_id,
             caption_dim=self.info.caption_dim,
             dtype=wire.dtype_to_proto(self.info.dtype),  # type: ignore[arg-type]

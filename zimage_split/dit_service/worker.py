@@ -49,6 +49,11 @@ class Worker(Protocol):
         """Model replicas serving now (may block briefly; metrics call it from their own thread)."""
         ...
 
+    @property
+    def failed_starts(self) -> int:
+        """Replicas that failed to start since this worker began serving (Ray; 0 in-process)."""
+        ...
+
     def loaded_loras(self) -> frozenset[str]:
         """Names of the LoRAs held loaded as adapters now, as far as this worker can tell."""
         ...
@@ -95,6 +100,10 @@ class LocalWorker:
 
     def replica_count(self) -> int:
         return 1
+
+    @property
+    def failed_starts(self) -> int:
+        return 0
 
     def loaded_loras(self) -> frozenset[str]:
         return frozenset(self.engine.loras.loaded)

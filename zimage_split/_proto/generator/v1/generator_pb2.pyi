@@ -337,7 +337,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift", "dit_layers", "controlnets")
+    __slots__ = ("model_id", "caption_dim", "dtype", "device", "encoder_address", "parameter_count", "components", "max_pixels", "max_steps", "embedding_cache_hits", "embedding_cache_misses", "embedding_cache_bytes", "max_images_per_request", "attention_backend", "compiled", "vae_tiling", "max_sequence_length_limit", "loras_enabled", "lora_cache_size", "dtype_reason", "default_shift", "dit_layers", "controlnets", "replicas", "replica_start_failures")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTION_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +361,8 @@ class InfoResponse(_message.Message):
     DEFAULT_SHIFT_FIELD_NUMBER: _ClassVar[int]
     DIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_START_FAILURES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     caption_dim: int
     dtype: _tensor_pb2.DType
@@ -384,7 +386,9 @@ class InfoResponse(_message.Message):
     default_shift: float
     dit_layers: int
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
-    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ..., dit_layers: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
+    replicas: int
+    replica_start_failures: int
+    def __init__(self, model_id: _Optional[str] = ..., caption_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., device: _Optional[str] = ..., encoder_address: _Optional[str] = ..., parameter_count: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., max_pixels: _Optional[int] = ..., max_steps: _Optional[int] = ..., embedding_cache_hits: _Optional[int] = ..., embedding_cache_misses: _Optional[int] = ..., embedding_cache_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., attention_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., vae_tiling: _Optional[str] = ..., max_sequence_length_limit: _Optional[int] = ..., loras_enabled: _Optional[bool] = ..., lora_cache_size: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., default_shift: _Optional[float] = ..., dit_layers: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ..., replicas: _Optional[int] = ..., replica_start_failures: _Optional[int] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
     __slots__ = ("name", "takes_mask", "control_layers")
