@@ -80,7 +80,7 @@ def guide_blocks(section: str, subsection: str = "", language: str = "bash") -> 
 class Guide:
     """The hosts of one set-up and the state of the guide's commands run on them."""
 
-    hosts: dict[str, netns.HostWithOwnFiles]  # by the guide's short name: "admin", "encoder", "gpu1", ...
+    hosts: dict[str, netns.HostWithOwnFiles]  # by short name: "adm", "enc", "gpu1" (4 letters at most)
     names: dict[str, str]  # the guide's host names and addresses -> the short name of the host
     addresses: dict[str, str]  # the guide's addresses -> the simulated ones
     tiny_model: Path
@@ -151,7 +151,7 @@ class Guide:
             return ""
         cwd = self.cwd.get(on, "/root")
         script = "\n".join([f"cd {shlex.quote(cwd)}", *lines, f'echo "{CWD_MARK}$PWD"'])
-        path = VENV_PATH if on == "admin" else SERVER_PATH  # the admin machine has zsplit's venv activated
+        path = VENV_PATH if on == "adm" else SERVER_PATH  # the admin machine has zsplit's venv activated
         env = {"PATH": path, "HOME": "/root", "LANG": "C.UTF-8"}
         result = subprocess.run(
             self.hosts[on].command(
@@ -241,7 +241,7 @@ def guide_hosts(
                 # waits for it before it reads /etc/hosts: a local one that refuses at once, as a real
                 # host's name server answers at once.
                 host.write("/etc/resolv.conf", b"nameserver 127.0.0.1\n", 0o644)
-            guide.cwd["admin"] = PROJECT
+            guide.cwd["adm"] = PROJECT
             yield guide
         finally:
             if guide is not None:
@@ -299,10 +299,10 @@ def scrape(address: str, ca: bytes, server_name: str, token: str | None) -> int:
 def copy_generator_files(guide: Guide, to: str) -> None:
     """What set-up 1's GPU box and set-up 2's front say in words: the generator's certificates and tokens."""
     guide.copy_files(
-        "admin", ["certs/ca.crt", "certs/generator.crt", "certs/generator.key"], to, "/etc/zsplit/tls"
+        "adm", ["certs/ca.crt", "certs/generator.crt", "certs/generator.key"], to, "/etc/zsplit/tls"
     )
     tokens = ["tokens/generator.tokens", "tokens/generator-to-encoder.token", "tokens/metrics.tokens"]
-    guide.copy_files("admin", tokens, to, "/etc/zsplit/tokens")
+    guide.copy_files("adm", tokens, to, "/etc/zsplit/tokens")
 
 
 def sdk_one_liner() -> str:
@@ -321,8 +321,8 @@ def image_on(guide: Guide, short: str, path: str) -> Image.Image:
 
 def check_metrics(guide: Guide, short: str, server_name: str) -> None:
     """The example's metrics: HTTPS with the service's certificate; a scrape needs metrics.tokens' token."""
-    ca = guide.hosts["admin"].read(f"{PROJECT}/certs/ca.crt").encode()
-    token = guide.hosts["admin"].read(f"{PROJECT}/tokens/metrics.tokens").strip()
+    ca = guide.hosts["adm"].read(f"{PROJECT}/certs/ca.crt").encode()
+    token = guide.hosts["adm"].read(f"{PROJECT}/tokens/metrics.tokens").strip()
     address = f"{guide.hosts[short].address}:9090"
     assert scrape(address, ca, server_name, token) == 200
     assert scrape(address, ca, server_name, None) == 401
@@ -330,17 +330,15 @@ def check_metrics(guide: Guide, short: str, server_name: str) -> None:
 
 @pytest.mark.timeout(900)
 def test_set_up_0_a_cpu_encoder_and_one_gpu_box(tiny_model_dir: Path, tmp_path: Path) -> None:
-    hostnames = {"admin": "admin.internal", "encoder": "encoder.internal", "gpu": "gpu.internal"}
-    with guide_hosts(
-        hostnames, {"10.0.0.10": "encoder", "10.0.0.11": "gpu"}, tiny_model_dir, tmp_path
-    ) as guide:
-        for short in ("encoder", "gpu"):
+    hostnames = {"adm": "admin.internal", "enc": "encoder.internal", "gpu": "gpu.internal"}
+    with guide_hosts(hostnames, {"10.0.0.10": "enc", "10.0.0.11": "gpu"}, tiny_model_dir, tmp_path) as guide:
+        for short in ("enc", "gpu"):
             install(guide, short, gpu=short == "gpu")
-        guide.run(guide_blocks("4. Set-up 0")[0], "admin")  # certificates
-        guide.run(guide_blocks("3. Certificates")[1], "admin")  # tokens
-        guide.run(guide_blocks("3. Certificates")[2], "admin", switches={"on the encoder host": "encoder"})
+        guide.run(guide_blocks("4. Set-up 0")[0], "adm")  # certificates
+        guide.run(guide_blocks("3. Certificates")[1], "adm")  # tokens
+        guide.run(guide_blocks("3. Certificates")[2], "adm", switches={"on the encoder host": "enc"})
         # The encoder host: "exactly as set-up 2's encoder host".
-        guide.run(guide_blocks("6. Set-up 2", "The encoder host")[0], "encoder")
+        guide.run(guide_blocks("6. Set-up 2", "The encoder host")[0], "enc")
         # The GPU box: "exactly as set-up 1's GPU box, with encoder = "encoder.internal:50051" instead of the Mac".
         guide.replacements = [("mac.internal", "encoder.internal")]
         copy_generator_files(guide, "gpu.internal")
@@ -348,16 +346,16 @@ def test_set_up_0_a_cpu_encoder_and_one_gpu_box(tiny_model_dir: Path, tmp_path: 
         assert 'encoder = "encoder.internal:50051"' in toml
         guide.hosts["gpu"].write("/etc/zsplit/zsplit.toml", toml.encode(), 0o640)
         guide.run(guide_blocks("5. Set-up 1", "On the GPU box")[0], "gpu")
-        guide.run(guide_blocks("5. Set-up 1", "Check it")[0], "gpu", switches={"from a client": "admin"})
-        guide.run(guide_blocks("4. Set-up 0")[1], "admin")  # its own check from the admin machine
-        image = image_on(guide, "admin", f"{PROJECT}/lighthouse.png")
+        guide.run(guide_blocks("5. Set-up 1", "Check it")[0], "gpu", switches={"from a client": "adm"})
+        guide.run(guide_blocks("4. Set-up 0")[1], "adm")  # its own check from the admin machine
+        image = image_on(guide, "adm", f"{PROJECT}/lighthouse.png")
         assert image.info["prompt"] == "a lighthouse on a cliff at dusk" and image.info["seed"] == "7"
         # Section 9 from the admin machine, for set-up 0's names.
         guide.replacements.append(("generator.internal", "gpu.internal"))
-        guide.run(guide_blocks("9. Health")[0], "admin", switches={"on the generator host": "gpu"})
-        info = guide.shell("admin", [guide.translate(sdk_one_liner())])
+        guide.run(guide_blocks("9. Health")[0], "adm", switches={"on the generator host": "gpu"})
+        info = guide.shell("adm", [guide.translate(sdk_one_liner())])
         assert "model" in info, info
-        check_metrics(guide, "encoder", "encoder.internal")
+        check_metrics(guide, "enc", "encoder.internal")
         codes = guide.stop_all()
     assert set(codes.values()) == {0}, codes
 
@@ -367,20 +365,20 @@ def test_set_up_2_a_cpu_encoder_and_two_gpu_hosts_in_one_ray_cluster(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     hostnames = {
-        "admin": "admin.internal",
-        "encoder": "encoder.internal",
+        "adm": "admin.internal",
+        "enc": "encoder.internal",
         "gpu1": "gpu1.internal",
         "gpu2": "gpu2.internal",
     }
     addresses = {
-        "10.0.0.10": "encoder",
+        "10.0.0.10": "enc",
         "10.0.0.11": "gpu1",
         "10.0.0.12": "gpu2",
         "generator.internal": "gpu1",
     }
     with guide_hosts(hostnames, addresses, tiny_model_dir, tmp_path) as guide:
-        for short in ("encoder", "gpu1", "gpu2"):
-            install(guide, short, gpu=short != "encoder")
+        for short in ("enc", "gpu1", "gpu2"):
+            install(guide, short, gpu=short != "enc")
         for short in ("gpu1", "gpu2"):  # test-only: a node stops at once instead of draining for 30 s
             guide.shell(short, ["echo RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 >> /etc/zsplit/zsplit.env"])
         guide.extra_unit_arguments = {
@@ -395,10 +393,10 @@ def test_set_up_2_a_cpu_encoder_and_two_gpu_hosts_in_one_ray_cluster(
             subprocess.run(host.command(["sh", "-c", script]), check=True)
 
         guide.edits["/etc/zsplit/ray.env"] = edit_ray_env
-        guide.run(guide_blocks("6. Set-up 2")[0], "admin")  # certificates
-        guide.run(guide_blocks("3. Certificates")[1], "admin")  # tokens
-        guide.run(guide_blocks("3. Certificates")[2], "admin", switches={"on the encoder host": "encoder"})
-        guide.run(guide_blocks("6. Set-up 2", "The encoder host")[0], "encoder")
+        guide.run(guide_blocks("6. Set-up 2")[0], "adm")  # certificates
+        guide.run(guide_blocks("3. Certificates")[1], "adm")  # tokens
+        guide.run(guide_blocks("3. Certificates")[2], "adm", switches={"on the encoder host": "enc"})
+        guide.run(guide_blocks("6. Set-up 2", "The encoder host")[0], "enc")
         ray_settings, ray_token = guide_blocks("6. Set-up 2", "Both GPU hosts")
         for short in ("gpu1", "gpu2"):
             guide.run(ray_settings, short)
@@ -410,7 +408,7 @@ def test_set_up_2_a_cpu_encoder_and_two_gpu_hosts_in_one_ray_cluster(
         guide.run(guide_blocks("6. Set-up 2", "gpu2: the Ray worker")[0], "gpu2")
         copy_generator_files(guide, "gpu1.internal")
         # Health of the front while it starts its replicas: the port is open, NOT_SERVING, then SERVING.
-        ca = guide.hosts["admin"].read(f"{PROJECT}/certs/ca.crt").encode()
+        ca = guide.hosts["adm"].read(f"{PROJECT}/certs/ca.crt").encode()
         stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:
             front = f"{guide.hosts['gpu1'].address}:50052"
@@ -423,15 +421,15 @@ def test_set_up_2_a_cpu_encoder_and_two_gpu_hosts_in_one_ray_cluster(
         assert "NOT_SERVING" in seen and seen[-1] == "SERVING", seen
         assert "refused" not in seen[seen.index("NOT_SERVING") :], seen
         check = guide_blocks("6. Set-up 2", "Check it")[0]
-        guide.run(check, "gpu1", switches={"from a client": "admin"})
-        assert image_on(guide, "admin", f"{PROJECT}/fox.png").info["prompt"] == "a red fox in snow"
+        guide.run(check, "gpu1", switches={"from a client": "adm"})
+        assert image_on(guide, "adm", f"{PROJECT}/fox.png").info["prompt"] == "a red fox in snow"
         burst = guide_blocks("6. Set-up 2", "Check it", "python")[0]
-        replicas = guide.shell("admin", [f"python -c {shlex.quote(burst)}"])
+        replicas = guide.shell("adm", [f"python -c {shlex.quote(burst)}"])
         listed = ast.literal_eval(replicas.strip().splitlines()[-1])
         replica_hosts = {name.split("/")[0] for name in listed}
         assert replica_hosts == {"gpu1.internal", "gpu2.internal"}, replicas
-        guide.run(guide_blocks("9. Health")[0], "admin", switches={"on the generator host": "gpu1"})
-        info = guide.shell("admin", [sdk_one_liner()])
+        guide.run(guide_blocks("9. Health")[0], "adm", switches={"on the generator host": "gpu1"})
+        info = guide.shell("adm", [sdk_one_liner()])
         assert "model" in info, info
         check_metrics(guide, "gpu1", "generator.internal")
         codes = guide.stop_all()

@@ -41,14 +41,20 @@ MAX_ATTEMPTS = 3
 PROGRESS_REPORT_SECONDS = 30.0
 
 
+# Whether this process started the Ray it is connected to (--ray-address local), and so must stop it.
+_started_here = False
+
+
 def connect(address: str) -> bool:
     """Joins or starts Ray; returns True if this process started it (and so must stop it)."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
-        return False
+        return _started_here
     if address == "local":
         _start_local_ray()
+        _started_here = True
         return True
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -60,9 +66,22 @@ def connect(address: str) -> bool:
     return False
 
 
-# Ray waits a fixed 30 s for a new node's raylet to register. Started again in the same process right after
-# a ray.shutdown (a benchmark's second configuration), the new raylet sometimes never starts while the old
-# cluster's processes are still exiting; a second try after they have gone starts.
+def _stop_own_ray() -> None:
+    """Stops Serve and the Ray this process started."""
+    global _started_here
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    _started_here = False
+
+
+# Ray waits a fixed 30 s for a new node's raylet to register. Ray starts its processes with a fork that runs
+# Python (a preexec_fn) before exec; in a process where other threads run (gRPC's), that child can deadlock
+# on a lock one of them held, and the raylet never starts. Seen once in 11 starts with a busy gRPC server in
+# the process. Generators start their local Ray before their port opens (`start_local_ray_first`); the
+# second try is for other callers (benchmarks, tests) that start it later.
 LOCAL_RAY_TRIES = 2
 LOCAL_RAY_RETRY_PAUSE_S = 5.0
 
@@ -80,6 +99,13 @@ def _start_local_ray() -> None:
             logger.warning("Ray's local node did not start (%s); trying once more.", error)
             ray.shutdown()
             time.sleep(LOCAL_RAY_RETRY_PAUSE_S)
+
+
+def start_local_ray_first(address: str) -> None:
+    """For --ray-address local: starts Ray's local node now, while this process has no other threads, so
+    that its fork-and-run-Python start cannot deadlock (see LOCAL_RAY_TRIES); `connect` then finds it."""
+    if address == "local":
+        connect(address)
 
 
 def replica_failure(error: RuntimeError) -> ZSplitError:
@@ -203,7 +229,6 @@ def _raise_if_abandoned(abandon: threading.Event | None) -> None:
 
 def _undeploy(handle: Any, owns_ray: bool) -> None:
     """Removes the front's Serve application (and the Ray it started, if any): no replica outlives it."""
-    import ray
     from ray import serve
 
     # Stop the handle's router first: it pushes autoscaling metrics to Serve every 10 s from a thread of
@@ -213,8 +238,7 @@ def _undeploy(handle: Any, owns_ray: bool) -> None:
         serve.delete(APP_NAME)
     finally:
         if owns_ray:
-            serve.shutdown()
-            ray.shutdown()
+            _stop_own_ray()
 
 
 # How long a front stopped during its start-up waits for its Serve application to be removed.
@@ -403,8 +427,7 @@ class RayWorkerPool:
                 raise
         except BaseException:
             if owns_ray:
-                serve.shutdown()
-                ray.shutdown()
+                _stop_own_ray()
             raise
         logger.info("Ray Serve application %s is running", APP_NAME)
         return handle, owns_ray, failures

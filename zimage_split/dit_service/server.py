@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 from zimage_split._proto.generator.v1 import generator_pb2_grpc
 from zimage_split.client.aio import AsyncClient
@@ -62,11 +63,26 @@ def warm_up_side(limits: Limits) -> int:
     return max(limits.min_side, min(1024, largest, limits.max_side))
 
 
+def _ray_pool() -> ModuleType:
+    """zimage_split.dit_service.ray_pool, imported only when Ray is used; Unavailable, saying what to
+    install, where Ray is missing."""
+    try:
+        from zimage_split.dit_service import ray_pool
+    except ImportError as error:
+        raise Unavailable(
+            f"--ray-address needs Ray ({error}); install it with `pip install 'zimage-split[ray]'`."
+        ) from error
+    return ray_pool
+
+
 async def open_generator_port(
     config: GeneratorConfig,
 ) -> tuple[RunningServer, LateServicer[GeneratorServicer]]:
     """Listens at once, before the model loads (with Ray, before any replica starts): health says NOT_SERVING
-    and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done."""
+    and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done. With --ray-address local,
+    Ray's local node starts first, a few seconds, while no gRPC thread runs yet (ray_pool.LOCAL_RAY_TRIES)."""
+    if config.ray is not None:
+        _ray_pool().start_local_ray_first(config.ray.address)
     late = LateServicer(GeneratorServicer)
     running = await open_service_port(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(late, server),
@@ -111,12 +127,7 @@ async def load_generator(
             max_queue=config.max_queue,
         )
     else:
-        try:
-            from zimage_split.dit_service.ray_pool import RayWorkerPool  # Ray is imported only when used
-        except ImportError as error:
-            raise Unavailable(
-                f"--ray-address needs Ray ({error}); install it with `pip install 'zimage-split[ray]'`."
-            ) from error
+        RayWorkerPool = _ray_pool().RayWorkerPool
 
         if config.device == "cpu":  # so will the replicas: check the options before Ray starts
             options.resolved(pick_device("cpu"), parse_dtype(config.dtype, pick_device("cpu")))
