@@ -423,10 +423,17 @@ def test_set_up_2_a_cpu_encoder_and_two_gpu_hosts_in_one_ray_cluster(
         check = guide_blocks("6. Set-up 2", "Check it")[0]
         guide.run(check, "gpu1", switches={"from a client": "adm"})
         assert image_on(guide, "adm", f"{PROJECT}/fox.png").info["prompt"] == "a red fox in snow"
+        # The guide's burst, again if one host took it all (as it says: Serve picks the less busy replica of
+        # two, and on a loaded machine one replica's answer can come late): both hosts serve.
         burst = guide_blocks("6. Set-up 2", "Check it", "python")[0]
-        replicas = guide.shell("adm", [f"python -c {shlex.quote(burst)}"])
-        listed = ast.literal_eval(replicas.strip().splitlines()[-1])
-        replica_hosts = {name.split("/")[0] for name in listed}
+        replica_hosts: set[str] = set()
+        for _ in range(3):
+            replicas = guide.shell("adm", [f"python -c {shlex.quote(burst)}"])
+            listed = ast.literal_eval(replicas.strip().splitlines()[-1])
+            assert listed and all(name.count("/") >= 3 for name in listed), replicas
+            replica_hosts |= {name.split("/")[0] for name in listed}
+            if len(replica_hosts) == 2:
+                break
         assert replica_hosts == {"gpu1.internal", "gpu2.internal"}, replicas
         guide.run(guide_blocks("9. Health")[0], "adm", switches={"on the generator host": "gpu1"})
         info = guide.shell("adm", [sdk_one_liner()])

@@ -23,7 +23,7 @@ from zimage_split.common.server import (
     serve_until_signal,
 )
 from zimage_split.devices import choose_dtype, parse_dtype, pick_device
-from zimage_split.dit_service.config import GeneratorConfig, Limits
+from zimage_split.dit_service.config import EngineOptions, GeneratorConfig, Limits
 from zimage_split.dit_service.controlnets import check_controlnet_specs
 from zimage_split.dit_service.disk_store import DiskEmbeddingStore
 from zimage_split.dit_service.embedding_store import EmbeddingStore, EncoderRefused
@@ -63,6 +63,22 @@ def warm_up_side(limits: Limits) -> int:
     return max(limits.min_side, min(1024, largest, limits.max_side))
 
 
+def checked_options(config: GeneratorConfig) -> EngineOptions:
+    """The engine's options, checked as far as they can be without the model (or Ray): the LoRA folder,
+    the ControlNet names and paths, and with Ray on CPU replicas, options that need a GPU."""
+    options = replace(
+        config.engine,
+        warm_up_side=warm_up_side(config.limits),
+        warm_up_guidance=config.limits.max_guidance_scale > 0,
+    )
+    if options.lora_dir:
+        check_lora_dir(options.lora_dir)
+    check_controlnet_specs(options.controlnets)  # names and paths; their layout is checked as they load
+    if config.ray is not None and config.device == "cpu":  # so will the replicas: check before Ray starts
+        options.resolved(pick_device("cpu"), parse_dtype(config.dtype, pick_device("cpu")))
+    return options
+
+
 def _ray_pool() -> ModuleType:
     """zimage_split.dit_service.ray_pool, imported only when Ray is used; Unavailable, saying what to
     install, where Ray is missing."""
@@ -82,6 +98,7 @@ async def open_generator_port(
     and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done. With --ray-address local,
     Ray's local node starts first, a few seconds, while no gRPC thread runs yet (ray_pool.LOCAL_RAY_TRIES)."""
     if config.ray is not None:
+        checked_options(config)  # a bad option fails before Ray starts
         _ray_pool().start_local_ray_first(config.ray.address)
     late = LateServicer(GeneratorServicer)
     running = await open_service_port(
@@ -100,14 +117,7 @@ async def load_generator(
     then reports SERVING."""
     await injected_load_delay()
     worker: Worker
-    options = replace(
-        config.engine,
-        warm_up_side=warm_up_side(config.limits),
-        warm_up_guidance=config.limits.max_guidance_scale > 0,
-    )
-    if options.lora_dir:
-        check_lora_dir(options.lora_dir)
-    check_controlnet_specs(options.controlnets)  # names and paths; their layout is checked as they load
+    options = checked_options(config)
     # A folder it cannot use fails now, before the model loads.
     disk = (
         DiskEmbeddingStore(config.embedding_store, config.embedding_store_max_bytes)
@@ -129,8 +139,6 @@ async def load_generator(
     else:
         RayWorkerPool = _ray_pool().RayWorkerPool
 
-        if config.device == "cpu":  # so will the replicas: check the options before Ray starts
-            options.resolved(pick_device("cpu"), parse_dtype(config.dtype, pick_device("cpu")))
         source = resolve_model(config.model)
         worker = await RayWorkerPool.start(
             source,
