@@ -79,7 +79,7 @@ def _stop_own_ray() -> None:
 
 # Ray waits a fixed 30 s for a new node's raylet to register. Ray starts its processes with a fork that runs
 # Python (a preexec_fn) before exec; in a process where other threads run (gRPC's), that child can deadlock
-# or die before exec, and the raylet never starts: 3 of 37 starts with a busy gRPC server in the process,
+# or die before exec, and the raylet never starts: 3 of 35 starts with a busy gRPC server in the process,
 # 0 of 25 without (scripts/ray_local_start_check.py). Generators start their local Ray before their port
 # opens (`start_local_ray_first`); the second try is for other callers (benchmarks, tests) that start it later.
 LOCAL_RAY_TRIES = 2
