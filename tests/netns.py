@@ -93,7 +93,7 @@ class HostWithOwnFiles(Host):
 
     @property
     def scratch(self) -> str:
-        return f"/tmp/zsh-{os.getpid()}-{self.name}"
+        return _scratch(self.name)
 
     def stop(self) -> None:
         """Ends the host's namespaces (stop its processes first); its files go with them."""
@@ -118,7 +118,7 @@ def with_own_files(
     other users cannot enter (a pyenv under /root) are replaced, on this host only, by ones they can:
     services that drop root still reach their code. Each folder in `missing` is empty on this host, as on a machine that lacks it.
     """
-    root = f"/tmp/zsh-{os.getpid()}-{host.name}"  # a mount point; its tmpfs is seen only on the host
+    root = _scratch(host.name)
     os.makedirs(root, exist_ok=True)
     lines = ["set -e", f"mount -t tmpfs -o mode=700 zsplit-host {root}"]
 
@@ -153,6 +153,11 @@ def with_own_files(
         holder.kill()
         raise RuntimeError(f"Host {host.name} could not get its own files: {holder.stderr.read().decode()}")
     return HostWithOwnFiles(host.name, host.namespace, host.address, holder=holder)
+
+
+def _scratch(name: str) -> str:
+    """Where host `name` keeps its own files: a mount point whose tmpfs is seen only on that host."""
+    return f"/tmp/zsh-{os.getpid()}-{name}"
 
 
 def _open_the_way(root: str, paths: Sequence[Path]) -> list[str]:

@@ -81,7 +81,7 @@ def _stop_own_ray() -> None:
 # Python (a preexec_fn) before exec; in a process where other threads run (gRPC's), that child can deadlock
 # or die before exec, and the raylet never starts: 3 of 35 starts with a busy gRPC server in the process,
 # 0 of 25 without (scripts/ray_local_start_check.py). Generators start their local Ray before their port
-# opens (`start_local_ray_first`); the second try is for other callers (benchmarks, tests) that start it later.
+# opens (`open_generator_port`); the second try is for other callers (benchmarks, tests) that start it later.
 LOCAL_RAY_TRIES = 2
 LOCAL_RAY_RETRY_PAUSE_S = 5.0
 
@@ -99,13 +99,6 @@ def _start_local_ray() -> None:
             logger.warning("Ray's local node did not start (%s); trying once more.", error)
             ray.shutdown()
             time.sleep(LOCAL_RAY_RETRY_PAUSE_S)
-
-
-def start_local_ray_first(address: str) -> None:
-    """For --ray-address local: starts Ray's local node now, while this process has no other threads, so
-    that its fork-and-run-Python start cannot deadlock (see LOCAL_RAY_TRIES); `connect` then finds it."""
-    if address == "local":
-        connect(address)
 
 
 def replica_failure(error: RuntimeError) -> ZSplitError:
@@ -326,7 +319,8 @@ class RayWorkerPool:
             abandon.set()
             done, _ = await asyncio.wait({deploying}, timeout=ABANDON_SECONDS)
             if deploying in done and deploying.exception() is None:  # it had just finished
-                await asyncio.to_thread(_undeploy, deploying.result()[0], deploying.result()[1])
+                handle, owns_ray, _ = deploying.result()
+                await asyncio.to_thread(_undeploy, handle, owns_ray)
             elif not done:
                 logger.error(
                     "The Ray Serve application %s may still be deployed: remove it with "

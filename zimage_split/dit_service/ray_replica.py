@@ -125,9 +125,8 @@ class DiTReplica:
         where = f"{socket.gethostname()}/{node_ip}/pid{os.getpid()}"
         # Serve routes no request to a replica before its constructor returns: with --compile, the replica
         # has compiled its graphs before it serves.
-        time.sleep(
-            injected_load_delay_seconds()
-        )  # tests only: a slow load, as a large model's on a slow disk
+        # Tests only: a slow load, as a large model's on a slow disk.
+        time.sleep(injected_load_delay_seconds())
         try:
             self.engine = self._engine_thread.submit(
                 self._start_engine, source, device, dtype, torch_threads, engine

@@ -97,9 +97,9 @@ async def open_generator_port(
     """Listens at once, before the model loads (with Ray, before any replica starts): health says NOT_SERVING
     and calls get UNAVAILABLE (reason `loading`) until `load_generator` is done. With --ray-address local,
     Ray's local node starts first, a few seconds, while no gRPC thread runs yet (ray_pool.LOCAL_RAY_TRIES)."""
-    if config.ray is not None:
+    if config.ray is not None and config.ray.address == "local":
         checked_options(config)  # a bad option fails before Ray starts
-        _ray_pool().start_local_ray_first(config.ray.address)
+        _ray_pool().connect("local")  # load_generator's connect then finds it, and that it started it
     late = LateServicer(GeneratorServicer)
     running = await open_service_port(
         lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(late, server),
@@ -236,8 +236,8 @@ async def serve_generator(config: GeneratorConfig) -> None:
     running, late = await open_generator_port(config)
     logger.info("Generator port %s:%d open, NOT_SERVING while the model loads", config.host, running.port)
     signalled = catch_stop_signals()
-    # With Ray, a stop during the start-up removes the Serve application first (ray_pool.ABANDON_SECONDS).
-    abandon_wait = 45.0 if config.ray else 5.0
+    # With Ray, a stop during the start-up removes the Serve application first: give it that time.
+    abandon_wait = _ray_pool().ABANDON_SECONDS + 5.0 if config.ray else 5.0
     server = await load_until_signal(running, load_generator(config, running, late), signalled, abandon_wait)
     if server is None:
         exit_abandoning_load()
